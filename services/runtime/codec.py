@@ -1,0 +1,180 @@
+"""Avro in the Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro binary.
+
+Two registries sit behind one interface:
+- `EmbeddedRegistry` reads the ids from `schemas/registry.json`: no server, and any message
+  ever produced in embedded mode decodes from the repository alone;
+- `ConfluentRegistry` talks to a Confluent-compatible Schema Registry (`SCHEMA_REGISTRY_URL`):
+  register on first produce, fetch by id on consume, both cached.
+
+Consumers decode with the writer's schema and, when they ask for a reader version, resolve it
+to that version (Avro schema resolution), which is what makes v1 consumers read v2 events.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import fastavro
+
+MAGIC_BYTE = 0
+_HEADER = struct.Struct(">bI")
+SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
+NAMESPACE = "orderpipe.events"
+
+
+class DecodeError(ValueError):
+    """The bytes are not a message we can read. Always permanent: retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    id: int
+    subject: str
+    version: int
+    schema: dict[str, Any]  # the parsed JSON, as written in the .avsc
+
+    @property
+    def event_type(self) -> str:
+        return self.subject.rsplit(".", 1)[-1]
+
+
+class Registry(Protocol):
+    def latest(self, event_type: str) -> SchemaVersion: ...
+    def version(self, event_type: str, version: int) -> SchemaVersion: ...
+    def by_id(self, schema_id: int) -> SchemaVersion: ...
+
+
+def subject_for(event_type: str) -> str:
+    return f"{NAMESPACE}.{event_type}"
+
+
+class EmbeddedRegistry:
+    """Schema ids from the checked-in manifest; nothing to run."""
+
+    def __init__(self, schemas_dir: Path = SCHEMAS_DIR):
+        manifest = json.loads((schemas_dir / "registry.json").read_text())
+        self._by_id: dict[int, SchemaVersion] = {}
+        for entry in manifest["schemas"]:
+            schema = json.loads((schemas_dir / entry["file"]).read_text())
+            self._by_id[entry["id"]] = SchemaVersion(entry["id"], entry["subject"], entry["version"], schema)
+
+    def all(self) -> list[SchemaVersion]:
+        return sorted(self._by_id.values(), key=lambda s: s.id)
+
+    def by_id(self, schema_id: int) -> SchemaVersion:
+        try:
+            return self._by_id[schema_id]
+        except KeyError:
+            raise DecodeError(f"unknown schema id {schema_id}") from None
+
+    def versions(self, event_type: str) -> list[SchemaVersion]:
+        subject = subject_for(event_type)
+        return sorted((s for s in self._by_id.values() if s.subject == subject), key=lambda s: s.version)
+
+    def version(self, event_type: str, version: int) -> SchemaVersion:
+        for s in self.versions(event_type):
+            if s.version == version:
+                return s
+        raise KeyError(f"no schema for {event_type} v{version}")
+
+    def latest(self, event_type: str) -> SchemaVersion:
+        versions = self.versions(event_type)
+        if not versions:
+            raise KeyError(f"no schema for event type {event_type!r}")
+        return versions[-1]
+
+
+class ConfluentRegistry:
+    """A Confluent-compatible Schema Registry; the .avsc files stay the source of truth."""
+
+    def __init__(self, url: str, local: EmbeddedRegistry | None = None):
+        from confluent_kafka.schema_registry import SchemaRegistryClient  # only needed in this mode
+
+        self._client = SchemaRegistryClient({"url": url})
+        self._local = local or EmbeddedRegistry()
+        self._registered: dict[tuple[str, int], SchemaVersion] = {}
+        self._by_id: dict[int, SchemaVersion] = {}
+
+    def _register(self, local: SchemaVersion) -> SchemaVersion:
+        from confluent_kafka.schema_registry import Schema
+
+        key = (local.subject, local.version)
+        if key not in self._registered:
+            schema_id = self._client.register_schema(local.subject, Schema(json.dumps(local.schema), "AVRO"))
+            remote = SchemaVersion(schema_id, local.subject, local.version, local.schema)
+            self._registered[key] = self._by_id[schema_id] = remote
+        return self._registered[key]
+
+    def latest(self, event_type: str) -> SchemaVersion:
+        return self._register(self._local.latest(event_type))
+
+    def version(self, event_type: str, version: int) -> SchemaVersion:
+        return self._register(self._local.version(event_type, version))
+
+    def by_id(self, schema_id: int) -> SchemaVersion:
+        if schema_id not in self._by_id:
+            try:
+                schema = self._client.get_schema(schema_id)
+            except Exception as exc:  # the client raises SchemaRegistryError for 404s
+                raise DecodeError(f"unknown schema id {schema_id}: {exc}") from None
+            parsed = json.loads(schema.schema_str)
+            subject = f"{parsed.get('namespace', NAMESPACE)}.{parsed['name']}"
+            self._by_id[schema_id] = SchemaVersion(schema_id, subject, 0, parsed)
+        return self._by_id[schema_id]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    event_type: str
+    schema_id: int
+    record: dict[str, Any]
+
+
+class Codec:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._parsed: dict[int, Any] = {}
+
+    def _parsed_schema(self, sv: SchemaVersion) -> Any:
+        parsed = self._parsed.get(sv.id)
+        if parsed is None:
+            parsed = self._parsed[sv.id] = fastavro.parse_schema(sv.schema)
+        return parsed
+
+    def encode(self, event_type: str, record: dict[str, Any], version: int | None = None) -> bytes:
+        sv = self.registry.latest(event_type) if version is None else self.registry.version(event_type, version)
+        out = io.BytesIO()
+        out.write(_HEADER.pack(MAGIC_BYTE, sv.id))
+        fastavro.schemaless_writer(out, self._parsed_schema(sv), record)
+        return out.getvalue()
+
+    def decode(self, data: bytes | None, reader_version: int | None = None) -> Decoded:
+        """Decode any message; every failure is a `DecodeError` with a reason fit for a DLT header."""
+        if data is None or len(data) < _HEADER.size:
+            raise DecodeError(f"not in the Confluent wire format: {0 if data is None else len(data)} bytes")
+        magic, schema_id = _HEADER.unpack_from(data)
+        if magic != MAGIC_BYTE:
+            raise DecodeError(f"not in the Confluent wire format: magic byte {magic}, expected 0")
+        writer = self.registry.by_id(schema_id)
+        reader = None
+        if reader_version is not None:
+            reader = self._parsed_schema(self.registry.version(writer.event_type, reader_version))
+        payload = io.BytesIO(data)
+        payload.seek(_HEADER.size)
+        try:
+            record = fastavro.schemaless_reader(payload, self._parsed_schema(writer), reader)
+        except Exception as exc:  # fastavro raises many types on corrupt input (EOFError, ValueError, ...)
+            raise DecodeError(f"payload does not decode with schema id {schema_id}: {type(exc).__name__}: {exc}") from None
+        if payload.tell() != len(data):
+            raise DecodeError(f"payload has {len(data) - payload.tell()} trailing bytes after schema id {schema_id}")
+        return Decoded(writer.event_type, schema_id, record)
+
+
+def codec_from_settings(schema_registry_url: str | None) -> Codec:
+    registry: Registry = ConfluentRegistry(schema_registry_url) if schema_registry_url else EmbeddedRegistry()
+    return Codec(registry)

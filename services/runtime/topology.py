@@ -1,0 +1,114 @@
+"""Every topic, declared once.
+
+Services, tests, `orderpipe topics create` and the deploy manifests all read this module, so a
+topic's name, partition count and policies cannot drift between them. Each consumer group gets
+its own retry chain and dead-letter topic per input topic (`<topic>.<group>.retry.<n>`,
+`<topic>.<group>.dlt`), so a failure in one group never replays the event to the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DAY_MS = 24 * 60 * 60 * 1000
+
+ORDERS_CREATED = "orders.created"
+STOCK_RESERVED = "stock.reserved"
+STOCK_REJECTED = "stock.rejected"
+EMAIL_SENT = "email.sent"
+INVOICES_ISSUED = "invoices.issued"
+ANALYTICS_RECORDED = "analytics.recorded"
+ORDERS_STATUS = "orders.status"
+
+DEFAULT_PARTITIONS = 6
+DEFAULT_RETRY_DELAYS_S = (1.0, 10.0, 60.0)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int = DEFAULT_PARTITIONS
+    cleanup_policy: str = "delete"  # "compact" only ever to save space: nothing depends on compaction
+    retention_ms: int = 7 * DAY_MS
+    key: str = "order_id"
+    event_types: tuple[str, ...] = ()
+    writer: str = ""
+    doc: str = ""
+
+    def config(self) -> dict[str, str]:
+        cfg = {"cleanup.policy": self.cleanup_policy}
+        if self.cleanup_policy == "delete":
+            cfg["retention.ms"] = str(self.retention_ms)
+        return cfg
+
+
+@dataclass(frozen=True)
+class ConsumerGroup:
+    """One service's consumer group: the topics it reads and its retry policy."""
+
+    name: str
+    inputs: tuple[str, ...]
+    retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
+    outputs: tuple[str, ...] = field(default=())
+
+    def retry_topic(self, source: str, attempt: int) -> str:
+        return f"{source}.{self.name}.retry.{attempt}"
+
+    def dlt_topic(self, source: str) -> str:
+        return f"{source}.{self.name}.dlt"
+
+    def retry_topics(self, source: str) -> list[str]:
+        return [self.retry_topic(source, n) for n in range(1, len(self.retry_delays_s) + 1)]
+
+
+EVENT_TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(ORDERS_CREATED, event_types=("OrderCreated",), writer="orders (outbox relay)",
+              doc="Every accepted order."),
+    TopicSpec(STOCK_RESERVED, event_types=("StockReserved",), writer="inventory",
+              doc="Stock was reserved for every line of the order."),
+    TopicSpec(STOCK_REJECTED, event_types=("StockRejected",), writer="inventory",
+              doc="The order was rejected whole: some line was out of stock."),
+    TopicSpec(EMAIL_SENT, event_types=("ConfirmationEmailSent",), writer="email",
+              doc="The confirmation e-mail was accepted by the SMTP server."),
+    TopicSpec(INVOICES_ISSUED, event_types=("InvoiceIssued",), writer="invoice",
+              doc="An invoice PDF was issued (only for orders whose stock was reserved)."),
+    TopicSpec(ANALYTICS_RECORDED, event_types=("OrderRecorded",), writer="analytics",
+              doc="The order was added to the analytics rollups."),
+    TopicSpec(ORDERS_STATUS, cleanup_policy="compact", event_types=("OrderStatus",), writer="order-status (Faust)",
+              doc="The latest status of every order (compacted, keyed by order id)."),
+)
+
+GROUPS: tuple[ConsumerGroup, ...] = (
+    ConsumerGroup("inventory", inputs=(ORDERS_CREATED,), outputs=(STOCK_RESERVED, STOCK_REJECTED)),
+    ConsumerGroup("email", inputs=(ORDERS_CREATED,), outputs=(EMAIL_SENT,)),
+    # invoice waits for the stock decision: it remembers the order, then issues on StockReserved
+    ConsumerGroup("invoice", inputs=(ORDERS_CREATED, STOCK_RESERVED, STOCK_REJECTED), outputs=(INVOICES_ISSUED,)),
+    ConsumerGroup("analytics", inputs=(ORDERS_CREATED,), outputs=(ANALYTICS_RECORDED,)),
+)
+
+# The Faust order-status view reads every event topic; its own changelog topics are created by Faust.
+STATUS_INPUTS: tuple[str, ...] = (ORDERS_CREATED, STOCK_RESERVED, STOCK_REJECTED, EMAIL_SENT, INVOICES_ISSUED,
+                                  ANALYTICS_RECORDED)
+
+# Which topic each event type is published to (one event type per topic).
+TOPIC_FOR_EVENT: dict[str, str] = {t: spec.name for spec in EVENT_TOPICS for t in spec.event_types}
+
+
+def group(name: str) -> ConsumerGroup:
+    for g in GROUPS:
+        if g.name == name:
+            return g
+    raise KeyError(f"unknown consumer group {name!r}; known: {', '.join(g.name for g in GROUPS)}")
+
+
+def all_topics() -> list[TopicSpec]:
+    """Event topics plus every group's retry and dead-letter topics."""
+    topics = list(EVENT_TOPICS)
+    for g in GROUPS:
+        for source in g.inputs:
+            partitions = next(t.partitions for t in EVENT_TOPICS if t.name == source)
+            topics += [TopicSpec(name, partitions=partitions, writer=f"{g.name} (retry)",
+                                 doc=f"{g.name}'s retry tier for {source}") for name in g.retry_topics(source)]
+            topics.append(TopicSpec(g.dlt_topic(source), partitions=partitions, retention_ms=28 * DAY_MS,
+                                    writer=f"{g.name} (dead letters)", doc=f"{g.name}'s dead letters from {source}"))
+    return topics

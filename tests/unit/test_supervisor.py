@@ -1,0 +1,138 @@
+"""The supervisor restarts crashes, stops everything, and leaves no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.runtime.supervisor import ProcessSpec, Supervisor
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie still answers kill(0) but is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def _until(check, timeout: float = 5.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(step)
+    return check()
+
+
+def test_crashed_child_is_restarted(tmp_path: Path) -> None:
+    with Supervisor(tmp_path) as sup:
+        sup.start(ProcessSpec("worker", SLEEPER))
+        first = sup.pids()["worker"]
+        sup.kill("worker")
+        restarted = _until(lambda: sup.poll() == [] and sup.pids().get("worker", first) != first)
+        assert restarted, "crashed child was not restarted"
+        assert _alive(sup.pids()["worker"])
+    log = (tmp_path / "worker.log").read_text()
+    assert "signal SIGKILL" in log and log.count("started pid") == 2
+
+
+def test_child_that_keeps_crashing_dies_for_good(tmp_path: Path) -> None:
+    with Supervisor(tmp_path, max_restarts=2) as sup:
+        sup.start(ProcessSpec("flaky", [sys.executable, "-c", "print('bo' + 'om'); raise SystemExit(3)"]))
+        sup.start(ProcessSpec("oneshot", [sys.executable, "-c", "pass"], restart=False))
+        assert _until(lambda: sup.poll() == ["flaky", "oneshot"], timeout=10)
+    log = (tmp_path / "flaky.log").read_text()
+    assert log.count("\nboom\n") == 3 and "exit code 3" in log  # first run + 2 restarts
+
+
+def test_child_env_is_merged_over_ours(tmp_path: Path) -> None:
+    code = "import os; print(os.environ['ORDERPIPE_X'], 'PATH' in os.environ)"
+    with Supervisor(tmp_path) as sup:
+        sup.start(ProcessSpec("env", [sys.executable, "-c", code], env={"ORDERPIPE_X": "42"}, restart=False))
+        assert _until(lambda: sup.poll() == ["env"])
+    assert "\n42 True\n" in (tmp_path / "env.log").read_text()
+
+
+def test_stop_all_terminates_everything(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path)
+    for name in ("a", "b", "c"):
+        sup.start(ProcessSpec(name, SLEEPER))
+    pids = sup.pids()
+    assert len(pids) == 3
+    started = time.monotonic()
+    sup.stop_all(timeout=5)
+    assert time.monotonic() - started < 2, "SIGTERM should have been enough"
+    assert not any(_alive(pid) for pid in pids.values())
+    assert sup.pids() == {} and sup.poll() == []  # stopped children are not restarted
+    sup.stop_all()  # idempotent
+
+
+def test_child_ignoring_sigterm_is_killed_after_timeout(tmp_path: Path) -> None:
+    stubborn = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('rea' + 'dy', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with Supervisor(tmp_path) as sup:
+        sup.start(ProcessSpec("stubborn", [sys.executable, "-c", stubborn]))
+        pid = sup.pids()["stubborn"]
+        # SIGTERM before the handler is installed would kill it the normal way.
+        assert _until(lambda: "\nready\n" in (tmp_path / "stubborn.log").read_text())
+        started = time.monotonic()
+        sup.stop_all(timeout=0.5)
+        elapsed = time.monotonic() - started
+    assert 0.5 <= elapsed < 3
+    assert not _alive(pid)
+    assert "signal SIGKILL" in (tmp_path / "stubborn.log").read_text()
+
+
+def test_restart_replaces_the_child(tmp_path: Path) -> None:
+    with Supervisor(tmp_path) as sup:
+        sup.start(ProcessSpec("api", SLEEPER))
+        old = sup.pids()["api"]
+        sup.restart("api")
+        new = sup.pids()["api"]
+        assert new != old and not _alive(old) and _alive(new)
+
+
+def test_children_die_when_supervisor_is_sigkilled(tmp_path: Path) -> None:
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from services.runtime.supervisor import ProcessSpec, Supervisor\n"
+        f"sup = Supervisor(Path({str(tmp_path)!r}))\n"
+        "for n in ('x', 'y'):\n"
+        "    sup.start(ProcessSpec(n, [sys.executable, '-c', 'import time; time.sleep(60)']))\n"
+        "print(' '.join(str(p) for p in sup.pids().values()), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(5)
+        assert _until(lambda: not any(_alive(p) for p in pids)), f"orphans left: {pids}"
+    finally:
+        parent.kill()
+        parent.wait()

@@ -1,0 +1,243 @@
+"""`orderpipe`: run, demo and operate the pipeline.
+
+User mistakes (unreachable broker, stale data folder, unknown order) end with one clear line
+and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.runtime.settings import Settings
+
+app = typer.Typer(help="orderpipe: a Kafka-based, event-sourced order processing pipeline.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+topics_app = typer.Typer(help="Create and inspect the declared topics.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+console = Console()
+err = Console(stderr=True)
+
+SERVICE_PROCESSES = ("orders-api", "orders-relay", "inventory", "email", "invoice", "analytics")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder for the SQLite databases, invoices, mail and logs.",
+                                       envvar="ORDERPIPE_DATA_DIR")]
+
+
+# -- running the pipeline ---------------------------------------------------------------------
+
+@app.command()
+def up(
+    data_dir: DataDir = Path(".data"),
+    fresh: Annotated[bool, typer.Option(help="Delete the data folder first (required after an embedded run).")] = False,
+    api_port: Annotated[int, typer.Option(help="Port of the orders HTTP API.", envvar="ORDERPIPE_API_PORT")] = 8000,
+    status_port: Annotated[int, typer.Option(help="Port of the order-status view (Faust web).")] = 6066,
+) -> None:
+    """Start the whole pipeline (embedded broker unless KAFKA_BOOTSTRAP_SERVERS is set) until Ctrl-C."""
+    from services.cli.stack import Stack
+
+    stack = Stack(Settings(), data_dir=data_dir, fresh=fresh, api_port=api_port, status_port=status_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with console.status("starting broker, topics and services..."):
+            info = _start_stack(stack)
+        _print_stack(info)
+        console.print("[green]pipeline is running[/]; press Ctrl-C to stop")
+        while not stop.is_set():
+            for name in stack.supervisor.poll():
+                err.print(f"[red]{name} keeps crashing and was given up on; see {info.log_dir / (name + '.log')}[/]")
+                stop.set()
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping...")
+        stack.stop()
+        console.print("stopped")
+
+
+def _start_stack(stack):
+    from services.cli.stack import StackError
+    from services.runtime.broker import BrokerUnavailable
+
+    try:
+        return stack.start()
+    except (StackError, BrokerUnavailable) as exc:
+        fail(str(exc))
+
+
+def _print_stack(info) -> None:
+    table = Table(title="orderpipe", show_header=False)
+    table.add_row("broker", f"{info.bootstrap_servers} ({'embedded, in memory' if info.embedded else 'external'}, "
+                            f"cluster {info.cluster_id})")
+    table.add_row("orders API", f"{info.api_url}  (POST /orders, GET /orders/{{id}}, /docs)")
+    table.add_row("order-status view", f"{info.status_url}/status/{{id}}/")
+    if info.smtp:
+        table.add_row("SMTP sink", f"{info.smtp}, mail stored in {info.maildir}")
+    table.add_row("data folder", str(info.data_dir))
+    table.add_row("logs", str(info.log_dir))
+    table.add_row("processes", ", ".join(f"{n} ({pid})" for n, pid in info.processes.items()))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    orders: Annotated[int, typer.Option("--orders", "-n", min=1, help="How many sample orders to place.")] = 100,
+    data_dir: DataDir = Path(".data/demo"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every order to finish.")] = 120.0,
+    seed: Annotated[int, typer.Option(help="Random seed for the sample orders.")] = 7,
+) -> None:
+    """Start the pipeline on a fresh data folder, place sample orders, and check every outcome."""
+    from services.cli.demo import run_demo
+    from services.cli.stack import Stack
+
+    stack = Stack(Settings(), data_dir=data_dir, fresh=True)
+    try:
+        with console.status("starting broker, topics and services..."):
+            info = _start_stack(stack)
+        _print_stack(info)
+        ok = run_demo(info, orders=orders, timeout=timeout, seed=seed, console=console)
+    finally:
+        stack.stop()
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def run(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE_PROCESSES)}.")]) -> None:
+    """Run one service process in the foreground (what `up` supervises; use it to run your own)."""
+    from services.runtime.logs import setup_logging
+
+    if service not in SERVICE_PROCESSES:
+        fail(f"unknown service {service!r}; choose one of: {', '.join(SERVICE_PROCESSES)}")
+    settings = Settings()
+    setup_logging(service, settings.log_level, settings.log_json)
+    if not settings.kafka_bootstrap_servers:
+        fail("KAFKA_BOOTSTRAP_SERVERS is not set: start everything with `orderpipe up`, or export it")
+    if service == "orders-api":
+        _run_orders_api(settings)
+    elif service == "orders-relay":
+        _run_orders_relay(settings)
+    else:
+        import importlib
+
+        from services.runtime.service_main import run_service
+
+        module = importlib.import_module(f"services.{service}.service")
+        run_service(module.build, service, settings)
+
+
+def _run_orders_api(settings: Settings) -> None:
+    import uvicorn
+
+    from services.orders.api import StatusClient, create_app
+    from services.orders.tables import metadata
+    from services.runtime.codec import codec_from_settings
+    from services.runtime.db import make_engine
+
+    engine = make_engine(settings.database_url("orders"))
+    metadata.create_all(engine)
+    api = create_app(engine, codec_from_settings(settings.schema_registry_url), StatusClient(settings.status_url))
+    uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="warning")
+
+
+def _run_orders_relay(settings: Settings) -> None:
+    from services.orders.tables import metadata, outbox
+    from services.runtime.db import make_engine
+    from services.runtime.kafka import make_producer
+    from services.runtime.outbox import OutboxRelay
+    from services.runtime.service_main import install_stop_signals
+
+    engine = make_engine(settings.database_url("orders"))
+    metadata.create_all(engine)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    relay = OutboxRelay(engine, outbox, make_producer(settings, **{"client.id": "orders-relay"}),
+                        batch_size=settings.relay_batch_size)
+    relay.run(stop, settings.relay_poll_interval_s)
+
+
+# -- operating it -----------------------------------------------------------------------------
+
+@app.command()
+def status(
+    order_id: Annotated[str, typer.Argument(help="The order id returned by POST /orders.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Show where an order is: its overall state and every step."""
+    from services.orders.api import StatusClient, StatusUnavailable
+
+    settings = Settings()
+    try:
+        view = StatusClient(settings.status_url).get(order_id)
+    except StatusUnavailable as exc:
+        fail(f"{exc} (set ORDERPIPE_STATUS_URL to the order-status view, e.g. http://127.0.0.1:6066)")
+    if view is None:
+        fail(f"order {order_id} is unknown to the order-status view (not placed, or not yet processed)", 2)
+    if as_json:
+        console.print_json(json.dumps(view))
+        return
+    table = Table(title=f"order {order_id}: {view['state']}" + (f" ({view['reason']})" if view.get("reason") else ""))
+    for column in ("step", "state", "attempts", "detail", "last error", "updated"):
+        table.add_column(column)
+    for step, s in view.get("steps", {}).items():
+        table.add_row(step, s.get("state", ""), str(s.get("attempts", 0)), s.get("detail") or "",
+                      s.get("last_error") or "", s.get("updated_at") or "")
+    console.print(table)
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every declared topic (idempotent: existing topics are left alone)."""
+    from services.runtime.admin import ensure_topics
+    from services.runtime.broker import BrokerUnavailable, wait_for_broker
+
+    settings = Settings()
+    if not settings.kafka_bootstrap_servers:
+        fail("KAFKA_BOOTSTRAP_SERVERS is not set; export it (host:port of your Kafka cluster)")
+    try:
+        wait_for_broker(settings.kafka_bootstrap_servers, timeout=10)
+    except BrokerUnavailable as exc:
+        fail(str(exc))
+    results = ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers, **settings.extra_client_config})
+    for r in results:
+        console.print(f"{'created' if r.created else 'exists '}  {r.name}")
+    console.print(f"{sum(r.created for r in results)} created, {sum(not r.created for r in results)} already existed")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """List the declared topics with partitions, cleanup policy and writer."""
+    from services.runtime.topology import all_topics
+
+    table = Table("topic", "partitions", "cleanup", "retention (days)", "written by")
+    for t in all_topics():
+        days = "" if t.cleanup_policy == "compact" else f"{t.retention_ms / 86_400_000:g}"
+        table.add_row(t.name, str(t.partitions), t.cleanup_policy, days, t.writer)
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

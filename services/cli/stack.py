@@ -1,0 +1,170 @@
+"""The whole pipeline as supervised processes: what `orderpipe up` and `orderpipe demo` start.
+
+Broker (embedded unless KAFKA_BOOTSTRAP_SERVERS is set), topics, SMTP sink, the orders API and
+relay, the four consumer services and the Faust order-status worker. Every child dies with us
+(PR_SET_PDEATHSIG), and `stop()` ends them gracefully.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from services.runtime.admin import ensure_topics
+from services.runtime.broker import EmbeddedBroker, free_port, wait_for_broker
+from services.runtime.settings import Settings
+from services.runtime.supervisor import ProcessSpec, Supervisor
+
+CONSUMER_SERVICES = ("inventory", "email", "invoice", "analytics")
+MARKER = "cluster.json"
+
+
+class StackError(RuntimeError):
+    """A problem the user can fix; the message says how."""
+
+
+@dataclass
+class StackInfo:
+    bootstrap_servers: str
+    cluster_id: str
+    embedded: bool
+    data_dir: Path
+    api_url: str
+    status_url: str
+    smtp: str | None
+    maildir: Path | None
+    log_dir: Path
+    processes: dict[str, int] = field(default_factory=dict)
+
+
+def check_data_dir(data_dir: Path, cluster_id: str, embedded: bool, fresh: bool) -> None:
+    """Refuse to run on databases that belong to another broker.
+
+    The embedded broker keeps everything in memory, so a new one has none of the events that
+    old databases' outbox rows were marked "sent" for: running on them would lose orders
+    silently. The same holds for a different real cluster.
+    """
+    marker = data_dir / MARKER
+    has_state = data_dir.exists() and any(p.suffix == ".db" for p in data_dir.iterdir())
+    if fresh and data_dir.exists():
+        shutil.rmtree(data_dir)
+        has_state = False
+    if has_state:
+        known = json.loads(marker.read_text())["cluster_id"] if marker.exists() else None
+        if known != cluster_id:
+            what = ("the embedded broker keeps events in memory only, so the events behind these databases are gone"
+                    if embedded else f"they were written against Kafka cluster {known}, not {cluster_id}")
+            raise StackError(
+                f"data folder {data_dir} holds databases from an earlier run and {what}. "
+                f"Run again with --fresh to start from a clean data folder (this deletes {data_dir}), "
+                "or use another --data-dir; for durable runs point KAFKA_BOOTSTRAP_SERVERS at a real Kafka cluster.")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"cluster_id": cluster_id, "embedded": embedded}))
+
+
+class Stack:
+    def __init__(self, settings: Settings, *, data_dir: Path, fresh: bool = False, api_port: int | None = None,
+                 status_port: int | None = None, smtp_sink: bool = True, extra_env: dict[str, str] | None = None):
+        self.settings = settings
+        self.data_dir = data_dir.resolve()
+        self.fresh = fresh
+        self.api_port = api_port or free_port()
+        self.status_port = status_port or free_port()
+        self.smtp_sink = smtp_sink
+        self.extra_env = extra_env or {}
+        self.broker: EmbeddedBroker | None = None
+        self.supervisor: Supervisor | None = None
+        self.info: StackInfo | None = None
+
+    def start(self, timeout: float = 60.0) -> StackInfo:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> StackInfo:
+        log_dir = self.data_dir / "logs"
+        embedded = not self.settings.kafka_bootstrap_servers
+        if embedded:
+            # check the data folder before starting anything: a new embedded broker is always new
+            if not self.fresh and self.data_dir.exists() and any(p.suffix == ".db" for p in self.data_dir.iterdir()):
+                check_data_dir(self.data_dir, "a new embedded broker", True, False)
+            if self.fresh and self.data_dir.exists():
+                shutil.rmtree(self.data_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.broker = EmbeddedBroker(log_path=log_dir / "broker.log").start()
+            bootstrap, cluster_id = self.broker.bootstrap_servers, self.broker.cluster_id
+        else:
+            bootstrap = self.settings.kafka_bootstrap_servers
+            cluster_id = wait_for_broker(bootstrap, timeout=15)
+        check_data_dir(self.data_dir, cluster_id, embedded, fresh=False)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        ensure_topics({"bootstrap.servers": bootstrap, **self.settings.extra_client_config})
+
+        api_url = f"http://127.0.0.1:{self.api_port}"
+        status_url = f"http://127.0.0.1:{self.status_port}"
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "ORDERPIPE_DATA_DIR": str(self.data_dir),
+            "ORDERPIPE_STATUS_URL": status_url,
+            "ORDERPIPE_API_PORT": str(self.api_port),
+            **self.extra_env,
+        }
+        smtp = maildir = None
+        self.supervisor = Supervisor(log_dir)
+        py = sys.executable
+        if self.smtp_sink:
+            smtp_port = free_port()
+            maildir = self.data_dir / "maildir"
+            env.update(ORDERPIPE_SMTP_HOST="127.0.0.1", ORDERPIPE_SMTP_PORT=str(smtp_port))
+            smtp = f"127.0.0.1:{smtp_port}"
+            self.supervisor.start(ProcessSpec("smtp-sink", [py, "-m", "services.email.smtp_sink", "--maildir",
+                                                            str(maildir), "--port", str(smtp_port)], env))
+        for name in ("orders-api", "orders-relay", *CONSUMER_SERVICES):
+            self.supervisor.start(ProcessSpec(name, [py, "-m", "services.cli.main", "run", name], env))
+        self.supervisor.start(ProcessSpec("order-status", [
+            py, "-m", "streams.order_status", "--bootstrap-servers", bootstrap,
+            "--data-dir", str(self.data_dir / "order-status"), "--web-port", str(self.status_port)], env))
+
+        self._wait_http(f"{api_url}/healthz", "orders-api", timeout)
+        self._wait_http(f"{status_url}/status/", "order-status", timeout)
+        self.info = StackInfo(bootstrap, cluster_id, embedded, self.data_dir, api_url, status_url, smtp, maildir,
+                              log_dir, self.supervisor.pids())
+        return self.info
+
+    def _wait_http(self, url: str, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = self.supervisor.poll() if self.supervisor else []
+            if name in dead:
+                raise StackError(f"{name} failed to start; see {self.data_dir / 'logs' / (name + '.log')}")
+            try:
+                if httpx.get(url, timeout=1.0).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise StackError(f"{name} did not answer at {url} within {timeout:.0f} s; "
+                         f"see {self.data_dir / 'logs' / (name + '.log')}")
+
+    def stop(self) -> None:
+        if self.supervisor:
+            self.supervisor.stop_all()
+            self.supervisor = None
+        if self.broker:
+            self.broker.stop()
+            self.broker = None
+
+    def __enter__(self) -> StackInfo:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

@@ -1,0 +1,226 @@
+"""Sending the order confirmation over SMTP (smtplib).
+
+Errors are mapped to two classes so the consumer can decide what to do:
+
+* :class:`MailDeliveryError` - transient (connection refused, timeouts, disconnects,
+  4xx replies, TLS/socket errors): the caller retries (retry topics).
+* :class:`MailRejected` - permanent (any 5xx reply, e.g. recipient refused):
+  retrying will not help; the caller dead-letters.
+
+Message-IDs are deterministic per event (:func:`message_id_for`), so a resend after a
+crash between "SMTP accepted" and "DB commit" is recognisable downstream.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+import threading
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate
+
+__all__ = [
+    "MailDeliveryError",
+    "MailRejected",
+    "OutgoingMail",
+    "message_id_for",
+    "build_message",
+    "SmtpMailer",
+    "RecordingMailer",
+]
+
+
+class MailDeliveryError(Exception):
+    """Transient failure: the caller should retry later."""
+
+    def __init__(self, message: str, smtp_code: int | None = None) -> None:
+        super().__init__(message)
+        self.smtp_code = smtp_code
+
+
+class MailRejected(Exception):
+    """Permanent failure (5xx): retrying the same mail will not help."""
+
+    def __init__(self, message: str, smtp_code: int | None = None) -> None:
+        super().__init__(message)
+        self.smtp_code = smtp_code
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    message_id: str
+    sender: str
+    recipient: str
+    subject: str
+    text: str
+
+
+def message_id_for(event_id: str, domain: str = "orderpipe.local") -> str:
+    """``<{event_id}@{domain}>``: the same event always gets the same Message-ID."""
+    event_id = str(event_id)
+    for label, value in (("event_id", event_id), ("domain", domain)):
+        if not value or any(c in value for c in "<>@ \t\r\n"):
+            raise ValueError(f"invalid {label} for a Message-ID: {value!r}")
+    return f"<{event_id}@{domain}>"
+
+
+def build_message(mail: OutgoingMail) -> EmailMessage:
+    msg = EmailMessage()
+    msg["Message-ID"] = mail.message_id
+    msg["Date"] = formatdate(usegmt=True)
+    msg["From"] = mail.sender
+    msg["To"] = mail.recipient
+    msg["Subject"] = mail.subject
+    msg.set_content(mail.text)
+    return msg
+
+
+def _by_code(code: int, what: str) -> Exception:
+    if 500 <= code < 600:
+        return MailRejected(what, code)
+    return MailDeliveryError(what, code)
+
+
+def _decode(resp: bytes | str) -> str:
+    return resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
+
+
+def _map_error(exc: BaseException) -> Exception:
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        details = "; ".join(f"{r}: {c} {_decode(m)}" for r, (c, m) in exc.recipients.items())
+        codes = [c for c, _ in exc.recipients.values()]
+        # permanent only if every refusal is permanent
+        if codes and all(500 <= c < 600 for c in codes):
+            return MailRejected(f"recipient refused: {details}", codes[0])
+        return MailDeliveryError(f"recipient deferred: {details}", codes[0] if codes else None)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        # SMTPSenderRefused, SMTPDataError, SMTPConnectError, SMTPHeloError, SMTPAuthenticationError
+        return _by_code(exc.smtp_code, f"{type(exc).__name__}: {exc.smtp_code} {_decode(exc.smtp_error)}")
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return MailDeliveryError(f"server disconnected: {exc}")
+    if isinstance(exc, (smtplib.SMTPException, OSError)):  # OSError covers timeouts, refused, ssl
+        return MailDeliveryError(f"{type(exc).__name__}: {exc}")
+    return exc  # pragma: no cover
+
+
+class SmtpMailer:
+    """Sends :class:`OutgoingMail` over one reused SMTP connection.
+
+    A reused connection is checked with NOOP first; if that fails it is replaced. Any
+    error during a send closes the connection (the next send reconnects) and is raised
+    as :class:`MailDeliveryError` or :class:`MailRejected`. Thread-safe (one lock).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        username: str | None = None,
+        password: str | None = None,
+        starttls: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.username = username
+        self.password = password
+        self.starttls = starttls
+        self._conn: smtplib.SMTP | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> smtplib.SMTP:
+        conn = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.ehlo_or_helo_if_needed()
+            if self.starttls:
+                conn.starttls(context=ssl.create_default_context())
+                conn.ehlo()
+            if self.username is not None:
+                conn.login(self.username, self.password or "")
+        except BaseException:
+            self._close_quietly(conn)
+            raise
+        return conn
+
+    @staticmethod
+    def _close_quietly(conn: smtplib.SMTP) -> None:
+        try:
+            conn.close()
+        except Exception:  # pragma: no cover
+            pass
+
+    def _connection(self) -> smtplib.SMTP:
+        if self._conn is not None:
+            try:
+                code, _ = self._conn.noop()
+                if code == 250:
+                    return self._conn
+            except (smtplib.SMTPException, OSError):
+                pass
+            self._close_quietly(self._conn)
+            self._conn = None
+        self._conn = self._connect()
+        return self._conn
+
+    def send(self, mail: OutgoingMail) -> None:
+        msg = build_message(mail)
+        with self._lock:
+            try:
+                conn = self._connection()
+                refused = conn.send_message(msg, from_addr=mail.sender, to_addrs=[mail.recipient])
+            except (smtplib.SMTPException, OSError) as exc:
+                if self._conn is not None:
+                    self._close_quietly(self._conn)
+                    self._conn = None
+                raise _map_error(exc) from exc
+            if refused:  # cannot happen with one recipient, but never report success wrongly
+                raise _map_error(smtplib.SMTPRecipientsRefused(refused))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.quit()
+                except (smtplib.SMTPException, OSError):
+                    self._close_quietly(self._conn)
+                self._conn = None
+
+    def __enter__(self) -> "SmtpMailer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RecordingMailer:
+    """Fake mailer for unit tests.
+
+    ``sent`` holds every successfully "sent" mail (duplicates kept); ``attempts`` counts
+    all calls. The first ``fail_times`` sends raise :class:`MailDeliveryError`; mails to a
+    recipient in ``reject_recipients`` raise :class:`MailRejected`.
+    """
+
+    def __init__(self, fail_times: int = 0, reject_recipients: frozenset[str] | set[str] = frozenset()) -> None:
+        if fail_times < 0:
+            raise ValueError("fail_times must be >= 0")
+        self.fail_times = fail_times
+        self.reject_recipients = frozenset(reject_recipients)
+        self.sent: list[OutgoingMail] = []
+        self.attempts = 0
+        self._lock = threading.Lock()
+
+    def send(self, mail: OutgoingMail) -> None:
+        with self._lock:
+            self.attempts += 1
+            if self.fail_times > 0:
+                self.fail_times -= 1
+                raise MailDeliveryError("simulated transient failure")
+            if mail.recipient in self.reject_recipients:
+                raise MailRejected(f"simulated rejection of {mail.recipient}", 550)
+            self.sent.append(mail)
+
+    def close(self) -> None:
+        pass

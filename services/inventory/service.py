@@ -1,0 +1,27 @@
+"""Wires the inventory service: its group, tables, handlers and initial stock."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from services.inventory.handlers import HANDLERS
+from services.inventory.tables import metadata, stock
+from services.runtime.catalog import CATALOG
+from services.runtime.consumer import Service
+from services.runtime.service_main import Runtime
+from services.runtime.topology import group
+
+
+def seed_stock(engine: Engine, levels: dict[str, int]) -> None:
+    """Give an empty stock table its initial levels (a no-op once the table has rows)."""
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        if conn.execute(select(func.count()).select_from(stock)).scalar_one() == 0:
+            conn.execute(stock.insert(), [{"sku": sku, "available": qty, "reserved": 0} for sku, qty in levels.items()])
+
+
+def build(runtime: Runtime) -> Service:
+    levels = {item.sku: (runtime.settings.initial_stock if item.stocked else 0) for item in CATALOG}
+    seed_stock(runtime.engine, levels)
+    return Service(group("inventory"), metadata, HANDLERS, batch_size=runtime.settings.consumer_batch_size)

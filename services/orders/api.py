@@ -1,0 +1,94 @@
+"""The HTTP API: place orders, ask where they are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, HTTPException, Response
+from sqlalchemy import select, text
+from sqlalchemy.engine import Engine
+
+from services.orders.model import OrderAccepted, PlaceOrder
+from services.orders.place import place_order
+from services.orders.tables import orders
+from services.runtime.codec import Codec
+
+
+class StatusUnavailable(Exception):
+    pass
+
+
+@dataclass
+class StatusClient:
+    """Reads the order-status view from the Faust worker's web server. Faust routes the request
+    to the worker that owns the order's partition, so any worker can be asked."""
+
+    base_url: str
+    timeout: float = 5.0
+
+    def get(self, order_id: str) -> dict | None:
+        try:
+            r = httpx.get(f"{self.base_url.rstrip('/')}/status/{order_id}/", timeout=self.timeout,
+                          follow_redirects=True)
+        except httpx.HTTPError as exc:
+            raise StatusUnavailable(f"order-status view at {self.base_url} is not answering: {exc}") from None
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise StatusUnavailable(f"order-status view answered {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def list(self, state: str | None = None) -> list[dict]:
+        params = {"state": state} if state else {}
+        try:
+            r = httpx.get(f"{self.base_url.rstrip('/')}/status/", params=params, timeout=self.timeout,
+                          follow_redirects=True)
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise StatusUnavailable(f"order-status view at {self.base_url} is not answering: {exc}") from None
+        return r.json()
+
+
+def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
+    app = FastAPI(title="orderpipe orders API", version="0.1.0",
+                  description="Place orders (answered 202 once durably recorded) and follow their status.")
+
+    @app.post("/orders", status_code=202, response_model=OrderAccepted)
+    def post_order(request: PlaceOrder, response: Response) -> OrderAccepted:
+        event = place_order(engine, codec, request)
+        status_url = f"/orders/{event.order_id}"
+        response.headers["Location"] = status_url
+        return OrderAccepted(order_id=event.order_id, status_url=status_url)
+
+    @app.get("/orders/{order_id}")
+    def get_order(order_id: str) -> dict:
+        with engine.connect() as conn:
+            row = conn.execute(select(orders).where(orders.c.order_id == order_id)).mappings().first()
+        if row is None:
+            raise HTTPException(404, detail=f"order {order_id} not found")
+        body = {"order_id": order_id, "customer_id": row["customer_id"], "currency": row["currency"],
+                "total": str(row["total"]), "created_at": row["created_at"].isoformat()}
+        try:
+            view = status.get(order_id)
+        except StatusUnavailable as exc:
+            return {**body, "state": "UNKNOWN", "detail": str(exc)}
+        if view is None:  # accepted, not yet seen by the view: the relay may not have published it yet
+            return {**body, "state": "PENDING", "steps": {}}
+        return {**body, **view}
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz(response: Response) -> dict:
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            response.status_code = 503
+            return {"status": "unavailable", "database": str(exc)}
+        return {"status": "ready"}
+
+    return app

@@ -1,0 +1,112 @@
+"""Database engines and the two tables every service shares: the outbox and the inbox.
+
+SQLite is the embedded default, PostgreSQL the production target; both run the same Core
+statements. SQLite needs two adjustments so that our transactions mean what they say:
+`BEGIN IMMEDIATE` takes the write lock at the start (a consumer and its relay thread write the
+same file; upgrading a read lock later would deadlock), and WAL lets the relay read while the
+consumer writes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON, BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, create_engine, event,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # let SQLAlchemy emit BEGIN itself (savepoints work)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; fine for the embedded mode
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+# Integer on SQLite so the column is the rowid and autoincrements; BIGINT elsewhere.
+_Seq = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    """Debezium's outbox columns (id, aggregatetype, aggregateid, type, payload) plus ours.
+
+    `seq` orders publication; `payload` is already the Avro wire-format value, so the relay
+    never needs the schema; `headers` carries the envelope (event id, causation, traceparent).
+    """
+    return Table(
+        "outbox", metadata,
+        Column("seq", _Seq, primary_key=True, autoincrement=True),
+        Column("id", String(36), nullable=False, unique=True),
+        Column("aggregatetype", String(64), nullable=False),
+        Column("aggregateid", String(64), nullable=False),
+        Column("type", String(128), nullable=False),
+        Column("topic", String(249), nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("headers", JSON, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
+        Column("published_at", DateTime(timezone=True), nullable=True, index=True),
+    )
+
+
+def inbox_table(metadata: MetaData) -> Table:
+    """The dedup key (group, event id): a row here means the event's effect is committed."""
+    return Table(
+        "inbox", metadata,
+        Column("group_name", String(64), primary_key=True),
+        Column("event_id", String(64), primary_key=True),
+        Column("event_type", String(128), nullable=False),
+        Column("topic", String(249), nullable=False),
+        Column("partition", Integer, nullable=False),
+        Column("offset", BigInteger, nullable=False),
+        Column("processed_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    )
+
+
+def insert_ignore(conn: Connection, table: Table, values: dict) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True when the row is new.
+
+    A conflict on the inbox key means "already done", never an error.
+    """
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing()
+    elif dialect == "postgresql":
+        stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing()
+    else:  # pragma: no cover - other databases are not supported
+        raise NotImplementedError(dialect)
+    return conn.execute(stmt).rowcount == 1
+
+
+def upsert_add(conn: Connection, table: Table, keys: dict, increments: dict) -> None:
+    """INSERT the row, or add `increments` to the existing one (atomic on both databases)."""
+    dialect = {"sqlite": sqlite, "postgresql": postgresql}[conn.dialect.name]
+    stmt = dialect.insert(table).values(**keys, **increments)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(keys), set_={col: table.c[col] + stmt.excluded[col] for col in increments})
+    conn.execute(stmt)

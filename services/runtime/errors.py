@@ -1,0 +1,45 @@
+"""How handlers tell the runtime what a failure means.
+
+Retryable failures go down the group's retry chain; permanent ones go straight to its
+dead-letter topic. Anything else is classified by `is_retryable` below.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import ValidationError
+
+from services.runtime.codec import DecodeError
+
+
+class RetryableError(Exception):
+    """Try again later: a dependency is down, a timeout, a lock."""
+
+
+class PermanentError(Exception):
+    """Retrying cannot help: bad data, a business rule. Goes straight to the dead-letter topic."""
+
+
+class MissingHandler(PermanentError):
+    pass
+
+
+RETRYABLE_TYPES: tuple[type[BaseException], ...] = (
+    RetryableError, TimeoutError, ConnectionError, socket.timeout, OSError,
+)
+PERMANENT_TYPES: tuple[type[BaseException], ...] = (PermanentError, DecodeError, ValidationError, ValueError,
+                                                    KeyError, TypeError)
+
+
+def is_retryable(exc: BaseException, retryable: tuple[type[BaseException], ...] = (),
+                 permanent: tuple[type[BaseException], ...] = ()) -> bool:
+    """Service-specific lists win over the defaults; unknown exceptions are retried (they are
+    usually transient, and the chain ends in the dead-letter topic anyway)."""
+    if isinstance(exc, permanent):
+        return False
+    if isinstance(exc, retryable):
+        return True
+    if isinstance(exc, PERMANENT_TYPES) and not isinstance(exc, RETRYABLE_TYPES):
+        return False
+    return True

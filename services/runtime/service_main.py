@@ -1,0 +1,75 @@
+"""Runs one consumer service as a process: its consumer loop and its outbox relay.
+
+Everything is built here, once, and passed down (no clients at import time). SIGTERM and
+SIGINT stop the loop; the consumer then closes (committing stored offsets) and the relay
+flushes what it has in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+
+from services.runtime.codec import Codec, codec_from_settings
+from services.runtime.consumer import Service, ServiceConsumer
+from services.runtime.db import make_engine
+from services.runtime.kafka import make_consumer, make_producer
+from services.runtime.outbox import OutboxRelay
+from services.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    codec: Codec
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    def _stop(signum, _frame):
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
+def start_relay(runtime: Runtime, service_name: str, outbox, stop: threading.Event) -> threading.Thread:
+    relay = OutboxRelay(runtime.engine, outbox, make_producer(runtime.settings, **{"client.id": f"{service_name}-relay"}),
+                        batch_size=runtime.settings.relay_batch_size)
+    thread = threading.Thread(target=relay.run, args=(stop, runtime.settings.relay_poll_interval_s),
+                              name=f"{service_name}-relay", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_service(build: Callable[[Runtime], Service], service_name: str, settings: Settings | None = None,
+                stop: threading.Event | None = None) -> None:
+    settings = settings or Settings()
+    stop = stop or threading.Event()
+    engine = make_engine(settings.database_url(service_name))
+    runtime = Runtime(settings, engine, codec_from_settings(settings.schema_registry_url))
+    service = build(runtime)
+    service.metadata.create_all(engine)
+    relay_thread = start_relay(runtime, service_name, service.outbox, stop)
+    consumer = ServiceConsumer(
+        service, engine,
+        make_consumer(settings, service.group.name, **{"client.id": service_name}),
+        make_producer(settings, **{"client.id": f"{service_name}-retries"}),
+        runtime.codec,
+    )
+    log.info("service started", extra={"group": service.group.name, "topics": consumer.topics()})
+    try:
+        consumer.run(stop)
+    finally:
+        stop.set()
+        relay_thread.join(15)
+        engine.dispose()
+        log.info("service stopped", extra={"group": service.group.name, "totals": vars(consumer.totals)})

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+
+from services.email.mailer import (
+    MailDeliveryError,
+    MailRejected,
+    OutgoingMail,
+    RecordingMailer,
+    _map_error,
+    build_message,
+    message_id_for,
+)
+
+
+def mail(recipient: str = "ada@example.com", event_id: str = "e-1") -> OutgoingMail:
+    return OutgoingMail(
+        message_id=message_id_for(event_id),
+        sender="orders@orderpipe.local",
+        recipient=recipient,
+        subject="Your order ord-1",
+        text="Thanks for your order.",
+    )
+
+
+def test_message_id_is_deterministic():
+    assert message_id_for("3f2a-01") == "<3f2a-01@orderpipe.local>"
+    assert message_id_for("3f2a-01") == message_id_for("3f2a-01")
+    assert message_id_for("3f2a-01", domain="shop.example") == "<3f2a-01@shop.example>"
+    assert message_id_for("a") != message_id_for("b")
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "a@b", "<a>", "a\nb"])
+def test_message_id_rejects_unsafe_event_ids(bad):
+    with pytest.raises(ValueError):
+        message_id_for(bad)
+
+
+def test_build_message_headers():
+    msg = build_message(mail())
+    assert msg["Message-ID"] == "<e-1@orderpipe.local>"
+    assert msg["To"] == "ada@example.com"
+    assert msg["From"] == "orders@orderpipe.local"
+    assert msg["Subject"] == "Your order ord-1"
+    assert msg["Date"]
+    assert msg.get_content().strip() == "Thanks for your order."
+
+
+def test_recording_mailer_records_every_send_including_duplicates():
+    m = RecordingMailer()
+    m.send(mail())
+    m.send(mail())
+    assert m.sent == [mail(), mail()]
+    assert m.attempts == 2
+
+
+def test_recording_mailer_fails_first_n_then_succeeds():
+    m = RecordingMailer(fail_times=2)
+    for _ in range(2):
+        with pytest.raises(MailDeliveryError):
+            m.send(mail())
+    assert m.sent == []
+    m.send(mail())
+    assert m.sent == [mail()]
+    assert m.attempts == 3
+
+
+def test_recording_mailer_rejects_configured_recipients():
+    m = RecordingMailer(reject_recipients={"bad@example.com"})
+    with pytest.raises(MailRejected):
+        m.send(mail("bad@example.com"))
+    m.send(mail("ok@example.com"))
+    assert [x.recipient for x in m.sent] == ["ok@example.com"]
+
+
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (ConnectionRefusedError(111, "refused"), MailDeliveryError),
+        (TimeoutError("timed out"), MailDeliveryError),
+        (smtplib.SMTPServerDisconnected("gone"), MailDeliveryError),
+        (smtplib.SMTPRecipientsRefused({"a@x": (550, b"no such user")}), MailRejected),
+        (smtplib.SMTPRecipientsRefused({"a@x": (450, b"mailbox busy")}), MailDeliveryError),
+        (smtplib.SMTPSenderRefused(451, b"try later", "s@x"), MailDeliveryError),
+        (smtplib.SMTPDataError(554, b"rejected"), MailRejected),
+        (smtplib.SMTPDataError(421, b"closing"), MailDeliveryError),
+        (smtplib.SMTPConnectError(554, b"no service"), MailRejected),
+    ],
+)
+def test_error_mapping(exc, expected):
+    mapped = _map_error(exc)
+    assert type(mapped) is expected

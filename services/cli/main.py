@@ -10,7 +10,6 @@ import json
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -18,12 +17,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli import schemas_cmd, tail_cmd
 from services.runtime.settings import Settings
 
 app = typer.Typer(help="orderpipe: a Kafka-based, event-sourced order processing pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 topics_app = typer.Typer(help="Create and inspect the declared topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+app.add_typer(schemas_cmd.app, name="schemas")
+app.add_typer(tail_cmd.app)  # `orderpipe tail TOPIC`
 console = Console()
 err = Console(stderr=True)
 

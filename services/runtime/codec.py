@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -153,17 +154,26 @@ class Codec:
         fastavro.schemaless_writer(out, self._parsed_schema(sv), record)
         return out.getvalue()
 
-    def decode(self, data: bytes | None, reader_version: int | None = None) -> Decoded:
-        """Decode any message; every failure is a `DecodeError` with a reason fit for a DLT header."""
+    def decode(self, data: bytes | None, reader_version: int | Mapping[str, int] | None = None) -> Decoded:
+        """Decode any message; every failure is a `DecodeError` with a reason fit for a DLT header.
+
+        `reader_version` is the version to read as: one number, or one per event type (what a
+        consumer built on given models understands)."""
         if data is None or len(data) < _HEADER.size:
             raise DecodeError(f"not in the Confluent wire format: {0 if data is None else len(data)} bytes")
         magic, schema_id = _HEADER.unpack_from(data)
         if magic != MAGIC_BYTE:
             raise DecodeError(f"not in the Confluent wire format: magic byte {magic}, expected 0")
         writer = self.registry.by_id(schema_id)
+        if isinstance(reader_version, Mapping):
+            reader_version = reader_version.get(writer.event_type)
         reader = None
         if reader_version is not None:
-            reader = self._parsed_schema(self.registry.version(writer.event_type, reader_version))
+            try:
+                reader = self._parsed_schema(self.registry.version(writer.event_type, reader_version))
+            except KeyError:
+                raise DecodeError(f"schema id {schema_id} is {writer.event_type}, which has no "
+                                  f"version {reader_version} to read it as") from None
         payload = io.BytesIO(data)
         payload.seek(_HEADER.size)
         try:

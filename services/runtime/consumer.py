@@ -16,6 +16,7 @@ and do nothing, failed ones run again. Nothing is skipped and no effect happens 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import traceback
@@ -55,6 +56,10 @@ H_EXC_TRACEBACK = "x-exception-traceback"
 H_REASON = "x-reason"
 TRACEBACK_LIMIT = 4000
 
+# Consumers read every event as the schema version their model was built on (Avro resolution),
+# so a producer moving to a newer compatible version does not break them.
+READER_VERSIONS = {name: cls.schema_version for name, cls in EVENT_TYPES.items()}
+
 
 @dataclass
 class UnitOfWork:
@@ -85,8 +90,9 @@ class Service:
     inbox: Table = field(init=False)
 
     def __post_init__(self):
-        self.outbox = self.metadata.tables.get("outbox") or outbox_table(self.metadata)
-        self.inbox = self.metadata.tables.get("inbox") or inbox_table(self.metadata)
+        tables = self.metadata.tables  # reuse them when build() runs twice on one MetaData
+        self.outbox = tables["outbox"] if "outbox" in tables else outbox_table(self.metadata)
+        self.inbox = tables["inbox"] if "inbox" in tables else inbox_table(self.metadata)
 
     @property
     def name(self) -> str:
@@ -114,6 +120,17 @@ def _header(msg: Message, name: str) -> str | None:
         if key == name and value is not None:
             return value.decode("utf-8", "replace")
     return None
+
+
+def _number_header(msg: Message, name: str, parse: Callable[[str], float]) -> float | None:
+    """A header we set ourselves, parsed; a malformed one reads as absent rather than raising
+    (raising would fail the whole batch and block the partition forever)."""
+    raw = _header(msg, name)
+    try:
+        value = parse(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
 
 
 def incoming_envelope(msg: Message, event_type: str, schema_version: int) -> env.Envelope:
@@ -212,7 +229,7 @@ class ServiceConsumer:
 
     def _handle_one(self, conn: Connection, msg: Message, failures: list[Failure]) -> str:
         try:
-            decoded = self.codec.decode(msg.value())
+            decoded = self.codec.decode(msg.value(), reader_version=READER_VERSIONS)
             cls = EVENT_TYPES.get(decoded.event_type)
             handlers = self.service.handlers.get(cls) if cls else None
             if not handlers:
@@ -252,7 +269,7 @@ class ServiceConsumer:
         Returns True when it was retried."""
         msg, exc = failure.message, failure.exc
         source = _header(msg, H_ORIGINAL_TOPIC) or msg.topic()
-        attempt = int(_header(msg, H_ATTEMPT) or 0) + 1
+        attempt = int(_number_header(msg, H_ATTEMPT, int) or 0) + 1
         now = datetime.now(UTC)
         retryable = not isinstance(exc, DecodeError) and is_retryable(
             exc, self.service.retryable, self.service.permanent)
@@ -301,9 +318,9 @@ class ServiceConsumer:
             if tp in self.paused:
                 held += 1
                 continue
-            due = _header(msg, H_DUE_AT)
-            if due is not None and float(due) > now:
-                self.paused[tp] = float(due)
+            due = _number_header(msg, H_DUE_AT, float)
+            if due is not None and due > now:
+                self.paused[tp] = due
                 part = TopicPartition(msg.topic(), msg.partition(), msg.offset())
                 self.consumer.pause([part])
                 self.consumer.seek(part)

@@ -100,7 +100,8 @@ def insert_ignore(conn: Connection, table: Table, values: dict) -> bool:
         stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing()
     else:  # pragma: no cover - other databases are not supported
         raise NotImplementedError(dialect)
-    return conn.execute(stmt).rowcount == 1
+    # RETURNING rather than rowcount: psycopg 3 reports -1 for INSERTs through SQLAlchemy 2.
+    return conn.execute(stmt.returning(*table.primary_key.columns)).first() is not None
 
 
 def upsert_add(conn: Connection, table: Table, keys: dict, increments: dict) -> None:

@@ -35,12 +35,15 @@ class OrderLine(BaseModel):
 
 
 class OrderCreated(Event):
+    schema_version: ClassVar[int] = 2
+
     customer_id: str
     customer_email: str
     currency: str
     lines: list[OrderLine]
     total: Decimal
     created_at: datetime
+    channel: str | None = None  # v2: where the order was placed, e.g. web, app
 
 
 class ReservedLine(BaseModel):

@@ -1,0 +1,58 @@
+"""Run one order-status worker in the foreground; SIGTERM or SIGINT stops it cleanly.
+
+    python -m streams.order_status --bootstrap-servers HOST:PORT --data-dir DIR --web-port N [--store memory://]
+
+Defaults come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `SCHEMA_REGISTRY_URL`,
+`ORDERPIPE_DATA_DIR`, `ORDERPIPE_STATUS_URL`, `ORDERPIPE_LOG_LEVEL`). Faust's own command line
+(`app.main()`) is not used: it would parse our sys.argv as Faust subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from yarl import URL
+
+from services.runtime.settings import Settings
+
+
+def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace:
+    status_url = URL(settings.status_url)
+    parser = argparse.ArgumentParser(prog="python -m streams.order_status", description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap-servers", default=settings.kafka_bootstrap_servers,
+                        required=not settings.kafka_bootstrap_servers, help="host:port[,host:port...]")
+    parser.add_argument("--data-dir", type=Path, default=settings.data_dir / "order-status",
+                        help="where the worker keeps its table store (RocksDB)")
+    parser.add_argument("--web-host", default=status_url.host or "127.0.0.1")
+    parser.add_argument("--web-port", type=int, default=status_url.port or 6066)
+    parser.add_argument("--store", default=None, help="Faust store URL, e.g. memory:// (default: rocksdb:// if available)")
+    parser.add_argument("--schema-registry-url", default=settings.schema_registry_url)
+    parser.add_argument("--app-id", default="order-status", help="Faust app id = consumer group id")
+    parser.add_argument("--loglevel", default=settings.log_level.lower())
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import faust
+
+    from streams.order_status.app import create_app
+
+    args = parse_args(argv, Settings())
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(
+        args.bootstrap_servers,
+        data_dir=args.data_dir,
+        web_port=args.web_port,
+        web_host=args.web_host,
+        store=args.store,
+        schema_registry_url=args.schema_registry_url,
+        app_id=args.app_id,
+    )
+    # The Worker installs SIGINT/SIGTERM handlers that stop the app: the consumer commits and
+    # leaves the group, the table flushes, the web server closes. It then raises SystemExit(0).
+    faust.Worker(app, loglevel=args.loglevel, redirect_stdouts=False).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()

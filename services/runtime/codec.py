@@ -93,10 +93,11 @@ class EmbeddedRegistry:
 class ConfluentRegistry:
     """A Confluent-compatible Schema Registry; the .avsc files stay the source of truth."""
 
-    def __init__(self, url: str, local: EmbeddedRegistry | None = None):
+    def __init__(self, url: str, local: EmbeddedRegistry | None = None, client=None):
         from confluent_kafka.schema_registry import SchemaRegistryClient  # only needed in this mode
 
-        self._client = SchemaRegistryClient({"url": url})
+        # new_client() honours mock:// URLs (confluent-kafka's in-process registry, used in tests)
+        self._client = client or SchemaRegistryClient.new_client({"url": url})
         self._local = local or EmbeddedRegistry()
         self._registered: dict[tuple[str, int], SchemaVersion] = {}
         self._by_id: dict[int, SchemaVersion] = {}

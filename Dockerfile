@@ -29,7 +29,10 @@ USER 10001:10001
 
 # SQLite files (if no database URLs are set), invoice PDFs, the order-status store.
 ENV ORDERPIPE_DATA_DIR=/data
-EXPOSE 8000 6066
+# 8000 orders API, 6066 order-status view, 9100 /healthz /readyz /metrics of the other processes
+# (bound to all interfaces in a container; the default 127.0.0.1 suits one machine).
+ENV ORDERPIPE_HEALTH_HOST=0.0.0.0
+EXPOSE 8000 6066 9100
 
 ENTRYPOINT ["orderpipe"]
 CMD ["--help"]

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up test test-unit test-integration test-e2e clean
+.PHONY: install demo up test test-unit test-integration test-e2e chaos clean
 
 install: $(STAMP)
 
@@ -33,5 +33,23 @@ test-integration: install
 test-e2e: install
 	$(PY) -m pytest tests/e2e
 
+# The crash test (tests/e2e/test_crash.py), longer: more orders, more SIGKILLs per process.
+CHAOS_ORDERS ?= 2000
+CHAOS_KILLS ?= 8
+CHAOS_RATE ?= 20
+chaos: install
+	ORDERPIPE_CHAOS_ORDERS=$(CHAOS_ORDERS) ORDERPIPE_CHAOS_KILLS=$(CHAOS_KILLS) ORDERPIPE_CHAOS_RATE=$(CHAOS_RATE) \
+		$(PY) -m pytest tests/e2e/test_crash.py
+
 clean:
 	rm -rf .data build *.egg-info .pytest_cache
+
+# `make bench`: the benchmark on the embedded broker (~10 min; BENCH_ARGS=--quick for a few,
+# BENCH_ARGS='--soak 300' for the 5-minute memory check). Writes bench/results/.
+.PHONY: bench
+bench: install $(VENV)/.bench-installed
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,rocksdb,bench]'
+	touch $@

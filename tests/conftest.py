@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from sqlalchemy import text
@@ -192,3 +195,28 @@ def test_engine() -> Iterator[Callable[[str], Engine]]:
     yield make
     for engine in engines:
         engine.dispose()
+
+
+# -- an alert webhook that records what it receives ---------------------------------------------
+
+class _Webhook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict]]]:
+    received: list[dict] = []
+    server = HTTPServer(("127.0.0.1", 0), type("Hook", (_Webhook,), {"received": received}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/alerts", received
+    server.shutdown()
+    server.server_close()

@@ -4,28 +4,43 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
+import uuid
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import httpx
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from services.runtime.catalog import CATALOG
+from services.runtime.settings import Settings
+from services.runtime.topology import GROUPS, all_topics
 
 FINAL_STATES = {"COMPLETED", "FAILED"}
 STEPS = ("inventory", "email", "invoice", "analytics")
+# With --fail-rate, one order in REFUSED_EVERY has an address the SMTP server refuses for good
+# (the sink refuses the reserved .invalid domain): its e-mail is dead-lettered, so the order is
+# expected to end STALLED, never COMPLETED. Never the same order as a sold-out one (i % 20 == 19).
+REFUSED_EVERY = 25
+
+
+def demo_env(fail_rate: float) -> dict[str, str]:
+    """Environment for the stack's processes: the e-mail fault injection."""
+    return {"ORDERPIPE_EMAIL_FAIL_RATE": str(fail_rate)} if fail_rate else {}
 
 
 @dataclass(frozen=True)
 class SampleOrder:
     body: dict
-    expected: str  # COMPLETED, or FAILED when it asks for a SKU that is never stocked
+    expected: str  # COMPLETED; FAILED when it asks for a SKU that is never stocked; STALLED when
+    #                its e-mail address is refused (dead-lettered)
 
 
-def sample_orders(n: int, seed: int = 7, reject_every: int = 20) -> list[SampleOrder]:
-    """Deterministic sample orders; every `reject_every`-th one includes the sold-out SKU."""
+def sample_orders(n: int, seed: int = 7, reject_every: int = 20, refuse_every: int = 0) -> list[SampleOrder]:
+    """Deterministic sample orders; every `reject_every`-th one includes the sold-out SKU, and
+    with `refuse_every`, every such one has an address the SMTP server refuses."""
     rng = random.Random(seed)
     stocked = [item for item in CATALOG if item.stocked]
     sold_out = [item for item in CATALOG if not item.stocked]
@@ -33,16 +48,62 @@ def sample_orders(n: int, seed: int = 7, reject_every: int = 20) -> list[SampleO
     for i in range(n):
         items = rng.sample(stocked, rng.randint(1, 3))
         rejected = reject_every > 0 and sold_out and i % reject_every == reject_every - 1
+        refused = refuse_every > 0 and not rejected and i % refuse_every == refuse_every // 2
         if rejected:
             items.append(sold_out[0])
         body = {
             "customer_id": f"customer-{rng.randint(1, 500):04d}",
-            "customer_email": f"customer{i}@example.com",
+            "customer_email": f"customer{i}@example.invalid" if refused else f"customer{i}@example.com",
             "currency": "EUR",
             "lines": [{"sku": it.sku, "quantity": rng.randint(1, 4), "unit_price": str(it.unit_price)} for it in items],
         }
-        orders.append(SampleOrder(body, "FAILED" if rejected else "COMPLETED"))
+        orders.append(SampleOrder(body, "FAILED" if rejected else "STALLED" if refused else "COMPLETED"))
     return orders
+
+
+class FailureTopics:
+    """What the retry chains did, read from the topics: which orders each group dead-lettered
+    (read as the dead-letter topics fill), and how many retry and dead-letter copies exist.
+
+    The order-status view does not read the retry and dead-letter topics yet, so a dead-lettered
+    step stays "pending" there; the dead-letter topics are the record of what happened."""
+
+    def __init__(self, bootstrap_servers: str, client_config: dict[str, str]):
+        self.config = {"bootstrap.servers": bootstrap_servers, **client_config}
+        self.specs = [t for t in all_topics() if ".retry." in t.name or t.name.endswith(".dlt")]
+        self.dead: dict[str, set[str]] = defaultdict(set)  # group -> dead-lettered order ids
+        self.reader = Consumer({**self.config, "group.id": f"demo-{uuid.uuid4().hex[:8]}", "log_level": 0,
+                                "enable.auto.commit": False, "isolation.level": "read_committed"})
+        self.reader.assign([TopicPartition(t.name, p, OFFSET_BEGINNING) for t in self.specs
+                            if t.name.endswith(".dlt") for p in range(t.partitions)])
+        self.baseline = self._counts()  # a real cluster may hold copies from earlier runs
+
+    def poll(self) -> None:
+        for msg in self.reader.consume(500, 0.1):
+            if not msg.error() and msg.key():
+                group = dict(msg.headers() or []).get("x-group", b"?").decode()
+                self.dead[group].add(msg.key().decode())
+
+    def copies(self) -> dict[str, tuple[int, int]]:
+        """Per group: (retry copies, dead letters) written since this reader started."""
+        now = self._counts()
+        return {g: (retried - self.baseline[g][0], dead - self.baseline[g][1]) for g, (retried, dead) in now.items()}
+
+    def _counts(self) -> dict[str, tuple[int, int]]:
+        return {g.name: (self._messages([t for s in g.inputs for t in g.retry_topics(s)]),
+                         self._messages([g.dlt_topic(s) for s in g.inputs])) for g in GROUPS}
+
+    def _messages(self, topics: list[str]) -> int:
+        partitions = {t.name: t.partitions for t in self.specs}
+        total = 0
+        for topic in topics:
+            for p in range(partitions[topic]):
+                low, high = self.reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                total += high - low
+        return total
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def place_all(client: httpx.Client, orders: list[SampleOrder], progress: Progress) -> dict[str, SampleOrder]:
@@ -56,16 +117,17 @@ def place_all(client: httpx.Client, orders: list[SampleOrder], progress: Progres
     return placed
 
 
-def wait_for_final(client: httpx.Client, placed: dict[str, SampleOrder], timeout: float,
-                   progress: Progress) -> dict[str, dict]:
+def wait_for_final(client: httpx.Client, placed: dict[str, SampleOrder], timeout: float, progress: Progress,
+                   failures: FailureTopics | None = None) -> dict[str, dict]:
     task = progress.add_task("waiting for outcomes", total=len(placed))
     final: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
     while len(final) < len(placed) and time.monotonic() < deadline:
+        if failures:
+            failures.poll()
         for order_id in [o for o in placed if o not in final]:
             view = client.get(f"/orders/{order_id}").json()
-            # FAILED is final at once; COMPLETED needs every step, so both end the wait
-            if view.get("state") in FINAL_STATES and _settled(view):
+            if _final_state(order_id, view, failures):
                 final[order_id] = view
                 progress.advance(task)
         if len(final) < len(placed):
@@ -76,46 +138,79 @@ def wait_for_final(client: httpx.Client, placed: dict[str, SampleOrder], timeout
     return final
 
 
-def _settled(view: dict) -> bool:
-    """An order is settled when no step is still pending (a FAILED order still sends its e-mail)."""
-    return all(s.get("state") != "pending" for s in view.get("steps", {}).values())
+def _step_states(order_id: str, view: dict, failures: FailureTopics | None) -> dict[str, str]:
+    """The view's step states, with "dead_lettered" for a step the view still shows pending but
+    whose group dead-lettered the order (the view does not read dead-letter topics yet)."""
+    steps = {name: s.get("state", "?") for name, s in view.get("steps", {}).items()}
+    if failures is None:
+        return steps
+    return {name: "dead_lettered" if state == "pending" and order_id in failures.dead[name] else state
+            for name, state in steps.items()}
 
 
-def run_demo(info, *, orders: int, timeout: float, seed: int, console: Console) -> bool:
-    samples = sample_orders(orders, seed)
+def _final_state(order_id: str, view: dict, failures: FailureTopics | None) -> str | None:
+    """The order's final state, or None while it is still moving. FAILED is final at once but an
+    order is only settled when no step is pending (a FAILED order still sends its e-mail);
+    STALLED when the rest is settled and a step was dead-lettered."""
+    steps = _step_states(order_id, view, failures)
+    if any(state in ("pending", "retrying") for state in steps.values()):
+        return None
+    if view.get("state") in FINAL_STATES | {"STALLED"}:
+        return view["state"]
+    return "STALLED" if "dead_lettered" in steps.values() else None
+
+
+def run_demo(info, *, orders: int, timeout: float, seed: int, console: Console, fail_rate: float = 0.0) -> bool:
+    samples = sample_orders(orders, seed, refuse_every=REFUSED_EVERY if fail_rate else 0)
     started = time.monotonic()
-    with httpx.Client(base_url=info.api_url, timeout=10) as client, Progress(console=console) as progress:
-        placed = place_all(client, samples, progress)
-        final = wait_for_final(client, placed, timeout, progress)
-    elapsed = time.monotonic() - started
+    failures = FailureTopics(info.bootstrap_servers, Settings().extra_client_config)
+    try:
+        with httpx.Client(base_url=info.api_url, timeout=10) as client, Progress(console=console) as progress:
+            placed = place_all(client, samples, progress)
+            final = wait_for_final(client, placed, timeout, progress, failures)
+        elapsed = time.monotonic() - started
+        failures.poll()
+        copies = failures.copies()
+    finally:
+        failures.close()
+    states = {order_id: _final_state(order_id, view, failures) or f"{view.get('state')} (not settled)"
+              for order_id, view in final.items()}
+    step_states = {order_id: _step_states(order_id, view, failures) for order_id, view in final.items()}
 
     steps = Table(title="final state per service")
     steps.add_column("service")
-    state_names = sorted({s.get("state", "?") for v in final.values() for s in v.get("steps", {}).values()})
+    state_names = sorted({s for v in step_states.values() for s in v.values()})
     for name in state_names:
         steps.add_column(name, justify="right")
     for step in STEPS:
-        counts = Counter(v.get("steps", {}).get(step, {}).get("state", "missing") for v in final.values())
+        counts = Counter(v.get(step, "missing") for v in step_states.values())
         steps.add_row(step, *(str(counts.get(n, 0)) for n in state_names))
     console.print(steps)
+
+    chains = Table(title="retries and dead letters (copies in each group's topics)")
+    for column in ("group", "retried", "dead-lettered"):
+        chains.add_column(column, justify="left" if column == "group" else "right")
+    for group_name, (retried, dead) in copies.items():
+        chains.add_row(group_name, str(retried), str(dead))
+    console.print(chains)
 
     outcome = Table(title=f"{len(placed)} orders in {elapsed:.1f} s")
     outcome.add_column("order state")
     outcome.add_column("expected", justify="right")
     outcome.add_column("got", justify="right")
     expected = Counter(o.expected for o in placed.values())
-    got = Counter(v.get("state") for v in final.values())
-    for state in sorted(set(expected) | set(got)):
-        outcome.add_row(state, str(expected.get(state, 0)), str(got.get(state, 0)))
+    got = Counter(states.values())
+    for state in sorted(set(expected) | set(got), key=str):
+        outcome.add_row(str(state), str(expected.get(state, 0)), str(got.get(state, 0)))
     console.print(outcome)
 
-    wrong = {oid: v.get("state") for oid, v in final.items()
-             if v.get("state") != placed[oid].expected or not _settled(v)}
+    wrong = {oid: state for oid, state in states.items() if state != placed[oid].expected}
     if wrong:
         for oid, state in list(wrong.items())[:10]:
             console.print(f"[red]order {oid}: expected {placed[oid].expected}, got {state}[/]")
         console.print(f"[bold red]{len(wrong)} of {len(placed)} orders did not reach their expected final state[/]")
         return False
+    stalled = f", {expected['STALLED']} stalled (e-mail address refused, dead-lettered)" if expected["STALLED"] else ""
     console.print(f"[bold green]all {len(placed)} orders reached their expected final state[/] "
-                  f"({expected.get('COMPLETED', 0)} completed, {expected.get('FAILED', 0)} rejected for stock)")
+                  f"({expected['COMPLETED']} completed, {expected['FAILED']} rejected for stock{stalled})")
     return True

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli import schemas_cmd, tail_cmd
+from services.cli import bench_cmd, db_cmd, deploy_cmd, dlt_cmd, ops_cmd, orders_cmd, schemas_cmd, tail_cmd
 from services.runtime.settings import Settings
 
 app = typer.Typer(help="orderpipe: a Kafka-based, event-sourced order processing pipeline.",
@@ -25,7 +25,14 @@ app = typer.Typer(help="orderpipe: a Kafka-based, event-sourced order processing
 topics_app = typer.Typer(help="Create and inspect the declared topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 app.add_typer(schemas_cmd.app, name="schemas")
+app.add_typer(db_cmd.app, name="db")
+app.add_typer(deploy_cmd.app, name="deploy")  # `orderpipe deploy topics|scaling`
 app.add_typer(tail_cmd.app)  # `orderpipe tail TOPIC`
+app.add_typer(dlt_cmd.app, name="dlt")  # `orderpipe dlt list|show|replay|purge|audit`
+app.add_typer(ops_cmd.app)  # `orderpipe lag`
+app.add_typer(orders_cmd.app, name="orders")  # `orderpipe orders list --state FAILED --since 1h`
+app.add_typer(bench_cmd.app)  # `orderpipe bench`
+topics_app.command("describe")(ops_cmd.topics_describe)
 console = Console()
 err = Console(stderr=True)
 
@@ -92,6 +99,8 @@ def _print_stack(info) -> None:
     table.add_row("order-status view", f"{info.status_url}/status/{{id}}/")
     if info.smtp:
         table.add_row("SMTP sink", f"{info.smtp}, mail stored in {info.maildir}")
+    table.add_row("health, metrics", ", ".join(f"{n} {url}" for n, url in info.health.items())
+                  + "  (/healthz, /readyz, /metrics; orders-api and order-status on their own ports)")
     table.add_row("data folder", str(info.data_dir))
     table.add_row("logs", str(info.log_dir))
     table.add_row("processes", ", ".join(f"{n} ({pid})" for n, pid in info.processes.items()))
@@ -104,17 +113,20 @@ def demo(
     data_dir: DataDir = Path(".data/demo"),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every order to finish.")] = 120.0,
     seed: Annotated[int, typer.Option(help="Random seed for the sample orders.")] = 7,
+    fail_rate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of e-mail sends that fail transiently (retried); with it, one order in 25 "
+                               "has an address the SMTP server refuses (dead-lettered).")] = 0.0,
 ) -> None:
     """Start the pipeline on a fresh data folder, place sample orders, and check every outcome."""
-    from services.cli.demo import run_demo
+    from services.cli.demo import demo_env, run_demo
     from services.cli.stack import Stack
 
-    stack = Stack(Settings(), data_dir=data_dir, fresh=True)
+    stack = Stack(Settings(), data_dir=data_dir, fresh=True, extra_env=demo_env(fail_rate))
     try:
         with console.status("starting broker, topics and services..."):
             info = _start_stack(stack)
         _print_stack(info)
-        ok = run_demo(info, orders=orders, timeout=timeout, seed=seed, console=console)
+        ok = run_demo(info, orders=orders, timeout=timeout, seed=seed, console=console, fail_rate=fail_rate)
     finally:
         stack.stop()
     raise typer.Exit(0 if ok else 1)
@@ -148,30 +160,40 @@ def _run_orders_api(settings: Settings) -> None:
     import uvicorn
 
     from services.orders.api import StatusClient, create_app
-    from services.orders.tables import metadata
     from services.runtime.codec import codec_from_settings
     from services.runtime.db import make_engine
+    from services.runtime.migrate import prepare_database
 
     engine = make_engine(settings.database_url("orders"))
-    metadata.create_all(engine)
+    prepare_database(engine, "orders", settings.db_upgrade_on_start)
     api = create_app(engine, codec_from_settings(settings.schema_registry_url), StatusClient(settings.status_url))
     uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="warning")
 
 
 def _run_orders_relay(settings: Settings) -> None:
-    from services.orders.tables import metadata, outbox
+    from datetime import timedelta
+
+    from services.orders.tables import outbox
     from services.runtime.db import make_engine
+    from services.runtime.health import start_health_server
     from services.runtime.kafka import make_producer
+    from services.runtime.migrate import prepare_database
     from services.runtime.outbox import OutboxRelay
     from services.runtime.service_main import install_stop_signals
 
     engine = make_engine(settings.database_url("orders"))
-    metadata.create_all(engine)
+    prepare_database(engine, "orders", settings.db_upgrade_on_start)
     stop = threading.Event()
     install_stop_signals(stop)
     relay = OutboxRelay(engine, outbox, make_producer(settings, **{"client.id": "orders-relay"}),
-                        batch_size=settings.relay_batch_size)
-    relay.run(stop, settings.relay_poll_interval_s)
+                        batch_size=settings.relay_batch_size,
+                        retention=timedelta(hours=settings.outbox_retention_hours), name="orders")
+    health = start_health_server(settings, settings.database_url("orders"))
+    try:
+        relay.run(stop, settings.relay_poll_interval_s)
+    finally:
+        if health:
+            health.stop()
 
 
 # -- operating it -----------------------------------------------------------------------------

@@ -41,6 +41,9 @@ class StackInfo:
     maildir: Path | None
     log_dir: Path
     processes: dict[str, int] = field(default_factory=dict)
+    # process -> base URL of its /healthz, /readyz, /metrics (orders-api and order-status serve
+    # them on their own ports: api_url, status_url)
+    health: dict[str, str] = field(default_factory=dict)
 
 
 def check_data_dir(data_dir: Path, cluster_id: str, embedded: bool, fresh: bool) -> None:
@@ -127,8 +130,14 @@ class Stack:
             smtp = f"127.0.0.1:{smtp_port}"
             self.supervisor.start(ProcessSpec("smtp-sink", [py, "-m", "services.email.smtp_sink", "--maildir",
                                                             str(maildir), "--port", str(smtp_port)], env))
+        health: dict[str, str] = {}
         for name in ("orders-api", "orders-relay", *CONSUMER_SERVICES):
-            self.supervisor.start(ProcessSpec(name, [py, "-m", "services.cli.main", "run", name], env))
+            process_env = env
+            if name != "orders-api":  # one machine, several processes: each its own health port
+                health_port = free_port()
+                health[name] = f"http://127.0.0.1:{health_port}"
+                process_env = {**env, "ORDERPIPE_HEALTH_HOST": "127.0.0.1", "ORDERPIPE_HEALTH_PORT": str(health_port)}
+            self.supervisor.start(ProcessSpec(name, [py, "-m", "services.cli.main", "run", name], process_env))
         self.supervisor.start(ProcessSpec("order-status", [
             py, "-m", "streams.order_status", "--bootstrap-servers", bootstrap,
             "--data-dir", str(self.data_dir / "order-status"), "--web-port", str(self.status_port)], env))
@@ -136,7 +145,7 @@ class Stack:
         self._wait_http(f"{api_url}/healthz", "orders-api", timeout)
         self._wait_http(f"{status_url}/status/", "order-status", timeout)
         self.info = StackInfo(bootstrap, cluster_id, embedded, self.data_dir, api_url, status_url, smtp, maildir,
-                              log_dir, self.supervisor.pids())
+                              log_dir, self.supervisor.pids(), health)
         return self.info
 
     def _wait_http(self, url: str, name: str, timeout: float) -> None:

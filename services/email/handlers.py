@@ -1,8 +1,10 @@
 """Email: send the order confirmation over SMTP.
 
-The SMTP send happens inside the database transaction, before the commit. A crash between the
-server's accept and our commit resends the mail on redelivery; its Message-ID is derived from
-the event id, so the resend is recognisable (and dropped by receivers that dedup on it).
+The SMTP send comes before any database statement and before the commit: with concurrent
+lanes the runtime begins the transaction at the first statement, so sends for different orders
+run in parallel without holding the database's write lock. A crash between the server's accept
+and our commit resends the mail on redelivery; its Message-ID is derived from the event id, so
+the resend is recognisable (and dropped by receivers that dedup on it).
 """
 
 from __future__ import annotations

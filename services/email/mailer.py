@@ -105,11 +105,12 @@ def _map_error(exc: BaseException) -> Exception:
 
 
 class SmtpMailer:
-    """Sends :class:`OutgoingMail` over one reused SMTP connection.
+    """Sends :class:`OutgoingMail` over reused SMTP connections, one per concurrent sender.
 
-    A reused connection is checked with NOOP first; if that fails it is replaced. Any
-    error during a send closes the connection (the next send reconnects) and is raised
-    as :class:`MailDeliveryError` or :class:`MailRejected`. Thread-safe (one lock).
+    A connection is taken from an idle pool (or opened), checked with NOOP when reused (and
+    replaced if that fails), and returned after a successful send, so N threads sending at
+    once use N connections and never wait for each other. Any error during a send closes that
+    connection and is raised as :class:`MailDeliveryError` or :class:`MailRejected`.
     """
 
     def __init__(
@@ -128,7 +129,7 @@ class SmtpMailer:
         self.username = username
         self.password = password
         self.starttls = starttls
-        self._conn: smtplib.SMTP | None = None
+        self._idle: list[smtplib.SMTP] = []
         self._lock = threading.Lock()
 
     def _connect(self) -> smtplib.SMTP:
@@ -152,41 +153,43 @@ class SmtpMailer:
         except Exception:  # pragma: no cover
             pass
 
-    def _connection(self) -> smtplib.SMTP:
-        if self._conn is not None:
+    def _take(self) -> smtplib.SMTP:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect()
             try:
-                code, _ = self._conn.noop()
+                code, _ = conn.noop()
                 if code == 250:
-                    return self._conn
+                    return conn
             except (smtplib.SMTPException, OSError):
                 pass
-            self._close_quietly(self._conn)
-            self._conn = None
-        self._conn = self._connect()
-        return self._conn
+            self._close_quietly(conn)
 
     def send(self, mail: OutgoingMail) -> None:
         msg = build_message(mail)
+        conn = None
+        try:
+            conn = self._take()
+            refused = conn.send_message(msg, from_addr=mail.sender, to_addrs=[mail.recipient])
+        except (smtplib.SMTPException, OSError) as exc:
+            if conn is not None:
+                self._close_quietly(conn)
+            raise _map_error(exc) from exc
         with self._lock:
-            try:
-                conn = self._connection()
-                refused = conn.send_message(msg, from_addr=mail.sender, to_addrs=[mail.recipient])
-            except (smtplib.SMTPException, OSError) as exc:
-                if self._conn is not None:
-                    self._close_quietly(self._conn)
-                    self._conn = None
-                raise _map_error(exc) from exc
-            if refused:  # cannot happen with one recipient, but never report success wrongly
-                raise _map_error(smtplib.SMTPRecipientsRefused(refused))
+            self._idle.append(conn)
+        if refused:  # cannot happen with one recipient, but never report success wrongly
+            raise _map_error(smtplib.SMTPRecipientsRefused(refused))
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                try:
-                    self._conn.quit()
-                except (smtplib.SMTPException, OSError):
-                    self._close_quietly(self._conn)
-                self._conn = None
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                self._close_quietly(conn)
 
     def __enter__(self) -> "SmtpMailer":
         return self

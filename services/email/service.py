@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from services.email.faults import FlakyMailer
 from services.email.handlers import HANDLERS, EmailDeps
 from services.email.mailer import MailDeliveryError, MailRejected, SmtpMailer
 from services.email.tables import metadata
 from services.runtime.consumer import Service
+from services.runtime.controls import WorkerControls
 from services.runtime.service_main import Runtime
 from services.runtime.topology import group
 
@@ -12,8 +14,11 @@ def build(runtime: Runtime) -> Service:
     s = runtime.settings
     mailer = SmtpMailer(s.smtp_host, s.smtp_port, username=s.smtp_username, password=s.smtp_password,
                         starttls=s.smtp_starttls)
+    if s.email_fail_rate:
+        mailer = FlakyMailer(mailer, s.email_fail_rate)
     # SMTP sends are slow and each one is an external effect: small batches bound the resends
-    # a crash can cause.
+    # a crash can cause. Sends are I/O-bound, so 8 lanes send for different orders at once
+    # (ORDERPIPE_WORKERS__EMAIL__CONCURRENCY; ..._RATE_LIMIT_MAX for the provider's limit).
     return Service(group("email"), metadata, HANDLERS, deps=EmailDeps(mailer, s.mail_from),
                    retryable=(MailDeliveryError,), permanent=(MailRejected,),
-                   batch_size=min(50, s.consumer_batch_size))
+                   batch_size=min(50, s.consumer_batch_size), controls=WorkerControls(concurrency=8))

@@ -8,6 +8,10 @@ twice, so tests can count resends. File names sort in arrival order.
 Two envelope headers are prepended to each stored message, ``X-Envelope-From`` and
 ``X-Envelope-To``, so a reader sees who the message was really delivered to.
 
+Recipients in the reserved ``.invalid`` top-level domain (RFC 2606), e.g.
+``someone@example.invalid``, are refused with ``550 5.1.1``, as a real server refuses an
+unknown mailbox: the demo uses them for orders whose e-mail fails permanently.
+
 Nothing here touches the network at import time; servers bind to 127.0.0.1 by default.
 """
 
@@ -73,6 +77,13 @@ class MaildirHandler:
     def __init__(self, maildir: Path) -> None:
         self.maildir = Path(maildir)
         self.maildir.mkdir(parents=True, exist_ok=True)
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address.rstrip(">").lower().endswith(".invalid"):
+            return f"550 5.1.1 <{address}>: mailbox unavailable (the sink refuses the .invalid domain)"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content

@@ -14,8 +14,8 @@ from services.runtime.topology import group
 
 
 def seed_stock(engine: Engine, levels: dict[str, int]) -> None:
-    """Give an empty stock table its initial levels (a no-op once the table has rows)."""
-    metadata.create_all(engine)
+    """Give an empty stock table its initial levels (a no-op once the table has rows).
+    The table exists already: the process migrated its database before building the service."""
     with engine.begin() as conn:
         if conn.execute(select(func.count()).select_from(stock)).scalar_one() == 0:
             conn.execute(stock.insert(), [{"sku": sku, "available": qty, "reserved": 0} for sku, qty in levels.items()])

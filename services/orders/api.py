@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import httpx
 from fastapi import FastAPI, HTTPException, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
@@ -39,14 +40,20 @@ class StatusClient:
             raise StatusUnavailable(f"order-status view answered {r.status_code}: {r.text[:200]}")
         return r.json()
 
-    def list(self, state: str | None = None) -> list[dict]:
-        params = {"state": state} if state else {}
+    def list(self, state: str | None = None, since: str | None = None, limit: int | None = None) -> dict:
+        """Statuses in `state` (comma-separated states) that changed since `since` (`1h`, `30m`,
+        an ISO time), newest first, from every worker: {"count", "statuses", "workers"}.
+        Raises ValueError for a query the view refuses (unknown state, bad time)."""
+        params = {k: v for k, v in {"state": state, "since": since, "limit": limit}.items() if v is not None}
         try:
             r = httpx.get(f"{self.base_url.rstrip('/')}/status/", params=params, timeout=self.timeout,
                           follow_redirects=True)
-            r.raise_for_status()
         except httpx.HTTPError as exc:
             raise StatusUnavailable(f"order-status view at {self.base_url} is not answering: {exc}") from None
+        if r.status_code == 400:
+            raise ValueError(r.json().get("detail", r.text))
+        if r.status_code != 200:
+            raise StatusUnavailable(f"order-status view answered {r.status_code}: {r.text[:200]}")
         return r.json()
 
 
@@ -60,6 +67,18 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
         status_url = f"/orders/{event.order_id}"
         response.headers["Location"] = status_url
         return OrderAccepted(order_id=event.order_id, status_url=status_url)
+
+    @app.get("/orders")
+    def list_orders(state: str | None = None, since: str | None = None, limit: int = 1000) -> dict:
+        """Orders by state (e.g. `FAILED,STALLED`) and last change (`since=1h` or an ISO time),
+        newest first, from the order-status view (every worker)."""
+        try:
+            view = status.list(state=state, since=since, limit=limit)
+        except ValueError as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+        except StatusUnavailable as exc:
+            raise HTTPException(503, detail=str(exc)) from None
+        return {"count": view["count"], "orders": view["statuses"]}
 
     @app.get("/orders/{order_id}")
     def get_order(order_id: str) -> dict:
@@ -90,5 +109,12 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
             response.status_code = 503
             return {"status": "unavailable", "database": str(exc)}
         return {"status": "ready"}
+
+    # Readiness above is the database only, on purpose: the API writes orders to its outbox and
+    # never talks to Kafka, so it keeps accepting orders while the broker is away (orders-relay,
+    # which publishes them, is the one that is not ready then).
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app

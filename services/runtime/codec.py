@@ -63,6 +63,8 @@ class EmbeddedRegistry:
         for entry in manifest["schemas"]:
             schema = json.loads((schemas_dir / entry["file"]).read_text())
             self._by_id[entry["id"]] = SchemaVersion(entry["id"], entry["subject"], entry["version"], schema)
+        self._version_cache: dict[tuple[str, int], SchemaVersion] = {}
+        self._latest_cache: dict[str, SchemaVersion] = {}
 
     def all(self) -> list[SchemaVersion]:
         return sorted(self._by_id.values(), key=lambda s: s.id)
@@ -78,16 +80,25 @@ class EmbeddedRegistry:
         return sorted((s for s in self._by_id.values() if s.subject == subject), key=lambda s: s.version)
 
     def version(self, event_type: str, version: int) -> SchemaVersion:
-        for s in self.versions(event_type):
-            if s.version == version:
-                return s
-        raise KeyError(f"no schema for {event_type} v{version}")
+        # Called for every message encoded or decoded: answered from a dict after the first time.
+        found = self._version_cache.get((event_type, version))
+        if found is None:
+            for s in self.versions(event_type):
+                if s.version == version:
+                    found = self._version_cache[(event_type, version)] = s
+                    break
+            else:
+                raise KeyError(f"no schema for {event_type} v{version}")
+        return found
 
     def latest(self, event_type: str) -> SchemaVersion:
-        versions = self.versions(event_type)
-        if not versions:
-            raise KeyError(f"no schema for event type {event_type!r}")
-        return versions[-1]
+        found = self._latest_cache.get(event_type)
+        if found is None:
+            versions = self.versions(event_type)
+            if not versions:
+                raise KeyError(f"no schema for event type {event_type!r}")
+            found = self._latest_cache[event_type] = versions[-1]
+        return found
 
 
 class ConfluentRegistry:

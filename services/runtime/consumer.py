@@ -1,13 +1,20 @@
 """The one Kafka consumer loop every service runs.
 
-Read top to bottom, per batch:
-1. poll a batch from the group's input topics and its own retry topics;
-2. hold back retried messages that are not due yet (pause their partition, seek back);
-3. decode each message; what cannot be decoded is a dead letter, never an exception;
-4. in ONE database transaction: per message a savepoint with the inbox row (the dedup key),
-   the handler's effect and the events it emits into the outbox; a duplicate is a no-op;
-5. commit; then route the failed messages to retry or dead-letter topics and wait for acks;
-6. only then store the offsets (auto-commit sends them to the broker in the background).
+Read top to bottom, per batch (`run_once`):
+1. ask the circuit breaker and the rate limit how many messages may run now; when none may,
+   pause every partition and poll anyway, so the group membership is kept;
+2. poll a batch from the group's input topics and its own retry topics;
+3. hold back retried messages that are not due yet (pause their partition, seek back);
+4. split the rest by key into lanes (`concurrency`; one lane by default) and handle them. Per
+   message: decode (what cannot be decoded is a dead letter, never an exception), then the
+   inbox row (the dedup key), the handler's effect and the events it emits into the outbox, in
+   one database transaction; a duplicate is a no-op. One lane: one transaction per batch, a
+   savepoint per message. Several lanes: one transaction per message, begun at the handler's
+   first database statement, so slow I/O before it (an SMTP send) runs in parallel even on
+   SQLite, whose writers take turns;
+5. after the commits, route the failed messages to retry or dead-letter topics and wait for acks;
+6. only then store offsets: per partition, up to the first message that is not done (a lane
+   that stopped early); that message is where the partition is rewound to.
 
 A crash anywhere before step 6 redelivers the batch: committed messages find their inbox row
 and do nothing, failed ones run again. Nothing is skipped and no effect happens twice.
@@ -21,26 +28,33 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
-from sqlalchemy import MetaData, Table
+from sqlalchemy import MetaData, Table, delete, select
 from sqlalchemy.engine import Connection, Engine
 
+from services.runtime import alerts, metrics
 from services.runtime import envelope as env
+from services.runtime.alerts import Alerter
+from services.runtime.circuit import HALF_OPEN, OPEN, CircuitBreaker
 from services.runtime.codec import Codec, DecodeError
-from services.runtime.db import inbox_table, insert_ignore, outbox_table, utcnow
+from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
+from services.runtime.controls import WorkerControls
+from services.runtime.db import inbox_table, insert_ignore, insert_ignore_many, outbox_table, utcnow
 from services.runtime.errors import MissingHandler, PermanentError, is_retryable
 from services.runtime.events import EVENT_TYPES, Event
-from services.runtime.outbox import add_event
+from services.runtime.outbox import add_event, add_rows, outbox_row
+from services.runtime.ratelimit import RateLimiter
 from services.runtime.topology import ConsumerGroup
 
 log = logging.getLogger(__name__)
 
 # Headers the runtime sets on retry and dead-letter copies. They are replaced on every hop
-# (never piled up); key, value and the envelope headers travel unchanged.
+# (never piled up); key, value, the envelope headers and any other header travel unchanged.
 H_ORIGINAL_TOPIC = "x-original-topic"
 H_ORIGINAL_PARTITION = "x-original-partition"
 H_ORIGINAL_OFFSET = "x-original-offset"
@@ -54,6 +68,11 @@ H_EXC_TYPE = "x-exception-type"
 H_EXC_MESSAGE = "x-exception-message"
 H_EXC_TRACEBACK = "x-exception-traceback"
 H_REASON = "x-reason"
+RUNTIME_HEADERS = frozenset({
+    H_ORIGINAL_TOPIC, H_ORIGINAL_PARTITION, H_ORIGINAL_OFFSET, H_ORIGINAL_TIMESTAMP, H_GROUP, H_ATTEMPT,
+    H_FIRST_FAILURE, H_LAST_FAILURE, H_DUE_AT, H_EXC_TYPE, H_EXC_MESSAGE, H_EXC_TRACEBACK, H_REASON,
+})
+MESSAGE_LIMIT = 1000
 TRACEBACK_LIMIT = 4000
 
 # Consumers read every event as the schema version their model was built on (Avro resolution),
@@ -61,15 +80,26 @@ TRACEBACK_LIMIT = 4000
 READER_VERSIONS = {name: cls.schema_version for name, cls in EVENT_TYPES.items()}
 
 
-@dataclass
 class UnitOfWork:
-    """What a handler gets: the open transaction, the incoming envelope and the service's deps."""
+    """What a handler gets: the open transaction (`conn`), the incoming envelope, the group and
+    the service's deps. With concurrent lanes the transaction begins at the handler's first use
+    of `conn`: do slow I/O (an SMTP send) before touching the database."""
 
-    conn: Connection
-    envelope: env.Envelope
-    group: str
-    deps: Any
-    now: datetime = field(default_factory=utcnow)
+    def __init__(self, conn: Connection | None, envelope: env.Envelope, group: str, deps: Any = None,
+                 now: datetime | None = None, *, begin: Callable[[], Connection] | None = None):
+        self._conn, self._begin = conn, begin
+        self.envelope, self.group, self.deps = envelope, group, deps
+        self.now = now or utcnow()
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._begin()
+        return self._conn
+
+    @property
+    def began(self) -> bool:
+        return self._conn is not None
 
 
 Handler = Callable[[Event, UnitOfWork], Iterable[Event] | None]
@@ -86,6 +116,7 @@ class Service:
     retryable: tuple[type[BaseException], ...] = ()
     permanent: tuple[type[BaseException], ...] = ()
     batch_size: int = 500
+    controls: WorkerControls = field(default_factory=WorkerControls)
     outbox: Table = field(init=False)
     inbox: Table = field(init=False)
 
@@ -112,7 +143,67 @@ class BatchResult:
     duplicates: int = 0
     retried: int = 0
     dead_lettered: int = 0
-    deferred: int = 0
+    deferred: int = 0   # retried messages held back until their due time
+    put_back: int = 0   # not run (breaker opened, a lane's database failed): rewound, run later
+
+
+@dataclass
+class Prepared:
+    event: Event
+    envelope: env.Envelope
+    handlers: list[Handler]
+
+
+@dataclass
+class Lane:
+    """What one lane did. `done` holds (topic, partition, offset) of every message whose outcome
+    is settled: committed, a duplicate, or failed and about to be routed."""
+
+    done: set[tuple[str, int, int]] = field(default_factory=set)
+    failures: list[Failure] = field(default_factory=list)
+    processed: int = 0
+    duplicates: int = 0
+    ran: int = 0
+    error: BaseException | None = None
+
+
+class _AlreadyDone(Exception):
+    """The inbox row appeared between the dedup check and the transaction (another consumer)."""
+
+
+class _DatabaseUnavailable(Exception):
+    """The runtime's own transaction could not begin: not the handler's failure."""
+
+
+class _LazyTransaction:
+    """A transaction that begins at first use, with `first_statement` (the inbox row; False
+    means "already there") as its first statement; rolled back on exit unless committed."""
+
+    def __init__(self, engine: Engine, first_statement: Callable[[Connection], bool]):
+        self._connection = engine.connect()
+        self._first = first_statement
+        self._transaction = None
+
+    def begin(self) -> Connection:
+        try:
+            self._transaction = self._connection.begin()
+            fresh = self._first(self._connection)
+        except Exception as exc:
+            raise _DatabaseUnavailable(str(exc)) from exc
+        if not fresh:
+            raise _AlreadyDone()
+        return self._connection
+
+    def commit(self) -> None:
+        self._transaction.commit()
+
+    def __enter__(self) -> _LazyTransaction:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._transaction is not None and self._transaction.is_active:
+            self._transaction.rollback()
+        self._connection.close()
 
 
 def _header(msg: Message, name: str) -> str | None:
@@ -133,6 +224,23 @@ def _number_header(msg: Message, name: str, parse: Callable[[str], float]) -> fl
     return value if value is not None and math.isfinite(value) else None
 
 
+def format_traceback(exc: BaseException) -> str:
+    """The frames (innermost last) and the exception line, within TRACEBACK_LIMIT characters. The
+    message is cut to MESSAGE_LIMIT first, so a long message cannot push the frames out."""
+    last = f"{type(exc).__module__}.{type(exc).__qualname__}: {str(exc)[:MESSAGE_LIMIT]}\n"
+    if exc.__cause__ is not None:
+        cause = exc.__cause__
+        last += f"caused by {type(cause).__qualname__}: {str(cause)[:300]}\n"
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    head = "Traceback (most recent call last):\n"
+    budget = TRACEBACK_LIMIT - len(head) - len(last)
+    return (head + frames[-budget:] + last)[-TRACEBACK_LIMIT:]
+
+
+def _position(msg: Message) -> tuple[str, int, int]:
+    return msg.topic(), msg.partition(), msg.offset()
+
+
 def incoming_envelope(msg: Message, event_type: str, schema_version: int) -> env.Envelope:
     event_id = _header(msg, env.EVENT_ID)
     if not event_id:
@@ -150,7 +258,7 @@ def incoming_envelope(msg: Message, event_type: str, schema_version: int) -> env
 
 class ServiceConsumer:
     def __init__(self, service: Service, engine: Engine, consumer: Consumer, producer: Producer, codec: Codec,
-                 *, clock: Callable[[], float] = time.time):
+                 *, clock: Callable[[], float] = time.time, alerter: Alerter | None = None):
         self.service = service
         self.group = service.group
         self.engine = engine
@@ -158,8 +266,25 @@ class ServiceConsumer:
         self.producer = producer
         self.codec = codec
         self.clock = clock
-        self.paused: dict[tuple[str, int], float] = {}  # partition -> when its head message is due
+        self.controls = service.controls
+        self.retry_policy = self.controls.retry_policy(self.group.retry_delays_s)
+        self.alerter = alerter or Alerter(self.group.name)
+        self.limiter = RateLimiter(self.controls.rate_limit) if self.controls.rate_limit else None
+        self.breaker = (CircuitBreaker(self.controls.breaker, on_transition=self._breaker_changed)
+                        if self.controls.breaker else None)
+        self.pool = (ThreadPoolExecutor(self.controls.concurrency, thread_name_prefix=f"{self.group.name}-lane")
+                     if self.controls.concurrency > 1 else None)
+        self.not_due: dict[tuple[str, int], float] = {}  # retry partition -> when its head message is due
+        self._paused: set[tuple[str, int]] = set()        # what we asked librdkafka to pause
+        self.polls = 0
+        self.assignments = 0
         self.totals = BatchResult()
+        g = self.group.name
+        self._metrics = {name: m.labels(g) for name, m in (
+            ("processed", metrics.PROCESSED), ("duplicates", metrics.DUPLICATES), ("retried", metrics.RETRIED),
+            ("dead_lettered", metrics.DEAD_LETTERED), ("handler_s", metrics.HANDLER_SECONDS),
+            ("lateness_s", metrics.RETRY_LATENESS), ("throttled_s", metrics.THROTTLED_SECONDS))}
+        metrics.BREAKER_STATE.labels(g).set(0)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -167,29 +292,34 @@ class ServiceConsumer:
         return [t for source in self.group.inputs for t in (source, *self.group.retry_topics(source))]
 
     def run(self, stop: threading.Event, poll_timeout: float = 0.5) -> None:
-        self.consumer.subscribe(self.topics(), on_revoke=self._on_revoke)
+        self.consumer.subscribe(self.topics(), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
         try:
             while not stop.is_set():
                 self.run_once(poll_timeout)
         finally:
+            if self.pool:
+                self.pool.shutdown(wait=True)
+            self.alerter.close()
             self.consumer.close()  # commits stored offsets and leaves the group promptly
 
     def run_once(self, poll_timeout: float = 0.5) -> BatchResult:
-        self._resume_due_partitions()
-        timeout = poll_timeout
-        if self.paused:
-            timeout = max(0.0, min(timeout, min(self.paused.values()) - self.clock()))
-        messages = self.consumer.consume(self.service.batch_size, timeout)
+        allowed, timeout = self._admit(poll_timeout)
+        messages = self._poll(max(allowed, 1), timeout)
+        self.polls += 1
         batch = [m for m in messages if self._check_error(m)]
         if not batch:
             return BatchResult()
+        if allowed == 0:  # from a partition assigned during this poll, not paused yet
+            self._rewind(batch)
+            return BatchResult(put_back=len(batch))
         try:
             return self.handle_batch(batch)
         except Exception:
-            # The database or the broker failed mid-batch. Nothing of this batch has its offset
-            # stored, so rewind to its first messages: they are redelivered, and the inbox makes
-            # whatever did commit a no-op. Without the rewind the next batch could store offsets
-            # past these messages and skip them.
+            # The broker failed mid-batch (retry copies not acked). Nothing of this batch has its
+            # offset stored, so rewind to its first messages: they are redelivered, and the inbox
+            # makes whatever did commit a no-op. Without the rewind the next batch could store
+            # offsets past these messages and skip them.
             log.exception("batch failed; rewinding and retrying", extra={"group": self.group.name})
             self._rewind(batch)
             time.sleep(1.0)
@@ -197,19 +327,16 @@ class ServiceConsumer:
 
     def handle_batch(self, messages: list[Message]) -> BatchResult:
         result = BatchResult()
-        ready, held = self._hold_back_not_due(messages)
-        result.deferred = held
-        failures: list[Failure] = []
-        done: list[Message] = []
-        with self.engine.begin() as conn:
-            for msg in ready:
-                outcome = self._handle_one(conn, msg, failures)
-                if outcome == "duplicate":
-                    result.duplicates += 1
-                elif outcome == "processed":
-                    result.processed += 1
-                done.append(msg)
-        # The transaction is committed: effects are durable. Now the failures get their copy in
+        ready, result.deferred = self._hold_back_not_due(messages)
+        lanes = split_by_key(ready, self.controls.concurrency, key=lambda m: m.key())
+        run_lane = self._run_lane_in_one_transaction if self.pool is None else self._run_lane_per_message
+        outcomes = run_lanes(self.pool, lanes, run_lane)
+
+        failures: list[Failure] = [f for lane in outcomes for f in lane.failures]
+        done = set().union(*(lane.done for lane in outcomes))
+        result.processed = sum(lane.processed for lane in outcomes)
+        result.duplicates = sum(lane.duplicates for lane in outcomes)
+        # The transactions are committed: effects are durable. Now the failures get their copy in
         # a retry or dead-letter topic, and only once that copy is acked do we store offsets.
         for failure in failures:
             if self._route_failure(failure):
@@ -220,49 +347,245 @@ class ServiceConsumer:
             remaining = self.producer.flush(30)
             if remaining:
                 raise RuntimeError(f"{remaining} retry/dead-letter copies not acked; not storing offsets")
-        if done:
-            self.consumer.store_offsets(offsets=_next_offsets(done))
+        result.put_back = len(ready) - len(done)
+        self._store_offsets(ready, done)
+        if self.limiter:
+            self.limiter.record(sum(lane.ran for lane in outcomes))
         self._add_totals(result)
+        errors = [lane.error for lane in outcomes if lane.error is not None]
+        if errors:
+            # A database failed: what it did not commit was rewound above and runs again.
+            log.error("batch failed; rewinding and retrying", exc_info=errors[0], extra={"group": self.group.name})
+            time.sleep(1.0)
         return result
+
+    def _poll(self, n: int, timeout: float) -> list:
+        """Up to n messages: what is already fetched at once, else wait up to `timeout` for one.
+
+        `Consumer.consume(n, timeout)` waits until n messages arrived or the timeout passed, so
+        at low load every hop of the pipeline sat out its whole poll timeout with a few
+        messages in hand (end-to-end latency was several poll timeouts). Taking what is there
+        keeps batches large under load and latency low without it."""
+        messages = self.consumer.consume(n, 0)
+        if messages or timeout <= 0:
+            return messages
+        messages = self.consumer.consume(1, timeout)
+        if messages and n > 1:
+            messages += self.consumer.consume(n - 1, 0)
+        return messages
+
+    def _admit(self, poll_timeout: float) -> tuple[int, float]:
+        """How many messages the next poll may return (0: none may run yet) and its timeout.
+        Pauses every partition while nothing may run, so the poll serves the group (heartbeats,
+        rebalances, max.poll.interval.ms) without returning messages; it blocks, no busy loop."""
+        allowed, wait, why = self._admission()
+        if allowed == 0 and why == "rate limit" and wait <= poll_timeout:
+            # a short wait: sleeping is cheaper than pausing and resuming every partition
+            self._metrics["throttled_s"].inc(wait)
+            time.sleep(wait)
+            allowed, wait, why = self._admission()
+        self._sync_pauses(hold_all=allowed == 0)
+        if allowed == 0:
+            timeout = max(0.01, min(poll_timeout, wait))
+            if why == "rate limit":
+                self._metrics["throttled_s"].inc(timeout)
+            return 0, timeout
+        if self.not_due:  # wake up when the next retry is due (whole ms: librdkafka rounds down)
+            due_in = math.ceil((min(self.not_due.values()) - self.clock()) * 1000) / 1000
+            return allowed, min(poll_timeout, max(0.001, due_in))
+        return allowed, poll_timeout
+
+    def _admission(self) -> tuple[int, float, str]:
+        """How many messages may be polled now; when none, how long until some may, and why."""
+        allowed = self.service.batch_size
+        if self.breaker:
+            state = self.breaker.state
+            if state == OPEN:
+                return 0, self.breaker.remaining_s(), "circuit breaker"
+            if state == HALF_OPEN:
+                allowed = 1  # the probe
+        if self.limiter:
+            available = self.limiter.available()
+            if available < 1:
+                return 0, self.limiter.wait_s(), "rate limit"
+            allowed = min(allowed, available)
+        return allowed, 0.0, ""
+
+    # -- lanes ------------------------------------------------------------------------------
+
+    def _run_lane_in_one_transaction(self, messages: list[Message]) -> Lane:
+        """The lane's messages in one transaction, with as few statements as the guarantees allow.
+
+        One INSERT ... ON CONFLICT DO NOTHING RETURNING claims every inbox key (the keys it
+        returns are new; the rest are duplicates: no handler call, no savepoint). The handlers
+        then run in order, each in a savepoint taken when it first uses the database, so a
+        failing handler undoes only its own effect; its claim, and the claims of messages the
+        circuit breaker held back, are given back before the commit. One INSERT stages every
+        outbox row. Per message that is the handler's own statements and nothing else."""
+        lane = Lane()
+        try:
+            with self.engine.begin() as conn:
+                prepared = [(msg, self._prepare_or_fail(msg)) for msg in messages]
+                claims = [self._inbox_row(msg, p) for msg, p in prepared if isinstance(p, Prepared)]
+                fresh = {row[1] for row in insert_ignore_many(conn, self.service.inbox, claims)}
+                give_back = set(fresh)  # claimed ids whose effect is not committed (yet)
+                staged: list[dict] = []
+                for msg, p in prepared:
+                    if not self._breaker_allows():
+                        break
+                    if isinstance(p, Failure):
+                        outcome = p
+                    elif p.envelope.event_id not in fresh:
+                        outcome = "duplicate"
+                    else:
+                        fresh.discard(p.envelope.event_id)  # a second copy in this batch is a duplicate
+                        outcome = self._handle_claimed(conn, msg, p, staged)
+                        if outcome == "processed":
+                            give_back.discard(p.envelope.event_id)
+                    self._settle(lane, msg, outcome)
+                if give_back:
+                    inbox = self.service.inbox
+                    conn.execute(delete(inbox).where(inbox.c.group_name == self.group.name,
+                                                     inbox.c.event_id.in_(give_back)))
+                add_rows(conn, self.service.outbox, staged)
+        except Exception as exc:  # the transaction did not commit: nothing of this lane is done
+            if self.breaker:
+                self.breaker.record_neutral()  # a probe that never finished frees its slot
+            return Lane(ran=lane.ran, error=exc)
+        return lane
+
+    def _handle_claimed(self, conn: Connection, msg: Message, p: Prepared, staged: list[dict]) -> str | Failure:
+        """Run the handlers of a message whose inbox key this transaction claimed; on success
+        append its outgoing events' outbox rows to `staged`."""
+        started = self._started(msg)
+        savepoint = None
+
+        def begin() -> Connection:
+            nonlocal savepoint
+            savepoint = conn.begin_nested()
+            return conn
+
+        try:
+            uow = UnitOfWork(None, p.envelope, self.group.name, self.service.deps, begin=begin)
+            rows = [outbox_row(self.codec, out, p.envelope.child(out.event_type(), out.schema_version))
+                    for handler in p.handlers for out in (handler(p.event, uow) or ())]
+            if savepoint is not None:
+                savepoint.commit()
+            staged.extend(rows)
+            return "processed"
+        except Exception as exc:
+            if savepoint is not None:
+                savepoint.rollback()  # only this message's effect is undone; the batch goes on
+            return self._failed(msg, p, exc)
+        finally:
+            self._metrics["handler_s"].observe(time.monotonic() - started)
+
+    def _run_lane_per_message(self, messages: list[Message]) -> Lane:
+        lane = Lane()
+        for msg in messages:
+            if not self._breaker_allows():
+                break
+            try:
+                outcome = self._handle_alone(msg)
+            except Exception as exc:  # the database failed; this message and the rest of the lane run later
+                if self.breaker:
+                    self.breaker.record_neutral()
+                lane.error = exc
+                break
+            self._settle(lane, msg, outcome)
+        return lane
+
+    def _settle(self, lane: Lane, msg: Message, outcome: str | Failure) -> None:
+        lane.ran += 1
+        lane.done.add(_position(msg))
+        if outcome == "processed":
+            lane.processed += 1
+        elif outcome == "duplicate":
+            lane.duplicates += 1
+        else:
+            lane.failures.append(outcome)
+        if self.breaker:
+            if outcome == "processed":
+                self.breaker.record_success()
+            elif isinstance(outcome, Failure) and self._retryable(outcome.exc):
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_neutral()
+
+    def _breaker_allows(self) -> bool:
+        return self.breaker is None or self.breaker.allow()
 
     # -- one message ------------------------------------------------------------------------
 
-    def _handle_one(self, conn: Connection, msg: Message, failures: list[Failure]) -> str:
+    def _prepare(self, msg: Message) -> Prepared:
+        decoded = self.codec.decode(msg.value(), reader_version=READER_VERSIONS)
+        cls = EVENT_TYPES.get(decoded.event_type)
+        handlers = self.service.handlers.get(cls) if cls else None
+        if not handlers:
+            raise MissingHandler(f"group {self.group.name} has no handler for event type {decoded.event_type}")
+        envelope = incoming_envelope(msg, decoded.event_type, cls.schema_version)
+        return Prepared(cls.model_validate(decoded.record), envelope, handlers)
+
+    def _run_handlers(self, p: Prepared, uow: UnitOfWork) -> None:
+        for handler in p.handlers:
+            for out in handler(p.event, uow) or ():
+                add_event(uow.conn, self.service.outbox, self.codec, out,
+                          p.envelope.child(out.event_type(), out.schema_version))
+
+    def _inbox_row(self, msg: Message, p: Prepared) -> dict:
+        return {"group_name": self.group.name, "event_id": p.envelope.event_id, "event_type": p.envelope.event_type,
+                "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+
+    def _prepare_or_fail(self, msg: Message) -> Prepared | Failure:
         try:
-            decoded = self.codec.decode(msg.value(), reader_version=READER_VERSIONS)
-            cls = EVENT_TYPES.get(decoded.event_type)
-            handlers = self.service.handlers.get(cls) if cls else None
-            if not handlers:
-                raise MissingHandler(f"group {self.group.name} has no handler for event type {decoded.event_type}")
-            envelope = incoming_envelope(msg, decoded.event_type, cls.schema_version)
-            event = cls.model_validate(decoded.record)
+            return self._prepare(msg)
         except Exception as exc:  # decode/validation: permanent, the message is a dead letter
-            failures.append(Failure(msg, exc, traceback.format_exc()))
-            return "failed"
-        savepoint = conn.begin_nested()
+            return Failure(msg, exc, format_traceback(exc))
+
+    def _handle_alone(self, msg: Message) -> str | Failure:
+        """One message in its own transaction, which begins when the handler first uses the
+        database (or after it returns). Raises only when the database itself fails."""
+        p = self._prepare_or_fail(msg)
+        if isinstance(p, Failure):
+            return p
+        started = self._started(msg)
+        inbox = self.service.inbox
         try:
-            fresh = insert_ignore(conn, self.service.inbox, {
-                "group_name": self.group.name, "event_id": envelope.event_id, "event_type": decoded.event_type,
-                "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
-            })
-            if not fresh:
-                savepoint.commit()
-                return "duplicate"
-            uow = UnitOfWork(conn, envelope, self.group.name, self.service.deps)
-            for handler in handlers:
-                for out in handler(event, uow) or ():
-                    add_event(conn, self.service.outbox, self.codec, out,
-                              envelope.child(out.event_type(), out.schema_version))
-            savepoint.commit()
-            return "processed"
-        except Exception as exc:
-            savepoint.rollback()  # only this message's effect is undone; the batch goes on
-            failures.append(Failure(msg, exc, traceback.format_exc()))
-            log.warning("handler failed", extra={"group": self.group.name, "event_id": envelope.event_id,
-                                                 "order_id": envelope.correlation_id, "error": repr(exc)})
-            return "failed"
+            with self.engine.begin() as conn:  # short: no lock is held while the handler runs
+                if conn.execute(select(inbox.c.event_id).where(
+                        inbox.c.group_name == self.group.name, inbox.c.event_id == p.envelope.event_id)).first():
+                    return "duplicate"
+            with _LazyTransaction(self.engine, lambda c: insert_ignore(c, inbox, self._inbox_row(msg, p))) as tx:
+                try:
+                    uow = UnitOfWork(None, p.envelope, self.group.name, self.service.deps, begin=tx.begin)
+                    self._run_handlers(p, uow)
+                    uow.conn  # noqa: B018 - begins (with the inbox row) if the handlers never used it
+                except _AlreadyDone:
+                    return "duplicate"
+                except _DatabaseUnavailable as exc:
+                    raise exc.__cause__ from None
+                except Exception as exc:
+                    return self._failed(msg, p, exc)  # rolled back when the block ends
+                tx.commit()  # a failure here is the database's, not the handler's: it raises
+                return "processed"
+        finally:
+            self._metrics["handler_s"].observe(time.monotonic() - started)
+
+    def _started(self, msg: Message) -> float:
+        due = _number_header(msg, H_DUE_AT, float)
+        if due is not None:
+            self._metrics["lateness_s"].observe(max(0.0, self.clock() - due))
+        return time.monotonic()
+
+    def _failed(self, msg: Message, p: Prepared, exc: BaseException) -> Failure:
+        log.warning("handler failed", extra={"group": self.group.name, "event_id": p.envelope.event_id,
+                                             "order_id": p.envelope.correlation_id, "error": repr(exc)})
+        return Failure(msg, exc, format_traceback(exc))
 
     # -- retries and dead letters -----------------------------------------------------------
+
+    def _retryable(self, exc: BaseException) -> bool:
+        return not isinstance(exc, DecodeError) and is_retryable(exc, self.service.retryable, self.service.permanent)
 
     def _route_failure(self, failure: Failure) -> bool:
         """Produce the failed message to its next retry tier or the dead-letter topic.
@@ -271,10 +594,9 @@ class ServiceConsumer:
         source = _header(msg, H_ORIGINAL_TOPIC) or msg.topic()
         attempt = int(_number_header(msg, H_ATTEMPT, int) or 0) + 1
         now = datetime.now(UTC)
-        retryable = not isinstance(exc, DecodeError) and is_retryable(
-            exc, self.service.retryable, self.service.permanent)
-        delays = self.group.retry_delays_s
-        retry = retryable and attempt <= len(delays)
+        retryable = self._retryable(exc)
+        tiers = len(self.group.retry_delays_s)
+        retry = retryable and tiers > 0 and attempt < self.retry_policy.attempts
         headers = {
             H_ORIGINAL_TOPIC: source,
             H_ORIGINAL_PARTITION: _header(msg, H_ORIGINAL_PARTITION) or str(msg.partition()),
@@ -285,26 +607,35 @@ class ServiceConsumer:
             H_FIRST_FAILURE: _header(msg, H_FIRST_FAILURE) or now.isoformat(),
             H_LAST_FAILURE: now.isoformat(),
             H_EXC_TYPE: f"{type(exc).__module__}.{type(exc).__qualname__}",
-            H_EXC_MESSAGE: str(exc)[:1000],
-            H_EXC_TRACEBACK: failure.tb[-TRACEBACK_LIMIT:],
+            H_EXC_MESSAGE: str(exc)[:MESSAGE_LIMIT],
+            H_EXC_TRACEBACK: failure.tb,
         }
         if retry:
-            due = self.clock() + delays[attempt - 1]
+            due = self.clock() + self.retry_policy.delay_s(attempt)
             headers[H_DUE_AT] = f"{due:.3f}"
-            target = self.group.retry_topic(source, attempt)
+            target = self.group.retry_topic(source, min(attempt, tiers))  # beyond the tiers: the last one
         else:
             headers[H_REASON] = "not retryable" if not retryable else f"retries exhausted after {attempt} attempts"
             target = self.group.dlt_topic(source)
-        kept = [(k, v) for k, v in msg.headers() or () if not k.startswith("x-")]
+        kept = [(k, v) for k, v in msg.headers() or () if k not in RUNTIME_HEADERS]
         self.producer.produce(target, key=msg.key(), value=msg.value(),
                               headers=kept + [(k, v.encode()) for k, v in headers.items()])
         self.producer.poll(0)
-        log.log(logging.INFO if retry else logging.ERROR,
-                "message retried" if retry else "message dead-lettered",
-                extra={"group": self.group.name, "topic": target, "attempt": attempt,
-                       "order_id": msg.key().decode("utf-8", "replace") if msg.key() else None,
-                       "event_id": _header(msg, env.EVENT_ID), "error": headers[H_EXC_MESSAGE]})
+        details = {"topic": target, "source": source, "attempt": attempt,
+                   "order_id": msg.key().decode("utf-8", "replace") if msg.key() else None,
+                   "event_id": _header(msg, env.EVENT_ID), "exception_type": headers[H_EXC_TYPE],
+                   "error": headers[H_EXC_MESSAGE][:300]}
+        if retry:
+            log.info("message retried", extra={"group": self.group.name, **details})
+            if attempt >= self.controls.alert_after_attempts:
+                self.alerter.alert(alerts.RETRYING, f"attempt {attempt} failed; retrying at {headers[H_DUE_AT]}",
+                                   **details)
+        else:
+            self.alerter.alert(alerts.DEAD_LETTERED, f"message dead-lettered: {headers[H_REASON]}",
+                               reason=headers[H_REASON], **details)
         return retry
+
+    # -- pausing: due times, rate limit, circuit breaker --------------------------------------
 
     def _hold_back_not_due(self, messages: list[Message]) -> tuple[list[Message], int]:
         """A retried message is never processed before its due time: pause its partition, seek
@@ -315,27 +646,53 @@ class ServiceConsumer:
         now = self.clock()
         for msg in messages:
             tp = (msg.topic(), msg.partition())
-            if tp in self.paused:
+            if tp in self.not_due:
                 held += 1
                 continue
             due = _number_header(msg, H_DUE_AT, float)
             if due is not None and due > now:
-                self.paused[tp] = due
+                self.not_due[tp] = due
                 part = TopicPartition(msg.topic(), msg.partition(), msg.offset())
-                self.consumer.pause([part])
+                if tp not in self._paused:
+                    self.consumer.pause([part])
+                    self._paused.add(tp)
                 self.consumer.seek(part)
                 held += 1
                 continue
             ready.append(msg)
         return ready, held
 
-    def _resume_due_partitions(self) -> None:
+    def _sync_pauses(self, hold_all: bool) -> None:
+        """Pause exactly what should be: everything while the breaker or the rate limit holds,
+        otherwise the retry partitions whose head message is not due yet."""
         now = self.clock()
-        due = [tp for tp, at in self.paused.items() if at <= now]
-        if due:
-            self.consumer.resume([TopicPartition(t, p) for t, p in due])
-            for tp in due:
-                del self.paused[tp]
+        for tp in [tp for tp, at in self.not_due.items() if at <= now]:
+            del self.not_due[tp]
+        want = {(p.topic, p.partition) for p in self.consumer.assignment()} if hold_all else set(self.not_due)
+        if to_pause := want - self._paused:
+            self.consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+        if to_resume := self._paused - want:
+            self.consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+        self._paused = want
+
+    def _breaker_changed(self, old: str, new: str, why: str) -> None:
+        metrics.BREAKER_STATE.labels(self.group.name).set(metrics.BREAKER_STATES[new])
+        if new == OPEN:
+            self.alerter.alert(alerts.BREAKER_OPENED, f"circuit breaker opened: {why}; consumption paused for "
+                               f"{self.controls.breaker.cooldown_s:g} s, then one probe", reason=why)
+        elif old == HALF_OPEN and new != OPEN:
+            self.alerter.alert(alerts.BREAKER_CLOSED, f"circuit breaker closed: {why}; consuming again", reason=why)
+        else:
+            log.info("circuit breaker", extra={"group": self.group.name, "state": new, "reason": why})
+
+    # -- offsets ----------------------------------------------------------------------------
+
+    def _store_offsets(self, ready: list[Message], done: set[tuple[str, int, int]]) -> None:
+        store, rewind = done_prefix(ready, done)
+        if store:
+            self.consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in store.items()])
+        for (topic, partition), offset in rewind.items():
+            self._seek(topic, partition, offset)
 
     def _rewind(self, messages: list[Message]) -> None:
         first: dict[tuple[str, int], int] = {}
@@ -343,14 +700,23 @@ class ServiceConsumer:
             key = (m.topic(), m.partition())
             first[key] = min(first.get(key, m.offset()), m.offset())
         for (topic, partition), offset in first.items():
-            try:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-            except Exception:  # partition revoked meanwhile: its new owner starts from the committed offset
-                pass
+            self._seek(topic, partition, offset)
+
+    def _seek(self, topic: str, partition: int, offset: int) -> None:
+        try:
+            self.consumer.seek(TopicPartition(topic, partition, offset))
+        except Exception:  # partition revoked meanwhile: its new owner starts from the committed offset
+            pass
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignments += 1
+        for p in partitions:  # a (re)assigned partition starts unpaused
+            self._paused.discard((p.topic, p.partition))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for p in partitions:
-            self.paused.pop((p.topic, p.partition), None)
+            self.not_due.pop((p.topic, p.partition), None)
+            self._paused.discard((p.topic, p.partition))
 
     def _check_error(self, msg: Message) -> bool:
         if msg.error():
@@ -360,16 +726,8 @@ class ServiceConsumer:
 
     def _add_totals(self, r: BatchResult) -> None:
         t = self.totals
-        t.processed += r.processed
-        t.duplicates += r.duplicates
-        t.retried += r.retried
-        t.dead_lettered += r.dead_lettered
-        t.deferred += r.deferred
-
-
-def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
-    highest: dict[tuple[str, int], int] = {}
-    for m in messages:
-        key = (m.topic(), m.partition())
-        highest[key] = max(highest.get(key, -1), m.offset())
-    return [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
+        for name in ("processed", "duplicates", "retried", "dead_lettered", "deferred", "put_back"):
+            setattr(t, name, getattr(t, name) + getattr(r, name))
+        for name in ("processed", "duplicates", "retried", "dead_lettered"):
+            if value := getattr(r, name):
+                self._metrics[name].inc(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     JSON, BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, create_engine, event,
@@ -88,20 +89,38 @@ def inbox_table(metadata: MetaData) -> Table:
     )
 
 
+_INSERT_IGNORE: dict[tuple[str, Table], Any] = {}
+
+
+def _insert_ignore_stmt(conn: Connection, table: Table) -> Any:
+    # Built once per dialect and table and executed with parameters: building it per row with
+    # `.values(**row)` made SQLAlchemy walk every bound value for its cache key, on every message.
+    key = (conn.dialect.name, table)
+    stmt = _INSERT_IGNORE.get(key)
+    if stmt is None:
+        dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(conn.dialect.name)
+        if dialect is None:  # pragma: no cover - other databases are not supported
+            raise NotImplementedError(conn.dialect.name)
+        # RETURNING rather than rowcount: psycopg 3 reports -1 for INSERTs through SQLAlchemy 2.
+        stmt = _INSERT_IGNORE[key] = (
+            dialect.insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns))
+    return stmt
+
+
 def insert_ignore(conn: Connection, table: Table, values: dict) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when the row is new.
 
     A conflict on the inbox key means "already done", never an error.
     """
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing()
-    elif dialect == "postgresql":
-        stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing()
-    else:  # pragma: no cover - other databases are not supported
-        raise NotImplementedError(dialect)
-    # RETURNING rather than rowcount: psycopg 3 reports -1 for INSERTs through SQLAlchemy 2.
-    return conn.execute(stmt.returning(*table.primary_key.columns)).first() is not None
+    return conn.execute(_insert_ignore_stmt(conn, table), values).first() is not None
+
+
+def insert_ignore_many(conn: Connection, table: Table, rows: list[dict]) -> list[tuple]:
+    """INSERT ... ON CONFLICT DO NOTHING for many rows in one statement (SQLAlchemy's
+    "insertmanyvalues" keeps RETURNING with executemany); the primary keys of the new rows."""
+    if not rows:
+        return []
+    return [tuple(r) for r in conn.execute(_insert_ignore_stmt(conn, table), rows)]
 
 
 def upsert_add(conn: Connection, table: Table, keys: dict, increments: dict) -> None:

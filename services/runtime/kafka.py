@@ -55,3 +55,51 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
 
 def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
     return Consumer(consumer_config(settings, group_id, **overrides))
+
+
+# -- the Faust worker (aiokafka) --------------------------------------------------------------
+
+# The librdkafka settings of ORDERPIPE_KAFKA_CLIENT_CONFIG that `faust_broker_credentials` maps.
+FAUST_MAPPED_KEYS = frozenset({
+    "security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.password",
+    "ssl.ca.location", "ssl.certificate.location", "ssl.key.location", "ssl.key.password",
+    "enable.ssl.certificate.verification", "ssl.endpoint.identification.algorithm",
+})
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def faust_broker_credentials(config: dict[str, str]) -> Any:
+    """The Faust `broker_credentials` for the librdkafka settings every other client gets, so the
+    order-status worker connects with the same TLS and SASL (PLAIN, SCRAM) settings; None for
+    PLAINTEXT. Another `ssl.*` or `sasl.*` setting, or another mechanism, raises ValueError
+    rather than connecting differently from the rest of the system."""
+    import ssl
+
+    import faust
+
+    unmapped = sorted(k for k in config if k.startswith(("ssl.", "sasl.")) and k not in FAUST_MAPPED_KEYS)
+    if unmapped:
+        raise ValueError(f"the Faust worker cannot use {', '.join(unmapped)} (mapped: {', '.join(sorted(FAUST_MAPPED_KEYS))})")
+    protocol = config.get("security.protocol", "PLAINTEXT").upper()
+    if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+        raise ValueError(f"unknown security.protocol {protocol!r}")
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.get("ssl.ca.location"))
+        if config.get("ssl.certificate.location"):  # mutual TLS
+            context.load_cert_chain(config["ssl.certificate.location"], config.get("ssl.key.location"),
+                                    config.get("ssl.key.password"))
+        if config.get("ssl.endpoint.identification.algorithm", "https").lower() == "none":
+            context.check_hostname = False
+        if config.get("enable.ssl.certificate.verification", "true").lower() == "false":
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        mechanism = config.get("sasl.mechanism", config.get("sasl.mechanisms", "PLAIN")).upper()
+        if mechanism not in _SASL_MECHANISMS:
+            raise ValueError(f"the Faust worker supports sasl.mechanism {', '.join(_SASL_MECHANISMS)}, not {mechanism}")
+        return faust.SASLCredentials(username=config.get("sasl.username"), password=config.get("sasl.password"),
+                                     mechanism=mechanism, ssl_context=context)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return None

@@ -15,35 +15,61 @@ import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 from sqlalchemy import Table, delete, select, text, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.runtime.codec import Codec
 from services.runtime.db import utcnow
 from services.runtime.envelope import Envelope
 from services.runtime.events import Event
+from services.runtime.lag import OUTBOX_BACKLOG
 from services.runtime.topology import TOPIC_FOR_EVENT
 
 log = logging.getLogger(__name__)
 
 
+def outbox_row(codec: Codec, event: Event, envelope: Envelope) -> dict[str, Any]:
+    """The outbox row (Debezium's outbox columns plus headers and created_at) for one event."""
+    return {
+        "id": envelope.event_id,
+        "aggregatetype": "order",
+        "aggregateid": event.order_id,
+        "type": envelope.event_type,
+        "topic": TOPIC_FOR_EVENT[envelope.event_type],
+        "payload": codec.encode(envelope.event_type, event.model_dump(), envelope.schema_version),
+        "headers": [[k, v.decode()] for k, v in envelope.to_headers()],
+        "created_at": utcnow(),
+    }
+
+
 def add_event(conn: Connection, outbox: Table, codec: Codec, event: Event, envelope: Envelope) -> None:
     """Stage an event for publication inside the caller's transaction."""
-    conn.execute(outbox.insert().values(
-        id=envelope.event_id,
-        aggregatetype="order",
-        aggregateid=event.order_id,
-        type=envelope.event_type,
-        topic=TOPIC_FOR_EVENT[envelope.event_type],
-        payload=codec.encode(envelope.event_type, event.model_dump(), envelope.schema_version),
-        headers=[[k, v.decode()] for k, v in envelope.to_headers()],
-        created_at=utcnow(),
-    ))
+    add_rows(conn, outbox, [outbox_row(codec, event, envelope)])
+
+
+def add_rows(conn: Connection, outbox: Table, rows: list[dict[str, Any]]) -> None:
+    """Stage outbox rows in one statement (an executemany for several)."""
+    if not rows:
+        return
+    # One INSERT statement per outbox table, executed with parameters (see db.insert_ignore).
+    stmt = _INSERTS.get(outbox)
+    if stmt is None:
+        stmt = _INSERTS[outbox] = outbox.insert()
+    conn.execute(stmt, rows if len(rows) > 1 else rows[0])
+
+
+_INSERTS: dict[Table, Any] = {}
 
 
 class DeliveryFailed(RuntimeError):
+    pass
+
+
+class LeadershipLost(RuntimeError):
     pass
 
 
@@ -55,7 +81,8 @@ class OutboxRelay:
     """
 
     def __init__(self, engine: Engine, outbox: Table, producer: Producer, *, batch_size: int = 500,
-                 retention: timedelta = timedelta(hours=24), on_published: Callable[[int], None] | None = None):
+                 retention: timedelta = timedelta(hours=24), on_published: Callable[[int], None] | None = None,
+                 name: str = "outbox"):
         self.engine = engine
         self.outbox = outbox
         self.producer = producer
@@ -63,6 +90,8 @@ class OutboxRelay:
         self.retention = retention
         self.on_published = on_published
         self._last_cleanup = 0.0
+        self.name = name  # the `service` label of the backlog gauge
+        self._last_backlog = 0.0
 
     def publish_batch(self) -> int:
         with self.engine.connect() as conn:
@@ -112,40 +141,79 @@ class OutboxRelay:
             return conn.execute(select(func.count()).where(self.outbox.c.published_at.is_(None))).scalar_one()
 
     def run(self, stop: threading.Event, poll_interval: float = 0.05) -> None:
-        with relay_leadership(self.engine, stop):
-            while not stop.is_set():
-                try:
-                    published = self.publish_batch()
-                except DeliveryFailed as exc:
-                    log.warning("outbox delivery failed; retrying", extra={"error": str(exc)})
-                    published = 0
-                    stop.wait(1.0)
-                if time.monotonic() - self._last_cleanup > 60:
-                    self._last_cleanup = time.monotonic()
-                    self.cleanup()
-                if published < self.batch_size:
-                    stop.wait(poll_interval)
-            self.producer.flush(10)
+        while not stop.is_set():
+            try:
+                with relay_leadership(self.engine, stop) as still_leader:
+                    self._publish_while_leader(stop, poll_interval, still_leader)
+            except (SQLAlchemyError, LeadershipLost) as exc:
+                # The database went away, or took our advisory lock with our session (then a standby
+                # may lead now): stop publishing and start over, competing for leadership again.
+                # Without this the relay thread of a consumer service would die and its events wait.
+                log.warning("outbox relay lost its database or its leadership; starting over",
+                            extra={"error": str(exc)[:500]})
+                stop.wait(1.0)
+        self.producer.flush(10)
+
+    def _publish_while_leader(self, stop: threading.Event, poll_interval: float,
+                              still_leader: Callable[[], None]) -> None:
+        while not stop.is_set():
+            still_leader()  # checked before every batch: a relay that lost its lock publishes nothing more
+            try:
+                published = self.publish_batch()
+            except DeliveryFailed as exc:
+                log.warning("outbox delivery failed; retrying", extra={"error": str(exc)})
+                published = 0
+                stop.wait(1.0)
+            if time.monotonic() - self._last_backlog > 5:  # one COUNT every 5 s, on this thread
+                self._last_backlog = time.monotonic()
+                OUTBOX_BACKLOG.labels(self.name).set(self.backlog())
+            if time.monotonic() - self._last_cleanup > 60:
+                self._last_cleanup = time.monotonic()
+                self.cleanup()
+            if published < self.batch_size:
+                stop.wait(poll_interval)
 
 
 @contextmanager
 def relay_leadership(engine: Engine, stop: threading.Event):
     """On PostgreSQL only one relay per outbox publishes at a time (a session advisory lock);
     others wait as hot standbys. Two relays publishing the same rows concurrently could
-    reorder an order's events. SQLite is single-process by design, so nothing to do there."""
+    reorder an order's events. SQLite is single-process by design, so nothing to do there.
+
+    Yields `still_leader()`, which raises LeadershipLost once the lock is gone (its session
+    ended: the database restarted or cut the connection), so the relay stops before the next batch.
+    """
     if engine.dialect.name != "postgresql":
-        yield
+        yield lambda: None
         return
     key = zlib.crc32(f"orderpipe-outbox:{engine.url.database}".encode()) & 0x7FFFFFFF
+    held = False
     with engine.connect() as conn:
         while not stop.is_set():
             if conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
                 conn.commit()
+                held = True
                 break
             conn.rollback()
             stop.wait(1.0)
+
+        def still_leader() -> None:
+            if not held:
+                return  # stopped before it ever led: the loop ends without publishing
+            # a one-bigint advisory lock shows in pg_locks as classid = high, objid = low 32 bits
+            mine = conn.execute(text(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND pid = pg_backend_pid() AND classid = 0 AND objid = :k AND objsubid = 1)"), {"k": key}).scalar()
+            conn.rollback()
+            if not mine:
+                raise LeadershipLost("the relay's advisory lock is no longer held")
+
         try:
-            yield
+            yield still_leader
         finally:
-            conn.execute(text("SELECT pg_advisory_unlock_all()"))
-            conn.commit()
+            if held:
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                    conn.commit()
+                except SQLAlchemyError:
+                    pass  # the session is gone, and its lock with it

@@ -12,13 +12,18 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy.engine import Engine
 
+from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, codec_from_settings
 from services.runtime.consumer import Service, ServiceConsumer
 from services.runtime.db import make_engine
+from services.runtime.health import start_health_server, thread_check
 from services.runtime.kafka import make_consumer, make_producer
+from services.runtime.lag import ConsumerStats
+from services.runtime.migrate import prepare_database
 from services.runtime.outbox import OutboxRelay
 from services.runtime.settings import Settings
 
@@ -43,7 +48,8 @@ def install_stop_signals(stop: threading.Event) -> None:
 
 def start_relay(runtime: Runtime, service_name: str, outbox, stop: threading.Event) -> threading.Thread:
     relay = OutboxRelay(runtime.engine, outbox, make_producer(runtime.settings, **{"client.id": f"{service_name}-relay"}),
-                        batch_size=runtime.settings.relay_batch_size)
+                        batch_size=runtime.settings.relay_batch_size,
+                        retention=timedelta(hours=runtime.settings.outbox_retention_hours), name=service_name)
     thread = threading.Thread(target=relay.run, args=(stop, runtime.settings.relay_poll_interval_s),
                               name=f"{service_name}-relay", daemon=True)
     thread.start()
@@ -55,21 +61,33 @@ def run_service(build: Callable[[Runtime], Service], service_name: str, settings
     settings = settings or Settings()
     stop = stop or threading.Event()
     engine = make_engine(settings.database_url(service_name))
+    prepare_database(engine, service_name, settings.db_upgrade_on_start)  # before build(): it may seed tables
     runtime = Runtime(settings, engine, codec_from_settings(settings.schema_registry_url))
     service = build(runtime)
-    service.metadata.create_all(engine)
+    # the environment's worker controls for this service (ORDERPIPE_WORKERS__<NAME>__...) win
+    service.controls = service.controls.with_settings(settings.workers.get(service_name),
+                                                      service.group.retry_delays_s)
     relay_thread = start_relay(runtime, service_name, service.outbox, stop)
+    stats = ConsumerStats(service.group.name)  # lag gauges and the loop's heartbeat, fed from consume()
     consumer = ServiceConsumer(
         service, engine,
-        make_consumer(settings, service.group.name, **{"client.id": service_name}),
+        make_consumer(settings, service.group.name, **{"client.id": service_name}, **stats.consumer_overrides()),
         make_producer(settings, **{"client.id": f"{service_name}-retries"}),
         runtime.codec,
+        alerter=Alerter(service.group.name, settings.alert_webhook_url),
     )
-    log.info("service started", extra={"group": service.group.name, "topics": consumer.topics()})
+    log.info("service started", extra={"group": service.group.name, "topics": consumer.topics(),
+                                       "controls": repr(service.controls)})
+    # Live while the loop polls (a batch may take up to max.poll.interval.ms) and the relay runs.
+    silence_s = max(60.0, 2 * settings.max_poll_interval_ms / 1000)
+    health = start_health_server(settings, settings.database_url(service_name), {
+        "consumer": lambda: stats.check_polling(silence_s), "relay": thread_check(relay_thread)})
     try:
         consumer.run(stop)
     finally:
         stop.set()
+        if health:
+            health.stop()
         relay_thread.join(15)
         engine.dispose()
         log.info("service stopped", extra={"group": service.group.name, "totals": vars(consumer.totals)})

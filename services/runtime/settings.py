@@ -4,15 +4,38 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("orders", "inventory", "email", "invoice", "analytics")
 
 
+class WorkerSettings(BaseModel):
+    """One consumer service's worker controls, e.g. ORDERPIPE_WORKERS__EMAIL__CONCURRENCY=8 or
+    ORDERPIPE_WORKERS='{"email": {"rate_limit_max": 100, "rate_limit_duration_s": 60}}'.
+    Unset fields keep the service's defaults (services/runtime/controls.py)."""
+
+    retry_backoff: Literal["fixed", "exponential"] | None = None
+    retry_delays_s: list[float] | None = None      # fixed: the wait before retry n; the last repeats
+    retry_initial_delay_s: float | None = None     # exponential: initial * multiplier**(n-1), +-jitter, capped
+    retry_multiplier: float | None = None
+    retry_max_delay_s: float | None = None
+    retry_jitter: float | None = None
+    retry_max_attempts: int | None = None          # first attempt included; then the dead-letter topic
+    concurrency: int | None = None                 # lanes; one order's events never run in parallel
+    rate_limit_max: int | None = None              # at most this many messages ...
+    rate_limit_duration_s: float | None = None     # ... per this many seconds
+    alert_after_attempts: int | None = None
+    breaker_enabled: bool | None = None
+    breaker_window: int | None = None
+    breaker_failure_ratio: float | None = None
+    breaker_cooldown_s: float | None = None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ORDERPIPE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ORDERPIPE_", extra="ignore", env_nested_delimiter="__")
 
     # Kafka. Unset means "embedded": `orderpipe up` starts the Tansu broker and exports this.
     kafka_bootstrap_servers: str | None = Field(
@@ -32,7 +55,13 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # /healthz, /readyz, /metrics of consumer services and orders-relay (services/runtime/health.py); 0 = off
+    health_host: str = "127.0.0.1"
+    health_port: int = 9100
     status_url: str = "http://127.0.0.1:6066"  # where the Faust worker's web server answers
+    # An order with a step not finished this long after it was created becomes STALLED (alert).
+    status_sla_s: float = 300.0
+    status_sla_check_interval_s: float | None = None  # default: a tenth of the SLA, 0.5 to 30 s
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 8025
@@ -48,8 +77,18 @@ class Settings(BaseSettings):
     consumer_batch_size: int = 500
     relay_batch_size: int = 500
     relay_poll_interval_s: float = 0.05
+    # Published outbox rows are deleted after this (they are in Kafka by then).
+    outbox_retention_hours: float = 24.0
+    # Each process migrates its database on start; turn off to migrate with `orderpipe db upgrade`.
+    db_upgrade_on_start: bool = True
     log_level: str = "INFO"
     log_json: bool = True
+
+    # Failures and worker controls per consumer service, keyed by service name (see WorkerSettings).
+    workers: dict[str, WorkerSettings] = Field(default_factory=dict)
+    alert_webhook_url: str | None = None  # alerts are POSTed here as JSON, from a background thread
+    # Fault injection for demos and tests: this share of e-mail sends fail transiently (1 or 2 times).
+    email_fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
 
     def database_url(self, service: str) -> str:
         if service not in SERVICES:

@@ -19,6 +19,8 @@ EMAIL_SENT = "email.sent"
 INVOICES_ISSUED = "invoices.issued"
 ANALYTICS_RECORDED = "analytics.recorded"
 ORDERS_STATUS = "orders.status"
+# Operators' record of every dead-letter replay and purge (JSON, one partition: one total order).
+AUDIT = "orderpipe.audit"
 
 DEFAULT_PARTITIONS = 6
 DEFAULT_RETRY_DELAYS_S = (1.0, 10.0, 60.0)
@@ -60,6 +62,10 @@ class ConsumerGroup:
     def retry_topics(self, source: str) -> list[str]:
         return [self.retry_topic(source, n) for n in range(1, len(self.retry_delays_s) + 1)]
 
+    def parking_topic(self, source: str) -> str:
+        """Where `orderpipe dlt replay` puts dead letters that were replayed too often already."""
+        return f"{source}.{self.name}.parking"
+
 
 EVENT_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(ORDERS_CREATED, event_types=("OrderCreated",), writer="orders (outbox relay)",
@@ -86,7 +92,17 @@ GROUPS: tuple[ConsumerGroup, ...] = (
     ConsumerGroup("analytics", inputs=(ORDERS_CREATED,), outputs=(ANALYTICS_RECORDED,)),
 )
 
-# The Faust order-status view reads every event topic; its own changelog topics are created by Faust.
+# Read and written by the operators' CLI (`orderpipe dlt`), never by the services. Its retention
+# outlives the dead-letter topics': the replay/purge records there also say which dead letters
+# were handled (see services/ops/handled.py).
+OPS_TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(AUDIT, partitions=1, retention_ms=365 * DAY_MS, key="run id", writer="orderpipe dlt (operators)",
+              doc="One JSON record per dead-letter replay or purge step: who, when, host, filter, count, offsets, "
+                  "outcome."),
+)
+
+# The Faust order-status view reads every event topic, plus every group's retry and dead-letter
+# topics (streams/order_status/inputs.py: failure_topics); its changelog and SLA topics are Faust's own.
 STATUS_INPUTS: tuple[str, ...] = (ORDERS_CREATED, STOCK_RESERVED, STOCK_REJECTED, EMAIL_SENT, INVOICES_ISSUED,
                                   ANALYTICS_RECORDED)
 
@@ -102,7 +118,7 @@ def group(name: str) -> ConsumerGroup:
 
 
 def all_topics() -> list[TopicSpec]:
-    """Event topics plus every group's retry and dead-letter topics."""
+    """Event topics, every group's retry, dead-letter and parking topics, and the operators' audit topic."""
     topics = list(EVENT_TOPICS)
     for g in GROUPS:
         for source in g.inputs:
@@ -111,4 +127,7 @@ def all_topics() -> list[TopicSpec]:
                                  doc=f"{g.name}'s retry tier for {source}") for name in g.retry_topics(source)]
             topics.append(TopicSpec(g.dlt_topic(source), partitions=partitions, retention_ms=28 * DAY_MS,
                                     writer=f"{g.name} (dead letters)", doc=f"{g.name}'s dead letters from {source}"))
-    return topics
+            topics.append(TopicSpec(g.parking_topic(source), partitions=partitions, retention_ms=90 * DAY_MS,
+                                    writer="orderpipe dlt replay",
+                                    doc=f"{g.name}'s dead letters from {source} replayed too often; for a human"))
+    return topics + list(OPS_TOPICS)

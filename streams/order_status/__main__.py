@@ -3,7 +3,7 @@
     python -m streams.order_status --bootstrap-servers HOST:PORT --data-dir DIR --web-port N [--store memory://]
 
 Defaults come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `SCHEMA_REGISTRY_URL`,
-`ORDERPIPE_DATA_DIR`, `ORDERPIPE_STATUS_URL`, `ORDERPIPE_LOG_LEVEL`). Faust's own command line
+`ORDERPIPE_DATA_DIR`, `ORDERPIPE_STATUS_URL`, `ORDERPIPE_STATUS_SLA_S`, `ORDERPIPE_LOG_LEVEL`). Faust's own command line
 (`app.main()`) is not used: it would parse our sys.argv as Faust subcommands.
 """
 
@@ -29,6 +29,10 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
     parser.add_argument("--store", default=None, help="Faust store URL, e.g. memory:// (default: rocksdb:// if available)")
     parser.add_argument("--schema-registry-url", default=settings.schema_registry_url)
     parser.add_argument("--app-id", default="order-status", help="Faust app id = consumer group id")
+    parser.add_argument("--sla-s", type=float, default=settings.status_sla_s,
+                        help="an order with a step not finished this many seconds after creation becomes STALLED")
+    parser.add_argument("--sla-check-interval-s", type=float, default=settings.status_sla_check_interval_s,
+                        help="how often the SLA timer scans this worker's orders (default: SLA/10, 0.5 to 30 s)")
     parser.add_argument("--loglevel", default=settings.log_level.lower())
     return parser.parse_args(argv)
 
@@ -36,18 +40,24 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
 def main(argv: list[str] | None = None) -> None:
     import faust
 
+    from services.runtime.kafka import faust_broker_credentials
     from streams.order_status.app import create_app
 
-    args = parse_args(argv, Settings())
+    settings = Settings()
+    args = parse_args(argv, settings)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(
         args.bootstrap_servers,
+        broker_credentials=faust_broker_credentials(settings.extra_client_config),
         data_dir=args.data_dir,
         web_port=args.web_port,
         web_host=args.web_host,
         store=args.store,
         schema_registry_url=args.schema_registry_url,
         app_id=args.app_id,
+        sla_s=args.sla_s,
+        sla_check_interval_s=args.sla_check_interval_s,
+        alert_webhook_url=settings.alert_webhook_url,
     )
     # The Worker installs SIGINT/SIGTERM handlers that stop the app: the consumer commits and
     # leaves the group, the table flushes, the web server closes. It then raises SystemExit(0).

@@ -3,31 +3,63 @@
 The Faust agent only decodes, calls `next_status` and stores the result; everything that
 decides what a status *is* lives here and is unit-tested without Kafka.
 
+What the fold reads (`FOLDED_EVENTS`):
+- the business events: OrderCreated and the step events (StockReserved, ...);
+- the failure path: a copy of an event in `<topic>.<group>.retry.<n>` means the group's step
+  failed and will be retried (`StepRetrying`), a copy in `<topic>.<group>.dlt` means it was
+  dead-lettered (`StepDeadLettered`); the step comes from the `x-group` header, not from the
+  copied event's type (see `inputs.py`);
+- `SlaExceeded`, sent by the worker's SLA timer when an order is not finished in time.
+
 Why the fold is safe under at-least-once delivery and across topics: each step's state only
-moves up a fixed rank (a "done" step is never downgraded), the order's state and reason are
-derived from the steps, never accumulated, and an event id already applied is a no-op. So the
-same events, in any order and with any duplicates, give the same status (timestamps aside).
-Events of one order on *different* topics have no relative order in Kafka, which is why this
-matters: a step event can arrive before the OrderCreated that caused it.
+moves up a fixed rank (a "done" step is never downgraded, so a later success wins over
+retrying or dead-lettered), a step's failure count only grows, the order's state and reason
+are derived from the steps and the SLA flag, never accumulated, and an event id already
+applied is a no-op. So the same events, in any order and with any duplicates, give the same
+status (timestamps aside). Events of one order on *different* topics have no relative order
+in Kafka, which is why this matters: a step event can arrive before the OrderCreated that
+caused it, and a retry copy after the success of the retried attempt.
+
+Overall state, first match wins:
+- COMPLETED: every step done;
+- FAILED (reason = the rejection): the order was rejected; final, no operator can change it;
+- STALLED (reason names the step): a step is dead-lettered, or the SLA passed with a step not
+  finished. The order can still complete (an operator replays the dead letter, a slow step
+  finishes), and then becomes COMPLETED. A dead-lettered step is STALLED rather than FAILED
+  because FAILED means "final": a dead letter is a fault of ours, fixed by a replay;
+- PENDING otherwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Literal
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
 StepState = Literal["pending", "retrying", "dead_lettered", "skipped", "failed", "done"]
 OrderState = Literal["PENDING", "COMPLETED", "FAILED", "STALLED"]
+ORDER_STATES: tuple[str, ...] = ("PENDING", "COMPLETED", "FAILED", "STALLED")
 
 STEPS: tuple[str, ...] = ("inventory", "email", "invoice", "analytics")
+# Which step a consumer group's failures belong to (the x-group header of a retry/DLT copy).
+GROUP_STEPS: dict[str, str] = {"inventory": "inventory", "email": "email", "invoice": "invoice",
+                               "analytics": "analytics"}
 MAX_APPLIED_EVENT_IDS = 64
 
 # A step only ever moves to a higher rank. Outcomes outrank progress reports, and "done"
 # outranks everything, so a late or replayed event can never undo a finished step.
 _RANK: dict[str, int] = {"pending": 0, "retrying": 1, "dead_lettered": 2, "skipped": 3, "failed": 4, "done": 5}
+_OUTCOMES = frozenset({"done", "failed"})  # states reached by an attempt that ended the step
+FINISHED_STEP_STATES = frozenset({"done", "failed", "skipped"})
+FINAL_ORDER_STATES = frozenset({"COMPLETED", "FAILED"})
+
+# Fold inputs the view derives itself (no Avro schema of their own).
+STEP_RETRYING = "StepRetrying"  # record: order_id, step, attempt, error
+STEP_DEAD_LETTERED = "StepDeadLettered"  # record: order_id, step, attempt, error, reason
+SLA_EXCEEDED = "SlaExceeded"  # record: order_id, deadline
 
 
 class UnknownEvent(ValueError):
@@ -38,10 +70,12 @@ class StepStatus(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     state: StepState = "pending"
+    # Attempts known to have run: failed ones, plus the one that ended the step (done/failed).
     attempts: int = 0
-    last_error: str | None = None
+    failures: int = 0  # the highest x-attempt seen on a retry or dead-letter copy
+    last_error: str | None = None  # the error of that failure
     updated_at: datetime | None = None
-    detail: str | None = None
+    detail: str | None = None  # e.g. the invoice number, the rejection reason, the DLT topic
 
 
 def _pending_steps() -> dict[str, StepStatus]:
@@ -57,8 +91,18 @@ class OrderStatus(BaseModel):
     steps: dict[str, StepStatus] = Field(default_factory=_pending_steps)
     created_at: datetime
     updated_at: datetime
-    # Recent event ids only: dedup beyond this window relies on the fold being idempotent anyway.
-    applied_event_ids: list[str] = Field(default_factory=list)
+    sla_deadline: datetime | None = None  # set once the SLA timer found the order unfinished after it
+    # Recent event ids, each with the input position ("topic:partition:offset") that applied it.
+    # Dedup beyond this window relies on the fold being idempotent anyway; the position tells a
+    # re-read of the same message (after a crash: republish) from an upstream duplicate (no-op).
+    applied: dict[str, str | None] = Field(default_factory=dict)
+
+    @property
+    def applied_event_ids(self) -> list[str]:
+        return list(self.applied)
+
+    def unfinished_steps(self) -> list[str]:
+        return [name for name in STEPS if self.steps[name].state not in FINISHED_STEP_STATES]
 
     def to_json(self) -> dict[str, Any]:
         """A plain JSON-compatible dict (what the Faust table and the HTTP API hold)."""
@@ -86,97 +130,197 @@ class OrderStatus(BaseModel):
 
 # -- the fold ------------------------------------------------------------------------------
 
-StepChange = tuple[str, StepState, str | None]  # (step, new state, detail)
+class StepChange(NamedTuple):
+    step: str
+    state: StepState
+    detail: str | None = None
+    failures: int = 0  # for retry/DLT copies: the x-attempt header
+    error: str | None = None
 
 
 def _stock_reserved(record: dict[str, Any]) -> list[StepChange]:
-    return [("inventory", "done", None)]
+    return [StepChange("inventory", "done")]
 
 
 def _stock_rejected(record: dict[str, Any]) -> list[StepChange]:
     # The order is rejected whole, so no invoice will ever be issued for it.
-    return [("inventory", "failed", record.get("reason") or "stock rejected"), ("invoice", "skipped", None)]
+    return [StepChange("inventory", "failed", record.get("reason") or "stock rejected"),
+            StepChange("invoice", "skipped")]
 
 
 def _email_sent(record: dict[str, Any]) -> list[StepChange]:
-    return [("email", "done", record.get("message_id"))]
+    return [StepChange("email", "done", record.get("message_id"))]
 
 
 def _invoice_issued(record: dict[str, Any]) -> list[StepChange]:
-    return [("invoice", "done", record["invoice_number"])]
+    return [StepChange("invoice", "done", record["invoice_number"])]
 
 
 def _order_recorded(record: dict[str, Any]) -> list[StepChange]:
-    return [("analytics", "done", None)]
+    return [StepChange("analytics", "done")]
 
 
-def _apply_step(step: StepStatus, state: StepState, detail: str | None, at: datetime) -> StepStatus:
-    if _RANK[state] < _RANK[step.state]:
+def _failure(state: StepState) -> Callable[[dict[str, Any]], list[StepChange]]:
+    def change(record: dict[str, Any]) -> list[StepChange]:
+        step = record["step"]
+        if step not in STEPS:
+            raise ValueError(f"unknown step {step!r}")
+        attempt = int(record["attempt"])
+        if attempt < 1:
+            raise ValueError(f"attempt must be >= 1, got {attempt}")
+        return [StepChange(step, state, record.get("reason"), attempt, record.get("error") or "no error recorded")]
+
+    return change
+
+
+def _min_detail(*details: str | None) -> str | None:
+    # One detail for several events of the same rank, chosen so that arrival order does not matter.
+    present = [d for d in details if d is not None]
+    return min(present) if present else None
+
+
+def _apply_step(step: StepStatus, change: StepChange, at: datetime) -> StepStatus:
+    new_rank, old_rank = _RANK[change.state], _RANK[step.state]
+    if new_rank > old_rank:
+        state, detail = change.state, change.detail
+    elif new_rank == old_rank:
+        state, detail = step.state, _min_detail(step.detail, change.detail)
+    else:
+        state, detail = step.state, step.detail
+    failures, last_error = step.failures, step.last_error
+    if change.failures > failures or (
+            change.failures and change.failures == failures and _min_detail(last_error, change.error) != last_error):
+        failures, last_error = change.failures, change.error
+    fields = {"state": state, "detail": detail, "failures": failures, "last_error": last_error,
+              "attempts": failures + (1 if state in _OUTCOMES else 0)}
+    if all(getattr(step, k) == v for k, v in fields.items()):
         return step
-    if state == step.state:
-        # The same outcome again under another event id: keep one detail, chosen so that the
-        # result does not depend on which event came first.
-        details = [d for d in (step.detail, detail) if d is not None]
-        detail = min(details) if details else None
-        if detail == step.detail:
-            return step
-        return step.model_copy(update={"detail": detail, "last_error": detail if state == "failed" else step.last_error})
-    return step.model_copy(update={
-        "state": state, "attempts": max(step.attempts, 1), "detail": detail,
-        "last_error": detail if state == "failed" else step.last_error, "updated_at": at,
-    })
+    return step.model_copy(update={**fields, "updated_at": at})
 
 
-def _derive(steps: dict[str, StepStatus]) -> tuple[OrderState, str | None]:
-    """The order's state and reason, a function of its steps only (hence order-independent)."""
+def _describe(name: str, step: StepStatus) -> str:
+    if step.failures:
+        return f"{name} {step.state} ({step.failures} failed attempt{'s' if step.failures > 1 else ''})"
+    return f"{name} {step.state}"
+
+
+def _derive(steps: Mapping[str, StepStatus], sla_deadline: datetime | None) -> tuple[OrderState, str | None]:
+    """The order's state and reason: a function of its steps and SLA flag only (hence order-independent)."""
     if all(s.state == "done" for s in steps.values()):
         return "COMPLETED", None
     inventory = steps["inventory"]
     if inventory.state == "failed":
         return "FAILED", inventory.detail
-    stalled = [name for name in STEPS if steps[name].state == "dead_lettered"]
-    if stalled:
-        name = stalled[0]
-        return "STALLED", f"{name} dead-lettered: {steps[name].last_error or 'no error recorded'}"
+    dead = [name for name in STEPS if steps[name].state == "dead_lettered"]
+    if dead:
+        return "STALLED", "; ".join(
+            f"{name} dead-lettered: {steps[name].last_error or 'no error recorded'}" for name in dead)
+    unfinished = [name for name in STEPS if steps[name].state not in FINISHED_STEP_STATES]
+    if sla_deadline is not None and unfinished:
+        return "STALLED", (f"SLA exceeded (deadline {sla_deadline.isoformat()}), not finished: "
+                           + ", ".join(_describe(name, steps[name]) for name in unfinished))
     return "PENDING", None
 
 
 def next_status(current: OrderStatus | None, event_type: str, record: dict[str, Any], event_id: str,
-                at: datetime) -> OrderStatus:
-    """Fold one event into the order's status. Pure; `at` is the only clock."""
-    if event_type != "OrderCreated" and event_type not in STEP_EVENTS:
+                at: datetime, position: str | None = None) -> OrderStatus:
+    """Fold one event into the order's status. Pure; `at` is the only clock.
+
+    `position` ("topic:partition:offset" of the input message) is remembered with the event id,
+    so the caller can tell a re-read of this very message (`redelivered`) from a duplicate.
+    """
+    if event_type not in FOLDED_EVENTS:
         raise UnknownEvent(f"the status view does not fold {event_type!r} events")
-    if current is not None and event_id in current.applied_event_ids:
-        return current  # a redelivery: nothing changes, not even updated_at
+    if current is not None and event_id in current.applied:
+        return current  # a duplicate: nothing changes, not even updated_at
     if current is None:
         current = OrderStatus(order_id=record["order_id"], created_at=at, updated_at=at)
 
     steps = dict(current.steps)
-    created_at = current.created_at
+    created_at, sla_deadline = current.created_at, current.sla_deadline
     if event_type == "OrderCreated":
         # The order's own timestamp replaces the "first seen" one used when a step event came first.
         created_at = record.get("created_at") or created_at
+    elif event_type == SLA_EXCEEDED:
+        deadline = record["deadline"]
+        sla_deadline = deadline if sla_deadline is None else min(sla_deadline, deadline)
     else:
-        for name, state, detail in STEP_EVENTS[event_type](record):
-            steps[name] = _apply_step(steps[name], state, detail, at)
+        for change in STEP_EVENTS[event_type](record):
+            steps[change.step] = _apply_step(steps[change.step], change, at)
 
-    state, reason = _derive(steps)
+    state, reason = _derive(steps, sla_deadline)
+    applied = {**current.applied, event_id: position}
+    if len(applied) > MAX_APPLIED_EVENT_IDS:
+        applied = dict(list(applied.items())[-MAX_APPLIED_EVENT_IDS:])
     return current.model_copy(update={
         "state": state,
         "reason": reason,
         "steps": steps,
         "created_at": created_at,
+        "sla_deadline": sla_deadline,
         "updated_at": max(current.updated_at, at),
-        "applied_event_ids": [*current.applied_event_ids, event_id][-MAX_APPLIED_EVENT_IDS:],
+        "applied": applied,
     })
 
 
-# The events the view folds, and what each one does to the steps. OrderCreated only creates.
+def redelivered(current: OrderStatus | None, event_id: str, position: str | None) -> bool:
+    """True when this very message (same event id, same position) was folded before: a re-read
+    after a crash or a rebalance. Its status change may never have reached the changelog or
+    orders.status (the worker died between the store write and the producer's flush), so the
+    caller writes and publishes the status again. An upstream duplicate (another position) is not."""
+    return current is not None and position is not None and current.applied.get(event_id) == position
+
+
+# -- the SLA -------------------------------------------------------------------------------
+
+def sla_deadline_passed(stored: Mapping[str, Any], sla_s: float, now: datetime) -> datetime | None:
+    """The deadline, when this stored status (its JSON form) is past it, unfinished, and not yet
+    flagged; else None. Works on the table's JSON so the timer's scan stays cheap."""
+    if stored.get("state") in FINAL_ORDER_STATES or stored.get("sla_deadline") is not None:
+        return None
+    deadline = datetime.fromisoformat(stored["created_at"]) + timedelta(seconds=sla_s)
+    return deadline if deadline <= now else None
+
+
+def sla_event_id(order_id: str) -> str:
+    # One per order: the flag is set once and never cleared (completion overrides it).
+    return f"sla-exceeded:{order_id}"
+
+
+# -- queries -------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """`1h`, `30m`, `90s`, `2d` (before `now`) or an ISO 8601 time (UTC if it has no offset)."""
+    match = _DURATION.match(text)
+    if match:
+        return now - timedelta(seconds=float(match[1]) * _UNIT_S[match[2]])
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"since must be a duration such as 1h, 30m, 2d or an ISO 8601 time, not {text!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=now.tzinfo)
+
+
+def matches(stored: Mapping[str, Any], states: frozenset[str] | None, since: datetime | None) -> bool:
+    """A stored status (JSON form) is in one of `states` and changed at or after `since`."""
+    if states is not None and stored.get("state") not in states:
+        return False
+    return since is None or datetime.fromisoformat(stored["updated_at"]) >= since
+
+
+# The events the view folds, and what each one does to the steps. OrderCreated only creates,
+# SlaExceeded only sets the SLA flag.
 STEP_EVENTS: dict[str, Callable[[dict[str, Any]], list[StepChange]]] = {
     "StockReserved": _stock_reserved,
     "StockRejected": _stock_rejected,
     "ConfirmationEmailSent": _email_sent,
     "InvoiceIssued": _invoice_issued,
     "OrderRecorded": _order_recorded,
+    STEP_RETRYING: _failure("retrying"),
+    STEP_DEAD_LETTERED: _failure("dead_lettered"),
 }
-FOLDED_EVENTS: frozenset[str] = frozenset({"OrderCreated", *STEP_EVENTS})
+FOLDED_EVENTS: frozenset[str] = frozenset({"OrderCreated", SLA_EXCEEDED, *STEP_EVENTS})

@@ -1,0 +1,223 @@
+"""The bench's outputs: a rich table on the terminal, a JSON file and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+TARGETS = {
+    # key: (label, target, higher is better)
+    "consumer.sqlite.noop": ("idempotent consumer, SQLite, no-op effect", 20_000, True),
+    "consumer.postgresql.noop": ("idempotent consumer, PostgreSQL, no-op effect", 10_000, True),
+    "e2e.capacity": ("end to end, sustained orders/s", 500, True),
+    "e2e.p99": ("end to end p99 placed-to-COMPLETED at the offered load", 1.0, False),
+}
+
+
+def rows(result: dict) -> list[dict]:
+    """Every throughput figure with its ceiling: (section, what, per_s, ceiling name, ratio)."""
+    raw = result.get("raw", {})
+    produce, consume = raw.get("produce", {}), raw.get("consume", {})
+    out: list[dict] = []
+
+    def ratio(a, b):
+        return round(a / b, 4) if a and b else None
+
+    def add(section, what, fig, unit, ceiling_name=None, ceiling=None, value=None):
+        ceiling = ceiling or {}
+        value = fig.get("per_s") if value is None else value
+        out.append({"section": section, "what": what, "value": value, "unit": unit, "vs": ceiling_name or "",
+                    "ratio": ratio(value, ceiling.get("per_s")), "per_cpu_s": fig.get("per_cpu_s"),
+                    "cpu_ratio": ratio(fig.get("per_cpu_s"), ceiling.get("per_cpu_s"))})
+
+    if produce:
+        add("a", "raw produce (confluent-kafka)", produce, "msg/s")
+    if consume:
+        add("a", "raw consume (confluent-kafka)", consume, "msg/s")
+    for db, fig in result.get("relay", {}).items():
+        if "per_s" in fig:
+            add("b", f"outbox relay, {db}", fig, "rows/s", "raw produce", produce)
+    for db, cases in result.get("consumer", {}).items():
+        for effect, fig in cases.items():
+            if "per_s" in fig:
+                add("c", f"idempotent consumer, {db}, {effect}", fig, "events/s", "raw consume", consume)
+    for db, cases in result.get("naive", {}).items():
+        for effect, fig in cases.items():
+            if "per_s" in fig:
+                add("e", f"naive (1 tx + 1 commit per msg), {db}, {effect}", fig, "events/s", "raw consume", consume)
+    cap = result.get("e2e", {}).get("capacity", {})
+    if cap:
+        add("d", "end to end, POST accepted", {}, "orders/s", "raw produce", produce, cap["post_per_s"])
+        add("d", "end to end, POST to COMPLETED (whole run)", {}, "orders/s", "raw produce", produce,
+            cap["completed_per_s"])
+        add("d", "end to end, POST to COMPLETED (sustained)", {}, "orders/s", "raw produce", produce,
+            cap["sustained_per_s"])
+    return out
+
+
+def targets(result: dict) -> list[dict]:
+    out = []
+    consumer = result.get("consumer", {})
+    e2e = result.get("e2e", {})
+    values = {
+        "consumer.sqlite.noop": consumer.get("sqlite", {}).get("noop", {}).get("per_s"),
+        "consumer.postgresql.noop": consumer.get("postgresql", {}).get("noop", {}).get("per_s"),
+        "e2e.capacity": e2e.get("capacity", {}).get("sustained_per_s"),
+        "e2e.p99": e2e.get("latency", {}).get("p99_s"),
+    }
+    for key, (label, target, higher) in TARGETS.items():
+        value = values[key]
+        met = None if value is None else (value >= target if higher else value <= target)
+        note = ""
+        if key == "e2e.p99" and e2e.get("latency"):
+            note = f"at {e2e['latency']['offered_per_s']:g} orders/s offered"
+            if e2e["latency"].get("overloaded"):
+                note += " (above the measured capacity)"
+        out.append({"key": key, "label": label, "target": target, "value": value, "met": met, "note": note})
+    return out
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value < 100:
+        return f"{value:,.2f}"
+    return f"{value:,.0f}"
+
+
+def print_report(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    meta = result["meta"]
+    table = Table(title=f"orderpipe bench ({meta['profile']}) - {meta['machine']['cpus']} CPUs, "
+                        f"load avg at start {meta['machine']['load_avg']}")
+    for col, justify in (("", "left"), ("figure", "left"), ("per second", "right"), ("unit", "left"),
+                         ("ratio to raw", "right"), ("per CPU-second", "right"), ("CPU ratio", "right"),
+                         ("vs", "left")):
+        table.add_column(col, justify=justify)
+    for r in result["rows"]:
+        pct = lambda x: f"{x:.1%}" if x is not None else ""  # noqa: E731
+        table.add_row(r["section"], r["what"], _fmt(r["value"]), r["unit"], pct(r["ratio"]),
+                      _fmt(r.get("per_cpu_s")), pct(r.get("cpu_ratio")), r["vs"])
+    console.print(table)
+
+    for key in ("latency", "latency_sustainable"):
+        lat = result.get("e2e", {}).get(key)
+        if lat:
+            console.print(
+                f"end-to-end latency at {lat['offered_per_s']:g} orders/s offered for {lat['seconds']:g} s "
+                f"({lat['orders']} orders, {lat['incomplete']} incomplete"
+                f"{', ABOVE CAPACITY: measures the backlog' if lat.get('overloaded') else ''}): "
+                f"p50 {lat['p50_s']:.3f} s, p95 {lat['p95_s']:.3f} s, p99 {lat['p99_s']:.3f} s, "
+                f"max {lat['max_s']:.3f} s; POST p50 {lat['post_p50_s'] * 1000:.1f} ms")
+    cap = result.get("e2e", {}).get("capacity")
+    if cap:
+        console.print("where the CPU goes (capacity phase, CPU ms per completed order): " + ", ".join(
+            f"{name} {ms:.1f}" for name, ms in cap["cpu_ms_per_order"].items()))
+    mem = result.get("e2e", {}).get("memory", {}).get("per_process")
+    if mem:
+        mt = Table(title="memory per process (end-to-end run)")
+        for col in ("process", "peak RSS MB", "growth MB (last vs middle third)", "slope MB/min", "restarts",
+                    "verdict"):
+            mt.add_column(col)
+        for name, m in sorted(mem.items()):
+            g = m["latency_phase"]
+            mt.add_row(name, f"{m['peak_rss_mb']:.0f}", _fmt(g.get("growth_mb")), _fmt(g.get("slope_mb_per_min")),
+                       str(m["restarts"]), m["verdict"])
+        console.print(mt)
+    for d, cases in result.get("naive", {}).items():
+        noop = cases.get("noop", {}).get("per_s")
+        batched = result.get("consumer", {}).get(d, {}).get("noop", {}).get("per_s")
+        if noop and batched:
+            console.print(f"batching buys x{batched / noop:.1f} on {d} (no-op effect)")
+    rec = result.get("recovery")
+    if rec:
+        if rec.get("available"):
+            console.print(
+                f"order-status view, {rec['orders']:,} orders: folded at {rec['fold']['events_per_s']:,.0f} events/s; "
+                f"after a crash answers every order again in {rec['memory_store']['complete_s']:.1f} s "
+                f"(memory:// store, full changelog replay) / {rec['rocksdb_restart']['complete_s']:.1f} s "
+                f"(restart on its RocksDB store)")
+        else:
+            console.print(f"order-status recovery ({rec['orders']:,} orders): {rec['reason']}")
+    tt = Table(title="targets")
+    for col in ("target", "goal", "measured", "met"):
+        tt.add_column(col)
+    for t in result["targets"]:
+        goal = f"{'>=' if TARGETS[t['key']][2] else '<='} {_fmt(t['target'])}"
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "not measured"}[t["met"]]
+        tt.add_row(f"{t['label']} {t['note']}".strip(), goal, _fmt(t["value"]), met)
+    console.print(tt)
+    for skipped in result.get("skipped", []):
+        console.print(f"[yellow]skipped:[/] {skipped}")
+    console.print(f"machine: {meta['machine_note']}")
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def write_chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tput = [r for r in result["rows"] if r["value"]]
+    mem = result.get("e2e", {}).get("memory", {})
+    lat = result.get("e2e", {}).get("latency")
+    fig, axes = plt.subplots(1, 3, figsize=(20, 7), gridspec_kw={"width_ratios": [2.2, 0.8, 1.4]})
+
+    ax = axes[0]
+    colors = {"a": "#555555", "b": "#1f77b4", "c": "#2ca02c", "d": "#d62728", "e": "#ff7f0e"}
+    labels = [r["what"] + (f"  ({r['ratio']:.1%} of raw)" if r["ratio"] else "") for r in tput]
+    ax.barh(range(len(tput)), [r["value"] for r in tput], color=[colors[r["section"]] for r in tput])
+    ax.set_yticks(range(len(tput)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("per second (log scale)")
+    for i, r in enumerate(tput):
+        ax.text(r["value"], i, f" {r['value']:,.0f}", va="center", fontsize=7)
+    ax.set_title("throughput: (a) raw client, (b) relay, (c) idempotent consumer, (e) naive, (d) end to end",
+                 fontsize=9)
+
+    ax = axes[1]
+    if lat:
+        e2e = result.get("e2e", {})
+        runs = {f"shipped, {lat['offered_per_s']:g}/s": lat}
+        if e2e.get("latency_sustainable"):
+            runs[f"shipped, {e2e['latency_sustainable']['offered_per_s']:g}/s"] = e2e["latency_sustainable"]
+        names = ["p50", "p95", "p99", "max"]
+        width = 0.8 / len(runs)
+        for j, (run, l) in enumerate(runs.items()):
+            vals = [l["p50_s"], l["p95_s"], l["p99_s"], l["max_s"]]
+            xs = [i + j * width for i in range(len(names))]
+            ax.bar(xs, vals, width=width, label=run)
+            for x, v in zip(xs, vals):
+                ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(names))], names)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label="target p99 1 s")
+        ax.legend(fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title("placed-to-COMPLETED latency (s, log scale) at the offered load", fontsize=9)
+
+    ax = axes[2]
+    for name, series in sorted(mem.get("samples", {}).items()):
+        if series:
+            ax.plot([t for t, _ in series], [mb for _, mb in series], label=name, linewidth=1)
+    for mark, t in mem.get("marks", {}).items():
+        ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
+        ax.text(t, ax.get_ylim()[1] if ax.lines else 0, mark.replace("_", " "), rotation=90, fontsize=6,
+                va="top", color="grey")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS MB")
+    ax.set_title("RSS per process during the end-to-end run", fontsize=9)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    meta = result["meta"]
+    fig.suptitle(f"orderpipe bench {meta['started_at']} ({meta['profile']}): {meta['machine_note']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

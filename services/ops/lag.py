@@ -1,0 +1,99 @@
+"""Consumer lag per group and partition, and message counts per topic.
+
+End offsets come from `broker.watermarks`, which is right on the embedded broker too (its
+ListOffsets answer can fall short of the end). For a group's input and retry topics the
+committed offset is the group's own; for its dead-letter topic it is the handled offset of
+`orderpipe-dlt` (handled.py), so the lag there is the number of dead letters nobody has
+replayed, parked or purged yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from services.ops.audit import AuditLog
+from services.ops.broker import OPS_GROUP, OpsKafka, TopicPart, watermarks
+from services.ops.handled import HandledState
+from services.runtime.topology import ConsumerGroup, TopicSpec
+
+
+@dataclass(frozen=True)
+class LagRow:
+    group: str  # the consumer group whose position this is
+    owner: str  # the service group the topic belongs to
+    topic: str
+    kind: str  # "input" | "retry" | "dead letters"
+    partition: int
+    committed: int | None  # None: nothing committed yet
+    low: int
+    end: int
+    lag: int
+
+    def as_dict(self) -> dict:
+        return {"group": self.group, "owner": self.owner, "topic": self.topic, "kind": self.kind,
+                "partition": self.partition, "committed": self.committed, "low": self.low, "end": self.end,
+                "lag": self.lag}
+
+
+def _topics_of(g: ConsumerGroup) -> list[tuple[str, str]]:
+    out = []
+    for source in g.inputs:
+        out.append((source, "input"))
+        out += [(t, "retry") for t in g.retry_topics(source)]
+        out.append((g.dlt_topic(source), "dead letters"))
+    return out
+
+
+def consumer_lag(kafka: OpsKafka, audit: AuditLog, groups: Iterable[ConsumerGroup]) -> list[LagRow]:
+    groups = list(groups)
+    metadata = kafka.topics()
+    layout = {g.name: [(t, kind, p) for t, kind in _topics_of(g) for p in kafka.partitions(t, metadata)]
+              for g in groups}
+    marks = watermarks(kafka.consumer(), [(t, p) for rows in layout.values() for t, _, p in rows], kafka.timeout)
+    dlt_parts = [(t, p) for rows in layout.values() for t, kind, p in rows if kind == "dead letters"]
+    records = audit.read(metadata) if audit.topic in metadata else []
+    handled = HandledState.load(kafka.committed(OPS_GROUP, dlt_parts), records)
+    out = []
+    for g in groups:
+        committed = kafka.committed(g.name, [(t, p) for t, kind, p in layout[g.name] if kind != "dead letters"])
+        for topic, kind, p in layout[g.name]:
+            key: TopicPart = (topic, p)
+            low, end = marks[key]
+            if kind == "dead letters":
+                handled.raise_floor(key, low)
+                position = handled.offset(key) if key in handled.committed else None
+                lag = end - low - handled.handled_between(key, low, end)
+                out.append(LagRow(OPS_GROUP, g.name, topic, kind, p, position, low, end, lag))
+            else:
+                position = committed.get(key)
+                lag = end - max(low, position if position is not None else low)
+                out.append(LagRow(g.name, g.name, topic, kind, p, position, low, end, max(0, lag)))
+    return out
+
+
+@dataclass(frozen=True)
+class TopicCount:
+    spec: TopicSpec
+    partitions: int | None  # on the broker; None: the topic does not exist there
+    messages: int | None  # retained offsets (end - low), summed over partitions
+
+    @property
+    def exists(self) -> bool:
+        return self.partitions is not None
+
+
+def topic_counts(kafka: OpsKafka, specs: Iterable[TopicSpec]) -> list[TopicCount]:
+    specs = list(specs)
+    metadata = kafka.topics()
+    present = {s.name: sorted(metadata[s.name].partitions) for s in specs
+               if s.name in metadata and metadata[s.name].error is None}
+    marks = watermarks(kafka.consumer(), [(t, p) for t, parts in present.items() for p in parts], kafka.timeout)
+    out = []
+    for s in specs:
+        if s.name not in present:
+            out.append(TopicCount(s, None, None))
+            continue
+        parts = present[s.name]
+        out.append(TopicCount(s, len(parts), sum(marks[(s.name, p)][1] - marks[(s.name, p)][0] for p in parts)))
+    return out

@@ -1,0 +1,133 @@
+"""Faust's Kafka transport with two fixes that table recovery depends on.
+
+1. Changelog end offsets checked against a fetch.
+
+Faust restores a table by reading its changelog up to the "highwater" it gets from ListOffsets
+(latest). The embedded broker (Tansu) answers that with the last *batch's* base offset + 1
+instead of the last offset + 1, so a restore stops at the first record of the last batch and
+the rest of that batch is never applied: a memory:// worker restarted on a changelog whose
+last batch held 20 records came back with 19 orders in an older state (reproduced in
+tests/integration/test_order_status_stream.py).
+
+A Fetch response carries the partition's high watermark too, and there it is right. So every
+end offset Faust asks for is also read from one small fetch of the partition's last batch, and
+the larger of the two is used. On Apache Kafka both agree and the fetch only costs a round
+trip per recovery. Nothing here depends on Tansu: it is plain Kafka protocol.
+
+2. A producer flush that really flushes the table's writes.
+A table write (`table[key] = value`) queues its changelog record in Faust's ProducerBuffer,
+and the consumer commits input offsets after `producer.flush()`. But the buffer's flush
+returns as soon as one queued record takes more than 0.1 s to be handed to aiokafka, so under
+load offsets were committed for inputs whose changelog records were still queued; a SIGKILL
+then lost those records for good (the inputs are never read again): a memory:// worker came
+back with orders stuck half-way, a RocksDB one with a changelog missing what its store holds.
+`DrainingBuffer.flush` waits until the queue is empty and nothing is between queue and aiokafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.producer import ProducerBuffer
+from faust.types import TP
+from faust.types.tuples import FutureMessage
+
+log = logging.getLogger("orderpipe.order_status")
+
+
+async def fetched_end_offsets(bootstrap_servers: str, listed: Mapping[Any, int], timeout: float = 10.0,
+                              **client_settings: Any) -> dict[Any, int]:
+    """For each partition (anything with .topic and .partition) with a listed end offset > 0,
+    the high watermark of a Fetch of its last batch, if larger; the listed offset otherwise.
+    `client_settings` go to the AIOKafkaConsumer (security_protocol, ssl_context, sasl_*)."""
+    result = dict(listed)
+    wanted = {TopicPartition(tp.topic, tp.partition): tp for tp, end in listed.items() if end and end > 0}
+    if not wanted:
+        return result
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                **client_settings)
+    await consumer.start()
+    try:
+        consumer.assign(list(wanted))
+        for tp, original in wanted.items():
+            consumer.seek(tp, listed[original] - 1)  # inside the last batch, whichever broker
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Every fetch response sets the partition's high watermark, with or without records.
+        while (pending := [tp for tp in wanted if consumer.highwater(tp) is None]) and loop.time() < deadline:
+            await consumer.getmany(*pending, timeout_ms=500)
+        if pending:
+            raise TimeoutError(f"no fetch answer within {timeout:g}s for {', '.join(map(str, pending))}")
+        for tp, original in wanted.items():
+            watermark = consumer.highwater(tp)
+            if watermark > result[original]:
+                log.info("end offset of %s:%s is %s by fetch, %s by ListOffsets; using the fetch",
+                         tp.topic, tp.partition, watermark, result[original])
+                result[original] = watermark
+    finally:
+        await consumer.stop()
+    return result
+
+
+class Consumer(faust_aiokafka.Consumer):
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        listed = await super().highwaters(*partitions)
+        conf = self.app.conf  # the same TLS / SASL settings as Faust's own clients
+        auth = faust_aiokafka.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context)
+        return await fetched_end_offsets(_bootstrap(self.transport.url), listed, **auth)
+
+
+class DrainingBuffer(ProducerBuffer):
+    in_flight = 0  # taken off the queue, not yet handed to aiokafka
+    flush_timeout_s = 120.0
+
+    async def _send_pending(self, fut: FutureMessage) -> None:
+        self.in_flight += 1  # no await between the queue's get() and here
+        try:
+            await super()._send_pending(fut)
+        finally:
+            self.in_flight -= 1
+
+    async def flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.flush_timeout_s
+        while self.size or self.in_flight:
+            if loop.time() > deadline:
+                # Better no commit (the inputs are read again) than one for unwritten changes.
+                raise TimeoutError(f"{self.size + self.in_flight} changelog records not sent after "
+                                   f"{self.flush_timeout_s:g}s")
+            self.message_sent.clear()
+            try:
+                await asyncio.wait_for(self.message_sent.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                log.warning("still flushing %s changelog records", self.size + self.in_flight)
+
+
+class Producer(faust_aiokafka.Producer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.app.conf.producer_threaded:  # the threaded producer drains its own queue
+            self.buffer = DrainingBuffer(loop=self.loop, beacon=self.beacon)
+            self.buffer.app = self.app
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer = Consumer
+    Producer = Producer
+
+
+def _bootstrap(urls: Iterable[Any]) -> str:
+    return ",".join(f"{u.host}:{u.port or 9092}" for u in urls)
+
+
+def install(app: Any) -> None:
+    """Make `app` use this transport for its consumer and its producer. Call it right after
+    creating the app, before anything touches `app.consumer` or `app.producer`."""
+    app.transport = Transport(app.conf.broker_consumer, app)
+    app.producer_transport = Transport(app.conf.broker_producer, app)

@@ -1,0 +1,531 @@
+"""Crash harness: run the whole pipeline, SIGKILL its workers while orders flow, check every outcome.
+
+Used by `tests/e2e/test_crash.py` (a few hundred orders in `make test`) and by `make chaos`
+(the same run, longer: more orders, more kills). The size comes from the environment:
+
+    ORDERPIPE_CHAOS_ORDERS   orders to place                       (default 300)
+    ORDERPIPE_CHAOS_KILLS    SIGKILLs per process                  (default 3)
+    ORDERPIPE_CHAOS_RATE     orders placed per second              (default 15)
+    ORDERPIPE_CHAOS_SEED     seed of the orders and kill schedule  (default 20261123)
+
+How a run goes (everything in the main thread: the supervisor's children get a parent-death
+signal tied to the thread that spawned them, so restarts must come from a long-lived thread):
+1. the stack starts (`services.cli.stack.Stack`: broker, SMTP sink, orders API and relay, the
+   four consumer services, the order-status view), each on its own database;
+2. orders are placed through the HTTP API at a steady rate;
+3. the victims (orders relay, inventory, email, invoice, analytics) are SIGKILLed at random
+   times from the seeded schedule, and each kill waits until the victim's current incarnation
+   has made progress, so it lands on a working process rather than one still starting. E-mail
+   kills prefer (for up to 3 s) a moment when a mail was accepted by the SMTP sink but its row
+   is not committed, relay kills one with rows not yet marked published; the supervisor
+   restarts every victim (its auto-restart, with its backoff);
+4. when the databases say every order went through every step, the order-status view must show
+   every order final; then `check_outcomes` looks at the effects themselves.
+
+The schedule is seeded, so a run is repeatable in what it does; when a kill lands relative to
+the work in flight is genuinely random (it depends on timing).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from email.parser import BytesParser
+from email.policy import default as default_policy
+from pathlib import Path
+
+import httpx
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from sqlalchemy import MetaData, create_engine, func, select, text
+from sqlalchemy.engine import Engine
+
+from services.analytics.tables import per_minute, per_sku
+from services.cli.demo import FINAL_STATES, SampleOrder, sample_orders
+from services.cli.stack import Stack, StackInfo
+from services.email.mailer import message_id_for
+from services.email.tables import sent_emails
+from services.inventory.tables import reservations, stock
+from services.invoice.tables import invoices
+from services.orders.tables import orders as orders_table
+from services.orders.tables import outbox as orders_outbox
+from services.runtime.db import inbox_table, make_engine
+from services.runtime.settings import SERVICES, Settings
+from services.runtime.topology import (
+    ANALYTICS_RECORDED, EMAIL_SENT, INVOICES_ISSUED, ORDERS_CREATED, STOCK_REJECTED, STOCK_RESERVED,
+)
+
+VICTIMS = ("orders-relay", "inventory", "email", "invoice", "analytics")
+CONSUMERS = ("inventory", "email", "invoice", "analytics")
+INBOX = inbox_table(MetaData())  # the runtime's inbox table, for reading only
+
+# Short group timeouts: a SIGKILLed consumer never leaves its group, so its partitions wait for
+# the session timeout and the rebalance. Batches stay small enough for the poll interval
+# (100 invoice PDFs took longer than 6 s on a loaded 2-core machine).
+STACK_ENV = {
+    "ORDERPIPE_SESSION_TIMEOUT_MS": "3000",
+    "ORDERPIPE_MAX_POLL_INTERVAL_MS": "6000",
+    "ORDERPIPE_CONSUMER_BATCH_SIZE": "50",
+    "ORDERPIPE_RELAY_BATCH_SIZE": "50",
+    "ORDERPIPE_LOG_JSON": "false",
+}
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    orders: int = 300
+    kills_per_process: int = 3
+    rate: float = 15.0
+    seed: int = 20261123
+
+    @classmethod
+    def from_env(cls) -> ChaosPlan:
+        env = os.environ
+        return cls(orders=int(env.get("ORDERPIPE_CHAOS_ORDERS", cls.orders)),
+                   kills_per_process=int(env.get("ORDERPIPE_CHAOS_KILLS", cls.kills_per_process)),
+                   rate=float(env.get("ORDERPIPE_CHAOS_RATE", cls.rate)),
+                   seed=int(env.get("ORDERPIPE_CHAOS_SEED", cls.seed)))
+
+    @property
+    def placing_s(self) -> float:
+        return self.orders / self.rate
+
+    @property
+    def budget_s(self) -> float:
+        """How long the run may take before it counts as stuck (restarts back off up to 5 s)."""
+        return 120 + 2 * self.placing_s + 15 * self.kills_per_process
+
+    @property
+    def timeout_s(self) -> int:
+        return int(self.budget_s + 180)
+
+
+@dataclass
+class Kill:
+    victim: str
+    at_s: float  # since the first order was placed
+    pid: int
+    in_flight: int = 0  # e-mail: mails accepted by the sink, row not committed; relay: unpublished rows
+
+
+@dataclass
+class ChaosReport:
+    plan: ChaosPlan
+    database: str
+    placed: dict[str, SampleOrder] = field(default_factory=dict)
+    final: dict[str, dict] = field(default_factory=dict)
+    kills: list[Kill] = field(default_factory=list)
+    skipped_kills: Counter = field(default_factory=Counter)
+    orphan_mails: set[str] = field(default_factory=set)  # Message-IDs caught between SMTP accept and commit
+    seconds: dict[str, float] = field(default_factory=dict)
+    mails_received: int = 0
+    resent: Counter = field(default_factory=Counter)  # Message-ID -> extra copies at the sink
+    republished: Counter = field(default_factory=Counter)  # topic -> extra copies of an event
+
+    def render(self) -> str:
+        per_victim = Counter(k.victim for k in self.kills)
+        lines = [
+            f"crash run on {self.database}: {len(self.placed)} orders "
+            f"({sum(o.expected == 'FAILED' for o in self.placed.values())} rejected for stock), seed {self.plan.seed}",
+            "  SIGKILLs: " + ", ".join(f"{v} {per_victim[v]}" for v in VICTIMS)
+            + (f" (not fired, work already done: {dict(self.skipped_kills)})" if self.skipped_kills else ""),
+            "  kill times (s) [work in flight]: "
+            + ", ".join(f"{k.victim}@{k.at_s:.1f}" + (f"[{k.in_flight}]" if k.in_flight else "") for k in self.kills),
+            "  events published again by a killed relay (absorbed by the inboxes): "
+            + (", ".join(f"{t} {n}" for t, n in sorted(self.republished.items())) or "none"),
+            f"  e-mail: {self.mails_received} received for {len(self.placed)} orders; "
+            f"{sum(self.resent.values())} resends of {len(self.resent)} Message-IDs, each the same Message-ID "
+            f"as its original; {len(self.orphan_mails)} mails seen accepted-but-uncommitted at a kill, all resent",
+            "  timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()),
+        ]
+        return "\n".join(lines)
+
+
+# -- databases --------------------------------------------------------------------------------
+
+
+@contextmanager
+def service_databases(kind: str, postgres_url: str | None = None) -> Iterator[dict[str, str]]:
+    """`ORDERPIPE_<SERVICE>_DATABASE_URL` for each service: empty for SQLite (files in the data
+    folder), else fresh PostgreSQL databases, dropped afterwards."""
+    if kind == "sqlite":
+        yield {}
+        return
+    admin = make_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    names = {s: f"orderpipe_crash_{s}_{uuid.uuid4().hex[:8]}" for s in SERVICES}
+    try:
+        with admin.connect() as conn:
+            for name in names.values():
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        prefix = postgres_url.rsplit("/", 1)[0]
+        yield {f"ORDERPIPE_{s.upper()}_DATABASE_URL": f"{prefix}/{name}" for s, name in names.items()}
+    finally:
+        with admin.connect() as conn:
+            for name in names.values():
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def settings_with(data_dir: Path, database_env: dict[str, str]) -> Settings:
+    overrides = {k.removeprefix("ORDERPIPE_").lower(): v for k, v in database_env.items()}
+    return Settings(data_dir=data_dir, **overrides)
+
+
+def reader_engine(url: str) -> Engine:
+    """For watching a database from outside without disturbing it. On SQLite a plain engine:
+    the services' engines start every transaction with BEGIN IMMEDIATE (the write lock), which
+    an observer polling several times a second must not take."""
+    if url.startswith("sqlite"):
+        return create_engine(url, connect_args={"timeout": 30})
+    return make_engine(url)
+
+
+class Observer:
+    """Reads the services' databases and the SMTP sink's maildir."""
+
+    def __init__(self, settings: Settings, maildir: Path):
+        self.engines = {s: reader_engine(settings.database_url(s)) for s in SERVICES}
+        self.maildir = maildir
+        self._mail_ids: dict[str, str] = {}  # .eml file name -> Message-ID (files never change)
+        self._parser = BytesParser(policy=default_policy)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.dispose()
+
+    def progress(self) -> dict[str, int]:
+        """A counter per victim that grows when it does work."""
+        out = {}
+        with self.engines["orders"].connect() as conn:
+            out["orders-relay"] = conn.execute(
+                select(func.count()).where(orders_outbox.c.published_at.is_not(None))).scalar_one()
+        for s in CONSUMERS:
+            with self.engines[s].connect() as conn:
+                out[s] = conn.execute(select(func.count()).select_from(INBOX)).scalar_one()
+        return out
+
+    def unpublished_orders(self) -> int:
+        with self.engines["orders"].connect() as conn:
+            return conn.execute(select(func.count()).where(orders_outbox.c.published_at.is_(None))).scalar_one()
+
+    def sent_message_ids(self) -> set[str]:
+        with self.engines["email"].connect() as conn:
+            return set(conn.execute(select(sent_emails.c.message_id)).scalars())
+
+    def mails(self) -> list[str]:
+        """Message-ID of every mail the sink stored, in arrival order (resends included)."""
+        if not self.maildir.is_dir():
+            return []
+        names = sorted(p.name for p in self.maildir.glob("*.eml") if not p.name.startswith("."))
+        for name in names:
+            if name not in self._mail_ids:
+                with open(self.maildir / name, "rb") as fh:
+                    self._mail_ids[name] = self._parser.parse(fh, headersonly=True)["Message-ID"]
+        return [self._mail_ids[n] for n in names]
+
+    def in_flight_mails(self) -> set[str]:
+        """Accepted by the SMTP sink, not (yet) committed in the email database."""
+        return set(self.mails()) - self.sent_message_ids()
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+class CrashRun:
+    def __init__(self, stack: Stack, info: StackInfo, settings: Settings, plan: ChaosPlan, database: str):
+        self.stack = stack
+        self.supervisor = stack.supervisor
+        # Every SIGKILL here is deliberate: restart as often as it takes (the backoff stays).
+        self.supervisor.max_restarts = 10**6
+        self.info = info
+        self.settings = settings
+        self.plan = plan
+        self.rng = random.Random(plan.seed)
+        self.observer = Observer(settings, info.maildir)
+        self.report = ChaosReport(plan, database)
+        self.samples = sample_orders(plan.orders, seed=plan.seed)
+
+    def run(self) -> ChaosReport:
+        try:
+            with httpx.Client(base_url=self.info.api_url, timeout=10) as client:
+                started = time.monotonic()
+                self._place_and_kill(client)
+                self.report.seconds["placing and killing"] = time.monotonic() - started
+                mark = time.monotonic()
+                self._wait_for_final(client)
+                self.report.seconds["until all final"] = time.monotonic() - mark
+        finally:
+            self.observer.close()
+        return self.report
+
+    def _schedule(self) -> dict[str, list[float]]:
+        """Per victim, its kill times (seconds after the first order), uniform over the first three
+        quarters of the placing, so that a kill postponed while its victim restarts still lands
+        while orders flow."""
+        window = (2.0, max(0.75 * self.plan.placing_s, 5.0))
+        return {victim: sorted(self.rng.uniform(*window) for _ in range(self.plan.kills_per_process))
+                for victim in VICTIMS}
+
+    def _work_done(self, progress: dict[str, int]) -> dict[str, bool]:
+        """Per victim: nothing is left for it to do for the orders placed so far."""
+        n = len(self.report.placed)
+        placed_all = n == len(self.samples)
+        done = {s: placed_all and progress[s] >= n for s in ("inventory", "email", "analytics")}
+        done["invoice"] = placed_all and progress["invoice"] >= 2 * n  # each order + its stock decision
+        done["orders-relay"] = placed_all and self.observer.unpublished_orders() == 0
+        return done
+
+    def _place_and_kill(self, client: httpx.Client) -> None:
+        schedule = self._schedule()
+        started = time.monotonic()
+        deadline = started + self.plan.budget_s
+        baseline = self.observer.progress()  # where each victim's current incarnation started
+        progress, done, last_look = baseline, self._work_done(baseline), 0.0
+        waiting_since: dict[str, float] = {}
+        samples = iter(self.samples)
+        while True:
+            now = time.monotonic()
+            elapsed = now - started
+            self._poll_supervisor()
+            while len(self.report.placed) < min(len(self.samples), int(elapsed * self.plan.rate) + 1):
+                order = next(samples)
+                r = client.post("/orders", json=order.body)
+                r.raise_for_status()
+                self.report.placed[r.json()["order_id"]] = order
+            if now - last_look >= 0.1:
+                progress, last_look = self.observer.progress(), now
+                done = self._work_done(progress)
+            running = self.supervisor.pids()
+            for victim, times in schedule.items():
+                if not times or times[0] > elapsed:
+                    continue
+                if done[victim]:
+                    times.pop(0)
+                    self.report.skipped_kills[victim] += 1
+                    continue
+                if victim not in running or progress[victim] <= baseline[victim]:
+                    continue  # restarting, or not working yet: the kill waits for it
+                # Prefer (for up to 3 s) a moment with work in flight: for e-mail, a mail accepted by
+                # the sink whose row is not committed; for the relay, rows not marked published.
+                in_flight = 0
+                if victim in ("email", "orders-relay"):
+                    waiting_since.setdefault(victim, now)
+                    in_flight = (len(self.observer.in_flight_mails()) if victim == "email"
+                                 else self.observer.unpublished_orders())
+                    if not in_flight and now - waiting_since[victim] < 3.0:
+                        continue
+                    del waiting_since[victim]
+                times.pop(0)
+                self._kill(victim, elapsed, in_flight)
+                baseline[victim] = self.observer.progress()[victim]
+            if (not any(schedule.values()) and all(done.values())
+                    and set(VICTIMS) <= set(self.supervisor.pids())):
+                return
+            if now > deadline:
+                raise AssertionError(f"crash run stuck after {self.plan.budget_s:.0f} s: progress {progress}, "
+                                     f"placed {len(self.report.placed)}, kills left {schedule}, "
+                                     f"running {sorted(self.supervisor.pids())}; logs in {self.info.log_dir}")
+            time.sleep(0.02)
+
+    def _kill(self, victim: str, elapsed: float, in_flight: int) -> None:
+        pid = self.supervisor.pids()[victim]
+        self.supervisor.kill(victim)
+        self.report.kills.append(Kill(victim, elapsed, pid, in_flight))
+        while victim in self.supervisor.pids():  # reaped: it can no longer commit anything
+            time.sleep(0.01)
+        if victim == "email":
+            # What the sink accepted and the database never got: these must be sent again, with
+            # the same Message-ID. (A moment first: a PostgreSQL backend may finish a COMMIT it
+            # received just before its client died.)
+            time.sleep(0.3)
+            self.report.orphan_mails |= self.observer.in_flight_mails()
+
+    def _poll_supervisor(self) -> None:
+        dead = self.supervisor.poll()
+        if dead:
+            raise AssertionError(f"supervisor gave up on {dead}; logs in {self.info.log_dir}")
+
+    def _wait_for_final(self, client: httpx.Client) -> None:
+        """Every order as the order-status view shows it through the orders API, once final (the
+        databases are done by now; the view may still be catching up)."""
+        deadline = time.monotonic() + max(120.0, 0.1 * len(self.report.placed))
+        pending = list(self.report.placed)
+
+        def ask(order_id: str) -> dict:
+            return client.get(f"/orders/{order_id}").json()
+
+        with ThreadPoolExecutor(8) as pool:
+            while pending and time.monotonic() < deadline:
+                self._poll_supervisor()
+                for order_id, view in zip(list(pending), pool.map(ask, list(pending))):
+                    if view.get("state") in FINAL_STATES and all(
+                            s.get("state") != "pending" for s in view.get("steps", {}).values()):
+                        self.report.final[order_id] = view
+                        pending.remove(order_id)
+                if pending:
+                    time.sleep(0.5)
+            for order_id, view in zip(pending, pool.map(ask, pending)):
+                self.report.final[order_id] = view
+
+
+def read_events(bootstrap: str, expected: dict[str, int], idle_s: float = 2.0) -> dict[str, dict[str, Counter]]:
+    """Per topic: order id -> Counter of event ids, read until each topic shows `expected`
+    distinct event ids and then `idle_s` with nothing new (end offsets are not used: the embedded
+    broker's ListOffsets is unreliable)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"crash-reader-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed", "log_level": 0})
+    out: dict[str, dict[str, Counter]] = {t: defaultdict(Counter) for t in expected}
+    distinct: Counter = Counter()
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING)
+                         for t in expected for p in metadata.topics[t].partitions])
+        last_new, deadline = time.monotonic(), time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                any(distinct[t] < n for t, n in expected.items()) or time.monotonic() - last_new < idle_s):
+            for m in consumer.consume(500, 0.2):
+                if m.error():
+                    continue
+                event_id = dict(m.headers() or ())["event_id"].decode()
+                per_order = out[m.topic()][m.key().decode()]
+                distinct[m.topic()] += event_id not in per_order
+                per_order[event_id] += 1
+                last_new = time.monotonic()
+    finally:
+        consumer.close()
+    return out
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+
+def check_outcomes(report: ChaosReport, settings: Settings, info: StackInfo) -> None:
+    placed = report.placed
+    reserved = {oid for oid, order in placed.items() if order.expected == "COMPLETED"}
+    rejected = set(placed) - reserved
+    assert rejected and reserved, "the sample must have orders of both kinds"
+
+    wrong = {oid: (placed[oid].expected, view.get("state")) for oid, view in report.final.items()
+             if view.get("state") != placed[oid].expected}
+    assert not wrong, f"{len(wrong)} orders did not reach their final state (expected, got): {list(wrong.items())[:5]}"
+    for oid in rejected:
+        assert "SKU-OUT" in report.final[oid]["reason"]
+        assert report.final[oid]["steps"]["invoice"]["state"] == "skipped"
+
+    engines = {s: reader_engine(settings.database_url(s)) for s in SERVICES}
+    try:
+        _check_orders(engines["orders"], placed)
+        _check_stock(engines["inventory"], settings, placed, reserved)
+        _check_invoices(engines["invoice"], info.data_dir, reserved)
+        _check_emails(engines["email"], engines["orders"], info.maildir, placed, report)
+        _check_analytics(engines["analytics"], placed)
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+    _check_events(info.bootstrap_servers, report, reserved, rejected)
+    _check_no_unplanned_exits(info.log_dir)
+
+
+def _check_orders(engine: Engine, placed) -> None:
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(orders_table)).scalar_one() == len(placed)
+        assert conn.execute(select(func.count()).where(orders_outbox.c.published_at.is_(None))).scalar_one() == 0
+
+
+def _quantities(bodies) -> Counter:
+    wanted: Counter = Counter()
+    for body in bodies:
+        for line in body["lines"]:
+            wanted[line["sku"]] += line["quantity"]
+    return wanted
+
+
+def _check_stock(engine: Engine, settings: Settings, placed, reserved: set[str]) -> None:
+    wanted = _quantities(placed[oid].body for oid in reserved)
+    with engine.connect() as conn:
+        levels = {row.sku: row for row in conn.execute(select(stock))}
+        by_order = {r.order_id for r in conn.execute(select(reservations.c.order_id))}
+    assert by_order == reserved, "reservations exist for exactly the reserved orders"
+    for sku, row in levels.items():
+        initial = settings.initial_stock if sku != "SKU-OUT" else 0
+        assert (row.available, row.reserved) == (initial - wanted.get(sku, 0), wanted.get(sku, 0)), \
+            f"{sku}: stock must be initial minus the reserved quantities"
+
+
+def _check_invoices(engine: Engine, data_dir: Path, reserved: set[str]) -> None:
+    with engine.connect() as conn:
+        rows = conn.execute(select(invoices).order_by(invoices.c.number)).all()
+    assert sorted(r.order_id for r in rows) == sorted(reserved), "exactly one invoice per reserved order, none else"
+    assert [r.number for r in rows] == list(range(1, len(reserved) + 1)), "invoice numbers are gapless"
+    for r in rows:
+        assert (data_dir / "invoices" / r.pdf_path).read_bytes().startswith(b"%PDF")
+
+
+def _check_emails(email: Engine, orders: Engine, maildir: Path, placed, report: ChaosReport) -> None:
+    with email.connect() as conn:
+        rows = conn.execute(select(sent_emails)).all()
+    with orders.connect() as conn:  # the OrderCreated event id per order (published rows are kept 24 h)
+        event_ids = dict(conn.execute(select(orders_outbox.c.aggregateid, orders_outbox.c.id)).all())
+    assert sorted(r.order_id for r in rows) == sorted(placed), "one sent_emails row per order"
+    for r in rows:
+        assert r.message_id == message_id_for(event_ids[r.order_id]), "Message-ID derived from the event id"
+        assert r.recipient == placed[r.order_id].body["customer_email"]
+
+    parser = BytesParser(policy=default_policy)
+    received: dict[str, list] = defaultdict(list)
+    for path in sorted(p for p in maildir.glob("*.eml") if not p.name.startswith(".")):
+        msg = parser.parsebytes(path.read_bytes(), headersonly=True)
+        received[msg["Message-ID"]].append((msg["To"], msg["Subject"]))
+    assert set(received) == {r.message_id for r in rows}, "one e-mail per order by Message-ID at the sink"
+    by_id = {r.message_id: r for r in rows}
+    for message_id, copies in received.items():
+        assert len(set(copies)) == 1, f"copies of {message_id} differ: {copies}"
+        assert copies[0][0] == by_id[message_id].recipient
+    report.mails_received = sum(len(c) for c in received.values())
+    report.resent = Counter({mid: len(c) - 1 for mid, c in received.items() if len(c) > 1})
+    missed = {mid for mid in report.orphan_mails if len(received[mid]) < 2}
+    assert not missed, f"mails accepted before a crash but not committed were not resent: {sorted(missed)[:3]}"
+
+
+def _check_analytics(engine: Engine, placed) -> None:
+    bodies = [order.body for order in placed.values()]
+    with engine.connect() as conn:
+        orders, units, revenue = conn.execute(
+            select(func.sum(per_minute.c.orders), func.sum(per_minute.c.units), func.sum(per_minute.c.revenue))).one()
+        sku_units = dict(conn.execute(select(per_sku.c.sku, per_sku.c.units)).all())
+    assert orders == len(placed), "analytics counts every order once"
+    assert units == sum(line["quantity"] for b in bodies for line in b["lines"])
+    lines = [line for b in bodies for line in b["lines"]]
+    assert Decimal(revenue) == sum(Decimal(line["unit_price"]) * line["quantity"] for line in lines)
+    assert sku_units == dict(_quantities(bodies))
+
+
+def _check_events(bootstrap: str, report: ChaosReport, reserved: set[str], rejected: set[str]) -> None:
+    """Each step emitted its event once per order. A step done twice would emit a second event
+    with a new event id; a relay killed between the broker's ack and its commit republishes the
+    same event id, which is allowed (the inboxes absorb it) and counted."""
+    everyone = reserved | rejected
+    expected = {ORDERS_CREATED: everyone, STOCK_RESERVED: reserved, STOCK_REJECTED: rejected, EMAIL_SENT: everyone,
+                INVOICES_ISSUED: reserved, ANALYTICS_RECORDED: everyone}
+    events = read_events(bootstrap, {topic: len(orders) for topic, orders in expected.items()})
+    for topic, orders in expected.items():
+        assert set(events[topic]) == orders, f"{topic}: an event for exactly the expected orders"
+        twice = {oid: dict(ids) for oid, ids in events[topic].items() if len(ids) != 1}
+        assert not twice, f"{topic}: a step emitted more than one event for an order: {list(twice.items())[:3]}"
+        report.republished[topic] = sum(n - 1 for ids in events[topic].values() for n in ids.values())
+
+
+def _check_no_unplanned_exits(log_dir: Path) -> None:
+    """Every exit the supervisor logged was one of our SIGKILLs: no process crashed by itself."""
+    exits = re.compile(r"--- supervisor \S+: pid \d+ exited with (.+)")
+    unplanned = [f"{log.stem}: {m.group(1)}" for log in sorted(log_dir.glob("*.log"))
+                 for m in exits.finditer(log.read_text(errors="replace")) if m.group(1) != "signal SIGKILL"]
+    assert not unplanned, f"processes exited on their own: {unplanned}"

@@ -1,0 +1,181 @@
+"""Health, readiness, metrics and message logs of a consumer service process, on the session's
+broker: `run_service` (what `orderpipe run <service>` runs) with a small handler on a private
+group, its health server on a free port."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import MetaData
+
+from conftest import settings_for
+from services.runtime.broker import free_port
+from services.runtime.codec import Codec, EmbeddedRegistry
+from services.runtime.consumer import Service, UnitOfWork
+from services.runtime.envelope import Envelope, new_event_id
+from services.runtime.errors import PermanentError
+from services.runtime.events import OrderCreated, OrderLine
+from services.runtime.health import Health, HealthServer, database_check, kafka_check
+from services.runtime.kafka import make_producer
+from services.runtime.logs import JsonFormatter
+from services.runtime.service_main import run_service
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+CODEC = Codec(EmbeddedRegistry())
+BAD = "order-that-fails"
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric(base_url: str, name: str, **labels: str) -> float | None:
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def fails_for_one_order(event: OrderCreated, uow: UnitOfWork) -> list:
+    if event.order_id.startswith(BAD):
+        raise PermanentError(f"cannot handle {event.order_id}")
+    return []
+
+
+def produce_order(producer, topic: str, order_id: str) -> str:
+    event = OrderCreated(order_id=order_id, customer_id="c-1", customer_email="ada@example.com", currency="EUR",
+                         lines=[OrderLine(sku="SKU-1", quantity=1, unit_price=Decimal("9.90"))], total=Decimal("9.90"),
+                         created_at=datetime.now(UTC).replace(microsecond=0))
+    envelope = Envelope(event_id=new_event_id(), event_type="OrderCreated",
+                        schema_version=OrderCreated.schema_version, correlation_id=order_id)
+    producer.produce(topic, key=order_id.encode(), headers=envelope.to_headers(),
+                     value=CODEC.encode("OrderCreated", event.model_dump(), OrderCreated.schema_version))
+    return envelope.event_id
+
+
+@pytest.fixture
+def running_service(kafka_bootstrap: str, private_group, tmp_path) -> Iterator[tuple[str, object]]:
+    """A consumer service process's insides in a thread: migrations (the analytics database's
+    schema: inbox and outbox), the consumer loop, the relay thread, the health server."""
+    group = private_group(partitions=2, prefix="health")
+    port = free_port()
+    settings = settings_for(kafka_bootstrap, health_port=port,
+                            analytics_database_url=f"sqlite:///{tmp_path / 'analytics.db'}")
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def build(_runtime) -> Service:
+        return Service(group, MetaData(), {OrderCreated: [fails_for_one_order]}, batch_size=50)
+
+    def run() -> None:
+        try:
+            run_service(build, "analytics", settings, stop)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="service-under-test", daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        yield base_url, group
+    finally:
+        stop.set()
+        thread.join(20)
+    assert not thread.is_alive(), "the service did not stop"
+    assert not failed, failed
+
+
+def test_health_readiness_metrics_and_message_logs(running_service, kafka_bootstrap: str, caplog):
+    base_url, group = running_service
+    caplog.set_level(logging.INFO)
+
+    def answers(path: str) -> int | None:
+        try:
+            return httpx.get(base_url + path, timeout=5).status_code
+        except httpx.HTTPError:
+            return None
+
+    assert wait_until(lambda: answers("/healthz") == 200, what="/healthz")
+    ready = httpx.get(f"{base_url}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"kafka": "ok", "database": "ok"}
+
+    producer = make_producer(settings_for(kafka_bootstrap))
+    good = [f"order-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    for order_id in good:
+        produce_order(producer, group.inputs[0], order_id)
+    bad_order = f"{BAD}-{uuid.uuid4().hex[:8]}"
+    bad_event = produce_order(producer, group.inputs[0], bad_order)
+    assert producer.flush(10) == 0
+
+    name = group.name
+    wait_until(lambda: metric(base_url, "orderpipe_messages_processed_total", group=name) == len(good),
+               what="processed counter")
+    wait_until(lambda: metric(base_url, "orderpipe_messages_dead_lettered_total", group=name) == 1,
+               what="dead-lettered counter")
+    assert metric(base_url, "orderpipe_handler_seconds_count", group=name) >= len(good) + 1
+    # librdkafka's statistics (every 5 s) give the lag of each assigned input partition: all done
+    wait_until(lambda: metric(base_url, "orderpipe_consumer_lag", group=name, topic=group.inputs[0]) is not None,
+               timeout=20, what="consumer lag gauge")
+    wait_until(lambda: all(metric(base_url, "orderpipe_consumer_lag", group=name, topic=group.inputs[0],
+                                  partition=str(p)) in (0.0, None) for p in (0, 1)), timeout=20, what="lag 0")
+    assert metric(base_url, "orderpipe_outbox_backlog", service="analytics") == 0
+
+    # Every log line about a message says which order, which event and which group, as JSON.
+    about_bad = [json.loads(JsonFormatter("analytics").format(r)) for r in caplog.records
+                 if getattr(r, "order_id", None) == bad_order]
+    messages = {line["msg"] for line in about_bad}
+    assert "handler failed" in messages, messages
+    for line in about_bad:
+        assert (line["order_id"], line["event_id"], line["group"]) == (bad_order, bad_event, name), line
+        assert line["level"] in ("warning", "error", "info") and line["service"] == "analytics"
+
+
+def test_not_ready_when_the_database_does_not_answer(kafka_bootstrap: str):
+    health = Health({"kafka": kafka_check({"bootstrap.servers": kafka_bootstrap}),
+                     "database": database_check(f"postgresql://orderpipe@127.0.0.1:{free_port()}/nowhere")})
+    with serve(health) as base_url:
+        answer = httpx.get(f"{base_url}/readyz", timeout=10)
+        assert answer.status_code == 503
+        checks = answer.json()["checks"]
+        assert checks["kafka"] == "ok" and checks["database"] != "ok"
+        assert httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200  # alive: no restart for that
+
+
+def test_not_ready_when_the_broker_does_not_answer(tmp_path):
+    health = Health({"kafka": kafka_check({"bootstrap.servers": f"127.0.0.1:{free_port()}"}, timeout_s=1.0),
+                     "database": database_check(f"sqlite:///{tmp_path / 'x.db'}")})
+    with serve(health) as base_url:
+        answer = httpx.get(f"{base_url}/readyz", timeout=10)
+        assert answer.status_code == 503
+        checks = answer.json()["checks"]
+        assert checks["database"] == "ok" and checks["kafka"] != "ok"
+
+
+class serve:
+    def __init__(self, health: Health):
+        self.server = HealthServer(health, "127.0.0.1", 0)
+
+    def __enter__(self) -> str:
+        return self.server.start().url
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop()

@@ -1,0 +1,128 @@
+"""docker-compose.yml, validated offline: no Docker engine runs here (nor in CI), so neither
+`docker compose config` nor a real start can check it. The Compose Specification schema
+(vendored, tests/data/README.md) checks the shape; the other tests check what the schema cannot:
+the wiring between the containers and the code."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from services.cli.main import SERVICE_PROCESSES
+from services.runtime.settings import SERVICES, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())  # resolves the <<: merge keys
+SERVICES_ = COMPOSE["services"]
+# every container running the orderpipe image, one-shot steps included
+ORDERPIPE = {name: s for name, s in SERVICES_.items() if s.get("image") == "orderpipe:dev"}
+LONG_RUNNING = {name: s for name, s in ORDERPIPE.items() if s.get("restart") != "no"}
+ONE_SHOT = {name: s for name, s in ORDERPIPE.items() if s.get("restart") == "no"}
+
+
+def _command(service: dict) -> list[str]:
+    return [*(service.get("entrypoint") or []), *(service.get("command") or [])]
+
+
+def test_matches_the_compose_specification_schema():
+    schema = json.loads((REPO / "tests/data/compose-spec.json").read_text())
+    schema["properties"]["name"] = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft201909Validator(schema).iter_errors(COMPOSE)]
+    assert not errors, "\n".join(errors)
+
+
+def test_the_schema_check_would_catch_a_mistake():
+    schema = json.loads((REPO / "tests/data/compose-spec.json").read_text())
+    broken = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    broken["services"]["inventory"]["healthcheck"]["intervall"] = "5s"
+    assert not jsonschema.Draft201909Validator(schema).is_valid(broken)
+
+
+def test_every_process_runs_in_its_own_container():
+    commands = {tuple(_command(s)) for s in LONG_RUNNING.values()}
+    for process in SERVICE_PROCESSES:
+        assert ("run", process) in commands, f"no container runs `orderpipe run {process}`"
+    assert any(c[:3] == ("python", "-m", "streams.order_status") for c in commands), "no order-status worker"
+    assert ("topics", "create") in {tuple(_command(s)) for s in ONE_SHOT.values()}
+    assert ("db", "upgrade", "all") in {tuple(_command(s)) for s in ONE_SHOT.values()}
+    for infra, image in (("kafka", "apache/kafka:"), ("schema-registry", "confluentinc/cp-schema-registry:"),
+                         ("postgres", "postgres:"), ("mailpit", "axllent/mailpit:"), ("prometheus", "prom/prometheus:")):
+        assert SERVICES_[infra]["image"].startswith(image)
+
+
+def test_kafka_runs_in_kraft_mode():
+    env = SERVICES_["kafka"]["environment"]
+    assert "broker" in env["KAFKA_PROCESS_ROLES"] and "controller" in env["KAFKA_PROCESS_ROLES"]
+    assert "KAFKA_ZOOKEEPER_CONNECT" not in env
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # topics come from the topology
+
+
+@pytest.mark.parametrize("name", sorted(LONG_RUNNING))
+def test_services_are_wired_to_kafka_the_registry_and_health(name: str):
+    service = LONG_RUNNING[name]
+    env = service["environment"]
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert env["SCHEMA_REGISTRY_URL"] == "http://schema-registry:8081"
+    assert "healthcheck" in service, f"{name} has no healthcheck"
+    probe = " ".join(service["healthcheck"]["test"])
+    assert re.search(r"/(readyz|healthz)'", probe), probe
+    if _command(service)[:1] == ["run"] and _command(service)[1] != "orders-api":
+        assert f":{env['ORDERPIPE_HEALTH_PORT']}/readyz" in probe and env["ORDERPIPE_HEALTH_HOST"] == "0.0.0.0"
+    waits_for = service.get("depends_on", {})
+    assert waits_for.get("topics", {}).get("condition") == "service_completed_successfully"
+    if any(k.endswith("_DATABASE_URL") for k in env):
+        assert waits_for["migrate"]["condition"] == "service_completed_successfully"
+        assert env["ORDERPIPE_DB_UPGRADE_ON_START"] == "false"
+
+
+def test_every_orderpipe_setting_in_the_file_exists():
+    """A typo in an ORDERPIPE_ variable would be ignored silently by pydantic-settings."""
+    fields = {f"ORDERPIPE_{f.upper()}" for f in Settings.model_fields}
+    for name, service in ORDERPIPE.items():
+        unknown = {k for k in service.get("environment", {}) if k.startswith("ORDERPIPE_")} - fields
+        assert not unknown, f"{name}: {unknown}"
+
+
+def test_depends_on_names_existing_services():
+    for name, service in SERVICES_.items():
+        for target in service.get("depends_on", {}):
+            assert target in SERVICES_, f"{name} depends on unknown {target}"
+
+
+def test_database_urls_match_the_postgres_init_script():
+    init = (REPO / "deploy/compose/postgres-init.sql").read_text()
+    for service in SERVICES:
+        assert f"CREATE ROLE {service} " in init and f"CREATE DATABASE {service} " in init
+        url = f"postgresql://{service}:{service}@postgres:5432/{service}"
+        key = f"ORDERPIPE_{service.upper()}_DATABASE_URL"
+        assert SERVICES_["migrate"]["environment"][key] == url
+        users = [n for n, s in LONG_RUNNING.items() if s["environment"].get(key)]
+        assert users and all(LONG_RUNNING[n]["environment"][key] == url for n in users)
+
+
+def test_mounted_files_exist():
+    for name, service in SERVICES_.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (REPO / source).is_file(), f"{name} mounts missing {source}"
+
+
+def test_prometheus_scrapes_every_process():
+    config = yaml.safe_load((REPO / "deploy/compose/prometheus.yml").read_text())
+    targets: set[tuple[str, int]] = set()
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            targets |= {(n, sd["port"]) for n in sd["names"]}
+        for static in job.get("static_configs", []):
+            targets |= {(t.split(":")[0], int(t.split(":")[1])) for t in static["targets"]}
+    for name, service in LONG_RUNNING.items():
+        command = _command(service)
+        port = 8000 if command == ["run", "orders-api"] else 6066 if "streams.order_status" in command else 9100
+        assert (name, port) in targets, f"Prometheus does not scrape {name}:{port}"

@@ -1,0 +1,240 @@
+"""The Kubernetes manifests (deploy/k8s), validated offline.
+
+- The generated files (Strimzi KafkaTopics, KEDA ScaledObjects) are what `orderpipe deploy`
+  writes from the topology today: a topology change without regenerating them fails here.
+- Every core resource of the base and the example overlay validates against the Kubernetes
+  OpenAPI schemas shipped in `kubernetes-validate` (strict: unknown fields fail). Strimzi and
+  KEDA resources are custom (no schema there), so they are checked field by field.
+- The overlay is rendered with `kubectl kustomize` where kubectl is installed (it bundles
+  kustomize); everywhere, the kustomizations may name only files that exist.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+
+from services.cli import deploy_cmd
+from services.cli.main import SERVICE_PROCESSES
+from services.runtime.settings import SERVICES, Settings
+from services.runtime.topology import GROUPS, all_topics
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "deploy/k8s/base"
+OVERLAY = REPO / "deploy/k8s/overlays/example"
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
+CUSTOM_KINDS = {"KafkaTopic", "ScaledObject", "TriggerAuthentication"}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+
+
+def _manifest_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+BASE_DOCS = [d for f in _manifest_files(BASE) for d in _docs(f)]
+WORKLOADS = {d["metadata"]["name"]: d for d in BASE_DOCS if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+def _by_kind(kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in BASE_DOCS if d["kind"] == kind}
+
+
+# -- generated from the topology ------------------------------------------------------------------
+
+def test_committed_kafka_topics_match_the_topology():
+    assert (BASE / "kafka-topics.yaml").read_text() == deploy_cmd.kafka_topics_yaml(), \
+        "deploy/k8s/base/kafka-topics.yaml drifted from services/runtime/topology.py: run `orderpipe deploy topics`"
+
+
+def test_committed_scaled_objects_match_the_topology():
+    assert (BASE / "keda-scaledobjects.yaml").read_text() == deploy_cmd.scaled_objects_yaml(), \
+        "deploy/k8s/base/keda-scaledobjects.yaml drifted from services/runtime/topology.py: run `orderpipe deploy scaling`"
+
+
+def test_one_strimzi_kafka_topic_per_declared_topic():
+    topics = _by_kind("KafkaTopic")
+    assert set(topics) == {t.name for t in all_topics()}
+    for spec in all_topics():
+        resource = topics[spec.name]
+        assert resource["apiVersion"] == "kafka.strimzi.io/v1beta2"
+        assert resource["metadata"]["labels"]["strimzi.io/cluster"]
+        body = resource["spec"]
+        assert body["topicName"] == spec.name and body["partitions"] == spec.partitions
+        assert isinstance(body["replicas"], int) and body["config"]["min.insync.replicas"] < body["replicas"]
+        assert body["config"]["cleanup.policy"] == spec.cleanup_policy
+        if spec.cleanup_policy == "delete":
+            assert body["config"]["retention.ms"] == spec.retention_ms
+
+
+def test_one_keda_scaled_object_per_consumer_group_on_its_lag():
+    scaled = _by_kind("ScaledObject")
+    auth = _by_kind("TriggerAuthentication")
+    assert set(scaled) == {g.name for g in GROUPS}
+    partitions = {t.name: t.partitions for t in all_topics()}
+    config = _by_kind("ConfigMap")["orderpipe-config"]["data"]
+    for group in GROUPS:
+        spec = scaled[group.name]["spec"]
+        target = WORKLOADS[spec["scaleTargetRef"]["name"]]
+        assert target["kind"] == "Deployment" and "replicas" not in target["spec"]  # KEDA owns replicas
+        assert target["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", group.name]
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= max(partitions[t] for t in group.inputs)
+        triggers = spec["triggers"]
+        assert sorted(t["metadata"]["topic"] for t in triggers) == sorted(group.inputs)
+        for trigger in triggers:
+            assert trigger["type"] == "kafka"
+            assert trigger["metadata"]["consumerGroup"] == group.name
+            assert trigger["metadata"]["bootstrapServersFromEnv"] in config
+            assert int(trigger["metadata"]["lagThreshold"]) > 0
+            assert trigger["authenticationRef"]["name"] in auth
+
+
+def test_deploy_command_check_mode(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["deploy", "topics", "--check"]).exit_code == 0
+    stale = tmp_path / "topics.yaml"
+    stale.write_text("# old\n")
+    assert runner.invoke(app, ["deploy", "topics", "--check", "-o", str(stale)]).exit_code == 1
+    assert runner.invoke(app, ["deploy", "topics", "-o", str(stale)]).exit_code == 0
+    assert stale.read_text() == deploy_cmd.kafka_topics_yaml()
+
+
+# -- schema validation ----------------------------------------------------------------------------
+
+def _validate(doc: dict) -> str | None:
+    if doc["kind"] in CUSTOM_KINDS:
+        return None
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except SchemaNotFoundError:
+        return f"no schema for {doc['apiVersion']} {doc['kind']}"
+    except kubernetes_validate.ValidationError as exc:
+        return f"{doc['kind']} {doc['metadata'].get('name')}: {str(exc).splitlines()[0]}"
+    return None
+
+
+@pytest.mark.parametrize("path", _manifest_files(BASE) + _manifest_files(OVERLAY), ids=lambda p: p.name)
+def test_manifest_validates_against_the_kubernetes_schemas(path: Path):
+    errors = [e for doc in _docs(path) if "kind" in doc and (e := _validate(doc))]
+    assert not errors, "\n".join(errors)
+
+
+def test_the_validation_catches_a_mistake():
+    broken = yaml.safe_load(yaml.safe_dump(WORKLOADS["inventory"]))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    assert _validate(broken)
+
+
+# -- what the schemas cannot say ------------------------------------------------------------------
+
+def _main_container(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_every_process_has_a_workload():
+    runs = {tuple(_main_container(w).get("args", []))[:2]: name for name, w in WORKLOADS.items()}
+    for process in SERVICE_PROCESSES:
+        assert ("run", process) in runs, f"no workload runs `orderpipe run {process}`"
+    assert _main_container(WORKLOADS["order-status"])["command"] == ["python", "-m", "streams.order_status"]
+    assert WORKLOADS["order-status"]["kind"] == "StatefulSet"  # a RocksDB volume per worker
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_workload_has_probes_resources_and_a_disruption_budget(name: str):
+    workload = WORKLOADS[name]
+    container = _main_container(workload)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] in ports, f"{probe} on an undeclared port"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] in ("/readyz", "/ready")
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    assert workload["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert any(all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+               for pdb in _by_kind("PodDisruptionBudget").values()), f"no PodDisruptionBudget selects {name}"
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) in ports.values()
+
+
+def test_health_port_matches_the_config():
+    config = _by_kind("ConfigMap")["orderpipe-config"]["data"]
+    for name, workload in WORKLOADS.items():
+        ports = {p["name"]: p["containerPort"] for p in _main_container(workload)["ports"]}
+        if "health" in ports:
+            assert ports["health"] == int(config["ORDERPIPE_HEALTH_PORT"]), name
+    assert config["ORDERPIPE_HEALTH_HOST"] == "0.0.0.0"
+
+
+def test_config_names_only_existing_settings():
+    fields = {f"ORDERPIPE_{f.upper()}" for f in Settings.model_fields}
+    for path in (BASE / "config.yaml", OVERLAY / "config.yaml"):
+        data = _docs(path)[0]["data"]
+        assert not {k for k in data if k.startswith("ORDERPIPE_")} - fields, path
+
+
+def test_migration_job_upgrades_every_database():
+    job = _by_kind("Job")["db-migrate"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["db", "upgrade", "all"]
+    assert {e["name"] for e in container["env"]} == {f"ORDERPIPE_{s.upper()}_DATABASE_URL" for s in SERVICES}
+    assert _by_kind("ConfigMap")["orderpipe-config"]["data"]["ORDERPIPE_DB_UPGRADE_ON_START"] == "false"
+
+
+def test_required_secret_keys_are_provided_by_the_overlay():
+    overlay = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
+    provided = {g["name"]: {lit.split("=", 1)[0] for lit in g.get("literals", [])}
+                | {f.split("=", 1)[0] for f in g.get("files", [])} for g in overlay["secretGenerator"]}
+    for doc in BASE_DOCS:
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    assert ref["key"] in provided[ref["name"]], f"{doc['metadata']['name']}: {ref}"
+    for ref in _by_kind("TriggerAuthentication")["orderpipe-kafka"]["spec"]["secretTargetRef"]:
+        assert ref["key"] in provided[ref["name"]]
+
+
+# -- kustomize -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("folder", [BASE, OVERLAY], ids=["base", "overlay"])
+def test_kustomization_names_only_existing_files(folder: Path):
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    named = [*kustomization.get("resources", []),
+             *(p["path"] for p in kustomization.get("patches", []) if "path" in p),
+             *(f.split("=", 1)[-1] for g in kustomization.get("secretGenerator", []) for f in g.get("files", []))]
+    for entry in named:
+        target = (folder / entry).resolve()
+        assert target.is_file() or (target / "kustomization.yaml").is_file(), f"{folder.name}: {entry} does not exist"
+    if folder == BASE:  # and nothing is left out
+        assert set(kustomization["resources"]) == {p.name for p in _manifest_files(BASE)}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its bundled kustomize) is not installed")
+def test_overlay_renders_and_validates():
+    out = subprocess.run(["kubectl", "kustomize", str(OVERLAY)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"orderpipe"}
+    errors = [e for d in docs if (e := _validate(d))]
+    assert not errors, "\n".join(errors)
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            assert _main_container(d)["image"].startswith("registry.example.com/orderpipe:")
+        if d["kind"] == "KafkaTopic":
+            assert d["metadata"]["labels"]["strimzi.io/cluster"] == "prod"

@@ -22,6 +22,17 @@ load offsets were committed for inputs whose changelog records were still queued
 then lost those records for good (the inputs are never read again): a memory:// worker came
 back with orders stuck half-way, a RocksDB one with a changelog missing what its store holds.
 `DrainingBuffer.flush` waits until the queue is empty and nothing is between queue and aiokafka.
+
+3. Stream buffers kept when the flow is resumed but was never suspended.
+`app.flow_control.resume()` empties every stream buffer: meant for messages fetched before a
+rebalance, which the seek to the committed offsets reads again. But after a restore, Faust
+resumes the flow for the changelog, then resumes the input partitions while the fetcher runs,
+seeks them to their committed offsets and only then calls `resume()` again. Messages fetched in
+between sit in the buffers with Faust's read offsets already past them, so that `resume()`
+dropped them for good; the next message was taken as the end of a gap and the commit moved
+past the dropped ones (a restarted worker lost a few events per partition: orders stuck
+PENDING). `KeepingFlowControl.resume` clears only when the flow was suspended; messages of an
+older generation are still skipped by Faust's generation check.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.producer import ProducerBuffer
 from faust.types import TP
 from faust.types.tuples import FutureMessage
+from mode.utils.queues import FlowControlEvent
 
 log = logging.getLogger("orderpipe.order_status")
 
@@ -117,6 +129,14 @@ class Producer(faust_aiokafka.Producer):
             self.buffer.app = self.app
 
 
+class KeepingFlowControl(FlowControlEvent):
+    def resume(self) -> None:
+        if self.is_active():  # not suspended since the last resume: the buffers hold current messages
+            self._resume.set()  # what resume() sets, without emptying the buffers
+            return
+        super().resume()
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
     Producer = Producer
@@ -127,7 +147,10 @@ def _bootstrap(urls: Iterable[Any]) -> str:
 
 
 def install(app: Any) -> None:
-    """Make `app` use this transport for its consumer and its producer. Call it right after
-    creating the app, before anything touches `app.consumer` or `app.producer`."""
+    """Make `app` use this transport for its consumer and its producer, and keep its stream
+    buffers on a resume that follows no suspend. Call it right after creating the app, before
+    anything touches `app.consumer` or `app.producer`."""
+    # Swap the class of the app's own instance: stream queues register with it when created.
+    app.flow_control.__class__ = KeepingFlowControl
     app.transport = Transport(app.conf.broker_consumer, app)
     app.producer_transport = Transport(app.conf.broker_producer, app)

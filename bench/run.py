@@ -171,7 +171,7 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_const", const="quick", dest="profile", help="smaller sizes (~2 min)")
+    group.add_argument("--quick", action="store_const", const="quick", dest="profile", help="smaller sizes (~10 min)")
     group.add_argument("--smoke", action="store_const", const="smoke", dest="profile", help="tiny sizes (tests)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--soak", type=float, default=None, help="seconds of fixed load for the memory check, e.g. 300")

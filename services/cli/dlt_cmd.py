@@ -337,6 +337,22 @@ def graceful_interrupt() -> Iterator[threading.Event]:
             signal.signal(s, handler)
 
 
+def _carry_out(plan, kafka, audit, rate: float | None, *, verb: str, dry_run: bool, yes: bool,
+               dry_run_note: str, question: str) -> None:
+    """What replay and purge share once the plan is made: show it, stop on an empty plan or a
+    dry run, ask (unless --yes), then run it."""
+    _describe_plan(plan)
+    if not plan.items:
+        console.print(f"nothing to {verb}")
+        return
+    if dry_run:
+        _print_items(plan)
+        console.print(f"dry run: {dry_run_note}")
+        return
+    _confirm(question, yes)
+    _run(plan, kafka, audit, rate)
+
+
 def _run(plan, kafka, audit, rate: float | None) -> None:
     from services.ops.reprocess import Reprocessor
 
@@ -392,16 +408,9 @@ def replay(
                       f"by its event id.", highlight=False, soft_wrap=True)
         with clients(timeout) as (kafka, audit):
             plan = plan_replay(collect(kafka, audit, sel), sel, to=to, max_replays=max_replays)
-            _describe_plan(plan)
-            if not plan.items:
-                console.print("nothing to replay")
-                return
-            if dry_run:
-                _print_items(plan)
-                console.print("dry run: nothing was sent, nothing recorded")
-                return
-            _confirm(f"Replay {len(plan.items)} dead letter(s)?", yes)
-            _run(plan, kafka, audit, per_second)
+            _carry_out(plan, kafka, audit, per_second, verb="replay", dry_run=dry_run, yes=yes,
+                       dry_run_note="nothing was sent, nothing recorded",
+                       question=f"Replay {len(plan.items)} dead letter(s)?")
 
 
 @app.command("purge")
@@ -417,16 +426,9 @@ def purge(
         sel = selection(group, topic, since, until, exception, key, event_type, False, limit)
         with clients(timeout) as (kafka, audit):
             plan = plan_purge(collect(kafka, audit, sel), sel)
-            _describe_plan(plan)
-            if not plan.items:
-                console.print("nothing to purge")
-                return
-            if dry_run:
-                _print_items(plan)
-                console.print("dry run: nothing was changed, nothing recorded")
-                return
-            _confirm(f"Purge {len(plan.items)} dead letter(s)? They will not be replayed.", yes)
-            _run(plan, kafka, audit, None)
+            _carry_out(plan, kafka, audit, None, verb="purge", dry_run=dry_run, yes=yes,
+                       dry_run_note="nothing was changed, nothing recorded",
+                       question=f"Purge {len(plan.items)} dead letter(s)? They will not be replayed.")
 
 
 # -- audit --------------------------------------------------------------------------------------

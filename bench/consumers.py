@@ -22,18 +22,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicPartition
 from sqlalchemy import MetaData, func, select
 
 from bench.common import CODEC, encoded_order_created, figure
 from services.runtime.admin import ensure_topics
-from confluent_kafka import TopicPartition
-
 from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
 from services.runtime.db import make_engine
 from services.runtime.events import OrderCreated, OrderRecorded
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.outbox import OutboxRelay
+from services.runtime.service_main import tune_gc
 from services.runtime.settings import Settings
 from services.runtime.topology import ConsumerGroup, TopicSpec
 
@@ -174,6 +173,7 @@ def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout:
             relay_thread = threading.Thread(target=relay.run, args=(stop, settings.relay_poll_interval_s),
                                             daemon=True)
             relay_thread.start()
+        tune_gc()  # as run_service does once the service is built
         meter = Meter(sc, case.count, stop, profiler)
         watchdog = threading.Timer(timeout, stop.set)
         watchdog.start()

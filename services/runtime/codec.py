@@ -152,6 +152,7 @@ class Codec:
     def __init__(self, registry: Registry):
         self.registry = registry
         self._parsed: dict[int, Any] = {}
+        self._plans: dict[tuple, tuple] = {}  # (schema id, reader version) -> _plan()
 
     def _parsed_schema(self, sv: SchemaVersion) -> Any:
         parsed = self._parsed.get(sv.id)
@@ -176,25 +177,39 @@ class Codec:
         magic, schema_id = _HEADER.unpack_from(data)
         if magic != MAGIC_BYTE:
             raise DecodeError(f"not in the Confluent wire format: magic byte {magic}, expected 0")
-        writer = self.registry.by_id(schema_id)
-        if isinstance(reader_version, Mapping):
-            reader_version = reader_version.get(writer.event_type)
-        reader = None
-        if reader_version is not None:
-            try:
-                reader = self._parsed_schema(self.registry.version(writer.event_type, reader_version))
-            except KeyError:
-                raise DecodeError(f"schema id {schema_id} is {writer.event_type}, which has no "
-                                  f"version {reader_version} to read it as") from None
+        # Every consumer passes the same dict object: cache by its identity (hot path).
+        cache_key = (schema_id, id(reader_version) if isinstance(reader_version, dict) else reader_version)
+        plan = self._plans.get(cache_key)
+        if plan is None or plan[3] is not reader_version:
+            plan = self._plans[cache_key] = self._plan(schema_id, reader_version)
+        event_type, writer, reader, _ = plan
         payload = io.BytesIO(data)
         payload.seek(_HEADER.size)
         try:
-            record = fastavro.schemaless_reader(payload, self._parsed_schema(writer), reader)
+            record = fastavro.schemaless_reader(payload, writer, reader)
         except Exception as exc:  # fastavro raises many types on corrupt input (EOFError, ValueError, ...)
             raise DecodeError(f"payload does not decode with schema id {schema_id}: {type(exc).__name__}: {exc}") from None
         if payload.tell() != len(data):
             raise DecodeError(f"payload has {len(data) - payload.tell()} trailing bytes after schema id {schema_id}")
-        return Decoded(writer.event_type, schema_id, record)
+        return Decoded(event_type, schema_id, record)
+
+    def _plan(self, schema_id: int, reader_version: int | Mapping[str, int] | None) -> tuple:
+        """(event type, writer schema, reader schema or None, the reader_version asked for).
+
+        The reader is None when it is the writer's own schema: fastavro then skips schema
+        resolution, which is most of the time for consumers on the current version."""
+        writer = self.registry.by_id(schema_id)
+        wanted = reader_version.get(writer.event_type) if isinstance(reader_version, Mapping) else reader_version
+        reader = None
+        if wanted is not None:
+            try:
+                reader_sv = self.registry.version(writer.event_type, wanted)
+            except KeyError:
+                raise DecodeError(f"schema id {schema_id} is {writer.event_type}, which has no "
+                                  f"version {wanted} to read it as") from None
+            if reader_sv.schema != writer.schema:
+                reader = self._parsed_schema(reader_sv)
+        return writer.event_type, self._parsed_schema(writer), reader, reader_version
 
 
 def codec_from_settings(schema_registry_url: str | None) -> Codec:

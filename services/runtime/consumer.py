@@ -44,7 +44,8 @@ from services.runtime.circuit import HALF_OPEN, OPEN, CircuitBreaker
 from services.runtime.codec import Codec, DecodeError
 from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
 from services.runtime.controls import WorkerControls
-from services.runtime.db import inbox_table, insert_ignore, insert_ignore_many, outbox_table, utcnow
+from services.runtime.bulk import BulkInsert
+from services.runtime.db import inbox_table, insert_ignore, outbox_table, utcnow
 from services.runtime.errors import MissingHandler, PermanentError, is_retryable
 from services.runtime.events import EVENT_TYPES, Event
 from services.runtime.outbox import add_event, add_rows, outbox_row
@@ -78,6 +79,7 @@ TRACEBACK_LIMIT = 4000
 # Consumers read every event as the schema version their model was built on (Avro resolution),
 # so a producer moving to a newer compatible version does not break them.
 READER_VERSIONS = {name: cls.schema_version for name, cls in EVENT_TYPES.items()}
+INBOX_ROW_COLUMNS = ("group_name", "event_id", "event_type", "topic", "partition", "offset", "processed_at")
 
 
 class UnitOfWork:
@@ -119,11 +121,13 @@ class Service:
     controls: WorkerControls = field(default_factory=WorkerControls)
     outbox: Table = field(init=False)
     inbox: Table = field(init=False)
+    inbox_claims: BulkInsert = field(init=False)  # a batch's inbox rows; returns the new event ids
 
     def __post_init__(self):
         tables = self.metadata.tables  # reuse them when build() runs twice on one MetaData
         self.outbox = tables["outbox"] if "outbox" in tables else outbox_table(self.metadata)
         self.inbox = tables["inbox"] if "inbox" in tables else inbox_table(self.metadata)
+        self.inbox_claims = BulkInsert(self.inbox, INBOX_ROW_COLUMNS, on_conflict_ignore=True, returning="event_id")
 
     @property
     def name(self) -> str:
@@ -241,8 +245,18 @@ def _position(msg: Message) -> tuple[str, int, int]:
     return msg.topic(), msg.partition(), msg.offset()
 
 
+def _header_texts(msg: Message) -> dict[str, str]:
+    """Every header as text, the first value of a name winning (as `_header` reads them)."""
+    out: dict[str, str] = {}
+    for key, value in msg.headers() or ():
+        if value is not None and key not in out:
+            out[key] = value.decode("utf-8", "replace")
+    return out
+
+
 def incoming_envelope(msg: Message, event_type: str, schema_version: int) -> env.Envelope:
-    event_id = _header(msg, env.EVENT_ID)
+    headers = _header_texts(msg)  # once per message: the hot path reads four of them
+    event_id = headers.get(env.EVENT_ID)
     if not event_id:
         raise PermanentError("message has no event_id header (the dedup key)")
     key = msg.key().decode("utf-8", "replace") if msg.key() else ""
@@ -250,9 +264,9 @@ def incoming_envelope(msg: Message, event_type: str, schema_version: int) -> env
         event_id=event_id,
         event_type=event_type,
         schema_version=schema_version,
-        correlation_id=_header(msg, env.CORRELATION_ID) or key,
-        causation_id=_header(msg, env.CAUSATION_ID),
-        traceparent=_header(msg, env.TRACEPARENT) or env.new_traceparent(),
+        correlation_id=headers.get(env.CORRELATION_ID) or key,
+        causation_id=headers.get(env.CAUSATION_ID),
+        traceparent=headers.get(env.TRACEPARENT) or env.new_traceparent(),
     )
 
 
@@ -276,6 +290,8 @@ class ServiceConsumer:
                      if self.controls.concurrency > 1 else None)
         self.not_due: dict[tuple[str, int], float] = {}  # retry partition -> when its head message is due
         self._paused: set[tuple[str, int]] = set()        # what we asked librdkafka to pause
+        # Only copies in our retry topics carry a due time; the inputs' messages skip that check.
+        self._retry_topics = frozenset(t for source in self.group.inputs for t in self.group.retry_topics(source))
         self.polls = 0
         self.assignments = 0
         self.totals = BatchResult()
@@ -426,8 +442,9 @@ class ServiceConsumer:
         try:
             with self.engine.begin() as conn:
                 prepared = [(msg, self._prepare_or_fail(msg)) for msg in messages]
-                claims = [self._inbox_row(msg, p) for msg, p in prepared if isinstance(p, Prepared)]
-                fresh = {row[1] for row in insert_ignore_many(conn, self.service.inbox, claims)}
+                now = utcnow()
+                claims = [self._inbox_row(msg, p, now) for msg, p in prepared if isinstance(p, Prepared)]
+                fresh = set(self.service.inbox_claims.execute(conn, claims))
                 give_back = set(fresh)  # claimed ids whose effect is not committed (yet)
                 staged: list[dict] = []
                 for msg, p in prepared:
@@ -532,9 +549,10 @@ class ServiceConsumer:
                 add_event(uow.conn, self.service.outbox, self.codec, out,
                           p.envelope.child(out.event_type(), out.schema_version))
 
-    def _inbox_row(self, msg: Message, p: Prepared) -> dict:
+    def _inbox_row(self, msg: Message, p: Prepared, now: datetime | None = None) -> dict:
         return {"group_name": self.group.name, "event_id": p.envelope.event_id, "event_type": p.envelope.event_type,
-                "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+                "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
+                "processed_at": now or utcnow()}
 
     def _prepare_or_fail(self, msg: Message) -> Prepared | Failure:
         try:
@@ -572,7 +590,7 @@ class ServiceConsumer:
             self._metrics["handler_s"].observe(time.monotonic() - started)
 
     def _started(self, msg: Message) -> float:
-        due = _number_header(msg, H_DUE_AT, float)
+        due = _number_header(msg, H_DUE_AT, float) if msg.topic() in self._retry_topics else None
         if due is not None:
             self._metrics["lateness_s"].observe(max(0.0, self.clock() - due))
         return time.monotonic()
@@ -649,7 +667,7 @@ class ServiceConsumer:
             if tp in self.not_due:
                 held += 1
                 continue
-            due = _number_header(msg, H_DUE_AT, float)
+            due = _number_header(msg, H_DUE_AT, float) if tp[0] in self._retry_topics else None
             if due is not None and due > now:
                 self.not_due[tp] = due
                 part = TopicPartition(msg.topic(), msg.partition(), msg.offset())

@@ -115,14 +115,6 @@ def insert_ignore(conn: Connection, table: Table, values: dict) -> bool:
     return conn.execute(_insert_ignore_stmt(conn, table), values).first() is not None
 
 
-def insert_ignore_many(conn: Connection, table: Table, rows: list[dict]) -> list[tuple]:
-    """INSERT ... ON CONFLICT DO NOTHING for many rows in one statement (SQLAlchemy's
-    "insertmanyvalues" keeps RETURNING with executemany); the primary keys of the new rows."""
-    if not rows:
-        return []
-    return [tuple(r) for r in conn.execute(_insert_ignore_stmt(conn, table), rows)]
-
-
 def upsert_add(conn: Connection, table: Table, keys: dict, increments: dict) -> None:
     """INSERT the row, or add `increments` to the existing one (atomic on both databases)."""
     dialect = {"sqlite": sqlite, "postgresql": postgresql}[conn.dialect.name]

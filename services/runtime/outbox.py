@@ -22,6 +22,7 @@ from sqlalchemy import Table, delete, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from services.runtime.bulk import BulkInsert
 from services.runtime.codec import Codec
 from services.runtime.db import utcnow
 from services.runtime.envelope import Envelope
@@ -41,7 +42,7 @@ def outbox_row(codec: Codec, event: Event, envelope: Envelope) -> dict[str, Any]
         "type": envelope.event_type,
         "topic": TOPIC_FOR_EVENT[envelope.event_type],
         "payload": codec.encode(envelope.event_type, event.model_dump(), envelope.schema_version),
-        "headers": [[k, v.decode()] for k, v in envelope.to_headers()],
+        "headers": [[k, v] for k, v in envelope.header_items()],
         "created_at": utcnow(),
     }
 
@@ -52,17 +53,17 @@ def add_event(conn: Connection, outbox: Table, codec: Codec, event: Event, envel
 
 
 def add_rows(conn: Connection, outbox: Table, rows: list[dict[str, Any]]) -> None:
-    """Stage outbox rows in one statement (an executemany for several)."""
+    """Stage outbox rows (as `outbox_row` makes them) in one statement, in list order."""
     if not rows:
         return
-    # One INSERT statement per outbox table, executed with parameters (see db.insert_ignore).
-    stmt = _INSERTS.get(outbox)
-    if stmt is None:
-        stmt = _INSERTS[outbox] = outbox.insert()
-    conn.execute(stmt, rows if len(rows) > 1 else rows[0])
+    insert = _INSERTS.get(outbox)
+    if insert is None:
+        insert = _INSERTS[outbox] = BulkInsert(outbox, OUTBOX_ROW_COLUMNS)
+    insert.execute(conn, rows)
 
 
-_INSERTS: dict[Table, Any] = {}
+OUTBOX_ROW_COLUMNS = ("id", "aggregatetype", "aggregateid", "type", "topic", "payload", "headers", "created_at")
+_INSERTS: dict[Table, BulkInsert] = {}
 
 
 class DeliveryFailed(RuntimeError):

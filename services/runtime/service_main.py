@@ -7,6 +7,7 @@ flushes what it has in flight.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -35,6 +36,21 @@ class Runtime:
     settings: Settings
     engine: Engine
     codec: Codec
+
+
+# Young-generation collections every this many allocations (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Call once start-up is done. Everything built so far (modules, schemas, validators, table
+    metadata) lives as long as the process: `gc.freeze()` takes it out of every collection. A
+    consumer allocates a few dozen short-lived objects per event, which reference counting
+    frees; with the default threshold the cycle collector still ran every ~700 allocations and
+    took about a sixth of a consumer's CPU. Cycles are still collected, just less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -76,6 +92,7 @@ def run_service(build: Callable[[Runtime], Service], service_name: str, settings
         runtime.codec,
         alerter=Alerter(service.group.name, settings.alert_webhook_url),
     )
+    tune_gc()
     log.info("service started", extra={"group": service.group.name, "topics": consumer.topics(),
                                        "controls": repr(service.controls)})
     # Live while the loop polls (a batch may take up to max.poll.interval.ms) and the relay runs.

@@ -1,0 +1,126 @@
+"""Many rows in one statement: the consumer's inbox claims and outbox rows for a whole batch.
+
+SQLAlchemy's executemany paths cost more than the database itself here: per row it builds
+and processes a parameter dict, and on PostgreSQL an executemany is one INSERT per row. These
+statements go to the driver with values already in the driver's form:
+- PostgreSQL: one `INSERT ... SELECT FROM unnest(array, array, ...)`, one array per column,
+  whatever the row count (JSON columns travel as one JSON array, expanded server-side: a
+  text-to-json cast per element was slower than the insert itself);
+- SQLite: a multi-row `VALUES` when we need `RETURNING` (in chunks under SQLite's parameter
+  limit), else the driver's executemany.
+
+Values are converted by the columns' own SQLAlchemy bind processors, so what is stored is
+exactly what a Core `insert()` would store, and reads through the `Table` see no difference.
+Only SQLite and PostgreSQL are supported, as everywhere in the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import JSON, Column, Table
+from sqlalchemy.engine import Connection, Dialect
+
+# SQLite's default SQLITE_MAX_VARIABLE_NUMBER was 999 before 3.32: stay under it everywhere.
+_SQLITE_MAX_PARAMS = 999
+
+
+class BulkInsert:
+    """INSERT of many rows of `table` with the given `columns` (every row has all of them;
+    the others take their server defaults). `on_conflict_ignore` skips rows whose key exists;
+    `returning` names a column whose values of the inserted rows `execute` returns, in no
+    particular order. Rows are inserted in list order (auto-increment keys follow it)."""
+
+    def __init__(self, table: Table, columns: Sequence[str], *, on_conflict_ignore: bool = False,
+                 returning: str | None = None):
+        self.table = table
+        self.columns: list[Column] = [table.c[name] for name in columns]
+        self.on_conflict_ignore = on_conflict_ignore
+        self.returning = table.c[returning] if returning else None
+        self._by_dialect: dict[str, Any] = {}
+
+    def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list:
+        if not rows:
+            return []
+        dialect = conn.dialect
+        if dialect.name == "postgresql":
+            return self._postgresql(conn, rows)
+        if dialect.name == "sqlite":
+            return self._sqlite(conn, rows)
+        raise NotImplementedError(dialect.name)  # pragma: no cover - as in db.py
+
+    # -- PostgreSQL -------------------------------------------------------------------------
+
+    def _postgresql(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list:
+        sql = self._by_dialect.get("postgresql")
+        if sql is None:
+            sql = self._by_dialect["postgresql"] = self._postgresql_sql(conn.dialect)
+        params = []
+        json_columns = []
+        for col in self.columns:
+            values = [row[col.name] for row in rows]
+            if isinstance(col.type, JSON):
+                json_columns.append(json.dumps(values))
+            else:
+                params.append(values)
+        result = conn.exec_driver_sql(sql, tuple(params + json_columns))
+        return [r[0] for r in result] if self.returning is not None else []
+
+    def _postgresql_sql(self, dialect: Dialect) -> str:
+        quote = dialect.identifier_preparer.quote
+        arrays, selected, joins = [], [], []
+        for i, col in enumerate(self.columns):
+            if isinstance(col.type, JSON):
+                alias = f"j{i}"
+                joins.append(f"JOIN json_array_elements(%s::json) WITH ORDINALITY AS {alias}(value, n) "
+                             f"ON {alias}.n = u.n")
+                selected.append(f"{alias}.value")
+            else:
+                arrays.append(f"%s::{col.type.compile(dialect=dialect)}[]")
+                selected.append(f"u.c{i}")
+        names = [f"c{i}" for i, col in enumerate(self.columns) if not isinstance(col.type, JSON)]
+        sql = (f"INSERT INTO {quote(self.table.name)} ({', '.join(quote(c.name) for c in self.columns)}) "
+               f"SELECT {', '.join(selected)} FROM unnest({', '.join(arrays)}) WITH ORDINALITY AS u({', '.join(names)}, n) "
+               + " ".join(joins) + " ORDER BY u.n")  # the order keys (the outbox's seq) are drawn in
+        if self.on_conflict_ignore:
+            sql += " ON CONFLICT DO NOTHING"
+        if self.returning is not None:
+            sql += f" RETURNING {quote(self.returning.name)}"
+        return sql
+
+    # -- SQLite -----------------------------------------------------------------------------
+
+    def _sqlite(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list:
+        processors = self._by_dialect.get("sqlite")
+        if processors is None:
+            processors = self._by_dialect["sqlite"] = [c.type._cached_bind_processor(conn.dialect)
+                                                       for c in self.columns]
+        # Column by column: map() over a column is much cheaper than a dict per row.
+        columns = []
+        for col, process in zip(self.columns, processors):
+            values = [row[col.name] for row in rows]
+            columns.append(list(map(process, values)) if process else values)
+        tuples = list(zip(*columns))
+        one_row = "(" + ", ".join("?" * len(self.columns)) + ")"
+        if self.returning is None:
+            conn.exec_driver_sql(self._sqlite_sql(conn.dialect, [one_row]), tuples)
+            return []
+        out: list = []
+        per_statement = max(1, _SQLITE_MAX_PARAMS // len(self.columns))
+        for start in range(0, len(tuples), per_statement):
+            chunk = tuples[start:start + per_statement]
+            flat = tuple(value for row in chunk for value in row)
+            out += [r[0] for r in conn.exec_driver_sql(self._sqlite_sql(conn.dialect, [one_row] * len(chunk)), flat)]
+        return out
+
+    def _sqlite_sql(self, dialect: Dialect, value_rows: list[str]) -> str:
+        quote = dialect.identifier_preparer.quote
+        sql = (f"INSERT INTO {quote(self.table.name)} ({', '.join(quote(c.name) for c in self.columns)}) "
+               f"VALUES {', '.join(value_rows)}")
+        if self.on_conflict_ignore:
+            sql += " ON CONFLICT DO NOTHING"
+        if self.returning is not None:
+            sql += f" RETURNING {quote(self.returning.name)}"
+        return sql

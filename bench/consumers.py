@@ -32,7 +32,7 @@ from services.runtime.db import make_engine
 from services.runtime.events import OrderCreated, OrderRecorded
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.outbox import OutboxRelay
-from services.runtime.service_main import tune_gc
+from services.runtime.heap import tune_gc
 from services.runtime.settings import Settings
 from services.runtime.topology import ConsumerGroup, TopicSpec
 

@@ -162,11 +162,13 @@ def _run_orders_api(settings: Settings) -> None:
     from services.orders.api import StatusClient, create_app
     from services.runtime.codec import codec_from_settings
     from services.runtime.db import make_engine
+    from services.runtime.heap import tune_gc
     from services.runtime.migrate import prepare_database
 
     engine = make_engine(settings.database_url("orders"))
     prepare_database(engine, "orders", settings.db_upgrade_on_start)
     api = create_app(engine, codec_from_settings(settings.schema_registry_url), StatusClient(settings.status_url))
+    tune_gc()
     uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="warning")
 
 
@@ -176,6 +178,7 @@ def _run_orders_relay(settings: Settings) -> None:
     from services.orders.tables import outbox
     from services.runtime.db import make_engine
     from services.runtime.health import start_health_server
+    from services.runtime.heap import tune_gc
     from services.runtime.kafka import make_producer
     from services.runtime.migrate import prepare_database
     from services.runtime.outbox import OutboxRelay
@@ -189,6 +192,7 @@ def _run_orders_relay(settings: Settings) -> None:
                         batch_size=settings.relay_batch_size,
                         retention=timedelta(hours=settings.outbox_retention_hours), name="orders")
     health = start_health_server(settings, settings.database_url("orders"))
+    tune_gc()
     try:
         relay.run(stop, settings.relay_poll_interval_s)
     finally:

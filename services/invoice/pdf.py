@@ -69,6 +69,17 @@ def _aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
+_COLUMNS = ((70, "L"), (25, "R"), (45, "R"), (50, "R"))  # width in mm, alignment
+_ROW_HEIGHT = 7
+
+
+def _table_row(pdf: FPDF, cells: tuple[str, ...], *, bold: bool = False) -> None:
+    pdf.set_font("Helvetica", style="B" if bold else "", size=10)
+    for (width, align), text in zip(_COLUMNS, cells):
+        pdf.cell(width, _ROW_HEIGHT, _latin1(text), border=1, align=align)
+    pdf.ln(_ROW_HEIGHT)
+
+
 def _build(doc: InvoiceDocument) -> FPDF:
     pdf = FPDF(orientation="P", unit="mm", format="A4")
     pdf.set_creation_date(_aware(doc.issued_at))
@@ -97,24 +108,18 @@ def _build(doc: InvoiceDocument) -> FPDF:
         pdf.cell(0, 7, _latin1(value), **nl)
     pdf.ln(6)
 
-    pdf.set_font("Helvetica", size=10)
-    with pdf.table(
-        col_widths=(70, 25, 45, 50),
-        text_align=("LEFT", "RIGHT", "RIGHT", "RIGHT"),
-        line_height=7,
-        first_row_as_headings=True,
-        repeat_headings=1,
-    ) as table:
-        table.row(("SKU", "Qty", "Unit price", "Amount"))
-        for line in doc.lines:
-            table.row(
-                (
-                    _latin1(line.sku),
-                    str(line.quantity),
-                    _latin1(format_amount(line.unit_price, doc.currency)),
-                    _latin1(format_amount(line.amount, doc.currency)),
-                )
-            )
+    # The lines as a bordered grid of plain cells: fpdf2's table() measures and wraps every cell
+    # and took three quarters of a render (about 2.5 of 3.5 ms per invoice). Rows are single
+    # lines; the headings are repeated on every page a long invoice spills onto.
+    for i, line in enumerate(doc.lines):
+        if i == 0 or pdf.will_page_break(_ROW_HEIGHT):
+            if i:
+                pdf.add_page()
+            _table_row(pdf, ("SKU", "Qty", "Unit price", "Amount"), bold=True)
+        _table_row(pdf, (line.sku, str(line.quantity), format_amount(line.unit_price, doc.currency),
+                         format_amount(line.amount, doc.currency)))
+    if not doc.lines:
+        _table_row(pdf, ("SKU", "Qty", "Unit price", "Amount"), bold=True)
     pdf.ln(4)
 
     pdf.set_font("Helvetica", style="B", size=12)

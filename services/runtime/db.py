@@ -117,8 +117,16 @@ def insert_ignore(conn: Connection, table: Table, values: dict) -> bool:
 
 def upsert_add(conn: Connection, table: Table, keys: dict, increments: dict) -> None:
     """INSERT the row, or add `increments` to the existing one (atomic on both databases)."""
-    dialect = {"sqlite": sqlite, "postgresql": postgresql}[conn.dialect.name]
-    stmt = dialect.insert(table).values(**keys, **increments)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(keys), set_={col: table.c[col] + stmt.excluded[col] for col in increments})
-    conn.execute(stmt)
+    cache_key = (conn.dialect.name, table, tuple(keys), tuple(increments))
+    stmt = _UPSERT_ADD.get(cache_key)
+    if stmt is None:
+        # Built once and executed with parameters, as _insert_ignore_stmt: building it per call
+        # (.values(), .excluded, the + expressions) cost more than the database's work.
+        dialect = {"sqlite": sqlite, "postgresql": postgresql}[conn.dialect.name]
+        stmt = dialect.insert(table)
+        stmt = _UPSERT_ADD[cache_key] = stmt.on_conflict_do_update(
+            index_elements=list(keys), set_={col: table.c[col] + stmt.excluded[col] for col in increments})
+    conn.execute(stmt, {**keys, **increments})
+
+
+_UPSERT_ADD: dict[tuple, Any] = {}

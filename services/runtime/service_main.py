@@ -7,7 +7,6 @@ flushes what it has in flight.
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import threading
@@ -21,6 +20,7 @@ from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, codec_from_settings
 from services.runtime.consumer import Service, ServiceConsumer
 from services.runtime.db import make_engine
+from services.runtime.heap import tune_gc
 from services.runtime.health import start_health_server, thread_check
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.lag import ConsumerStats
@@ -36,21 +36,6 @@ class Runtime:
     settings: Settings
     engine: Engine
     codec: Codec
-
-
-# Young-generation collections every this many allocations (CPython's default is 700).
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def tune_gc() -> None:
-    """Call once start-up is done. Everything built so far (modules, schemas, validators, table
-    metadata) lives as long as the process: `gc.freeze()` takes it out of every collection. A
-    consumer allocates a few dozen short-lived objects per event, which reference counting
-    frees; with the default threshold the cycle collector still ran every ~700 allocations and
-    took about a sixth of a consumer's CPU. Cycles are still collected, just less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 def install_stop_signals(stop: threading.Event) -> None:

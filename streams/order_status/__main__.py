@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
 def main(argv: list[str] | None = None) -> None:
     import faust
 
+    from services.runtime.heap import tune_gc
     from services.runtime.kafka import faust_broker_credentials
     from streams.order_status.app import create_app
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         sla_check_interval_s=args.sla_check_interval_s,
         alert_webhook_url=settings.alert_webhook_url,
     )
+    tune_gc()
     # The Worker installs SIGINT/SIGTERM handlers that stop the app: the consumer commits and
     # leaves the group, the table flushes, the web server closes. It then raises SystemExit(0).
     faust.Worker(app, loglevel=args.loglevel, redirect_stdouts=False).execute_from_commandline()

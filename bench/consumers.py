@@ -152,6 +152,9 @@ class Case:
 
 
 def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout: float = 300.0) -> dict:
+    # The GC settings run_service applies. Before this case's clients exist: frozen objects are
+    # never collected, and the clients must go when the case ends.
+    tune_gc()
     name = f"bench-{case.effect}{'-naive' if case.naive else ''}-{uuid.uuid4().hex[:6]}"
     group = ConsumerGroup(name, inputs=(topic,))
     ensure_topics({"bootstrap.servers": settings.bootstrap},
@@ -173,7 +176,6 @@ def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout:
             relay_thread = threading.Thread(target=relay.run, args=(stop, settings.relay_poll_interval_s),
                                             daemon=True)
             relay_thread.start()
-        tune_gc()  # as run_service does once the service is built
         meter = Meter(sc, case.count, stop, profiler)
         watchdog = threading.Timer(timeout, stop.set)
         watchdog.start()

@@ -4,7 +4,8 @@ SQLAlchemy's executemany paths cost more than the database itself here: per row 
 and processes a parameter dict, and on PostgreSQL an executemany is one INSERT per row. These
 statements go to the driver with values already in the driver's form:
 - PostgreSQL: one `INSERT ... SELECT FROM unnest(array, array, ...)`, one array per column,
-  whatever the row count (JSON columns travel as one JSON array, expanded server-side: a
+  whatever the row count, sent in binary (`%b`: half the time of psycopg's text arrays, which
+  quote every element); JSON columns travel as one JSON array, expanded server-side (a
   text-to-json cast per element was slower than the insert itself);
 - SQLite: a multi-row `VALUES` when we need `RETURNING` (in chunks under SQLite's parameter
   limit), else the driver's executemany.
@@ -74,11 +75,11 @@ class BulkInsert:
         for i, col in enumerate(self.columns):
             if isinstance(col.type, JSON):
                 alias = f"j{i}"
-                joins.append(f"JOIN json_array_elements(%s::json) WITH ORDINALITY AS {alias}(value, n) "
+                joins.append(f"JOIN json_array_elements(%b::json) WITH ORDINALITY AS {alias}(value, n) "
                              f"ON {alias}.n = u.n")
                 selected.append(f"{alias}.value")
             else:
-                arrays.append(f"%s::{col.type.compile(dialect=dialect)}[]")
+                arrays.append(f"%b::{col.type.compile(dialect=dialect)}[]")
                 selected.append(f"u.c{i}")
         names = [f"c{i}" for i, col in enumerate(self.columns) if not isinstance(col.type, JSON)]
         sql = (f"INSERT INTO {quote(self.table.name)} ({', '.join(quote(c.name) for c in self.columns)}) "

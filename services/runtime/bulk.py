@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, Table
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import IntegrityError
 
 # SQLite's default SQLITE_MAX_VARIABLE_NUMBER was 999 before 3.32: stay under it everywhere.
 _SQLITE_MAX_PARAMS = 999
@@ -108,6 +109,18 @@ class BulkInsert:
         if self.returning is None:
             conn.exec_driver_sql(self._sqlite_sql(conn.dialect, [one_row]), tuples)
             return []
+        if self.on_conflict_ignore:
+            # Nearly every claim is new: a plain executemany in a savepoint is twice as fast as
+            # the multi-row RETURNING statement below. The first conflict aborts it, the
+            # savepoint undoes what it did, and the RETURNING statement says which rows are new.
+            plain = self._sqlite_sql(conn.dialect, [one_row], on_conflict=False, returning=False)
+            try:
+                with conn.begin_nested():
+                    conn.exec_driver_sql(plain, tuples)
+                at = self.columns.index(self.returning)
+                return [row[at] for row in tuples]
+            except IntegrityError:
+                pass
         out: list = []
         per_statement = max(1, _SQLITE_MAX_PARAMS // len(self.columns))
         for start in range(0, len(tuples), per_statement):
@@ -116,12 +129,13 @@ class BulkInsert:
             out += [r[0] for r in conn.exec_driver_sql(self._sqlite_sql(conn.dialect, [one_row] * len(chunk)), flat)]
         return out
 
-    def _sqlite_sql(self, dialect: Dialect, value_rows: list[str]) -> str:
+    def _sqlite_sql(self, dialect: Dialect, value_rows: list[str], *, on_conflict: bool = True,
+                    returning: bool = True) -> str:
         quote = dialect.identifier_preparer.quote
         sql = (f"INSERT INTO {quote(self.table.name)} ({', '.join(quote(c.name) for c in self.columns)}) "
                f"VALUES {', '.join(value_rows)}")
-        if self.on_conflict_ignore:
+        if self.on_conflict_ignore and on_conflict:
             sql += " ON CONFLICT DO NOTHING"
-        if self.returning is not None:
+        if self.returning is not None and returning:
             sql += f" RETURNING {quote(self.returning.name)}"
         return sql

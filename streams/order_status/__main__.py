@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         sla_s=args.sla_s,
         sla_check_interval_s=args.sla_check_interval_s,
         alert_webhook_url=settings.alert_webhook_url,
+        fetch_wait_max_ms=settings.fetch_wait_max_ms,
     )
     tune_gc()
     # The Worker installs SIGINT/SIGTERM handlers that stop the app: the consumer commits and

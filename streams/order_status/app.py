@@ -202,6 +202,7 @@ def create_app(
     sla_check_interval_s: float | None = None,
     broker_credentials: Any = None,  # services.runtime.kafka.faust_broker_credentials: TLS, SASL
     alert_webhook_url: str | None = None,
+    fetch_wait_max_ms: int = 100,  # Settings.fetch_wait_max_ms; Faust's own default is 1,500
 ) -> faust.App:
     app = faust.App(
         app_id,
@@ -238,7 +239,7 @@ def create_app(
     )
     # Changelog end offsets from a fetch, not only ListOffsets: see transport.py (else a restore
     # on the embedded broker stops inside the last batch and loses the rest of it).
-    transport.install(app)
+    transport.install(app, fetch_max_wait_ms=fetch_wait_max_ms)
     codec = codec_from_settings(schema_registry_url)
     failures = failure_topics()
     metrics = Metrics()

@@ -59,3 +59,18 @@ def test_install_gives_the_app_the_keeping_flow_control(tmp_path) -> None:
     transport.install(app)
     assert isinstance(app.flow_control, transport.KeepingFlowControl)
     assert isinstance(app.transport, transport.Transport)
+
+
+def test_the_worker_consumer_waits_on_fetches_as_configured(tmp_path) -> None:
+    """Faust hard-codes a 1,500 ms fetch wait, which the embedded broker always waits out."""
+    from streams.order_status.app import create_app
+
+    app = create_app("127.0.0.1:9", data_dir=tmp_path, web_port=6066, store="memory://", fetch_wait_max_ms=40)
+
+    async def build():  # aiokafka wants a running loop; nothing connects before start()
+        thread = app.consumer._new_consumer_thread()
+        return thread._create_worker_consumer(app.transport)
+
+    consumer = asyncio.run(build())
+    assert isinstance(app.consumer, transport.Consumer)
+    assert consumer._fetch_max_wait_ms == 40

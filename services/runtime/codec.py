@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import fastavro
 
 MAGIC_BYTE = 0
+_MAX_PLANS = 1024  # (schema id, reader version) pairs a Codec remembers
 _HEADER = struct.Struct(">bI")
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 NAMESPACE = "orderpipe.events"
@@ -177,11 +178,14 @@ class Codec:
         magic, schema_id = _HEADER.unpack_from(data)
         if magic != MAGIC_BYTE:
             raise DecodeError(f"not in the Confluent wire format: magic byte {magic}, expected 0")
-        # Every consumer passes the same dict object: cache by its identity (hot path).
-        cache_key = (schema_id, id(reader_version) if isinstance(reader_version, dict) else reader_version)
-        plan = self._plans.get(cache_key)
+        # A consumer passes the same mapping every time (READER_VERSIONS): its identity is the
+        # cache key, and the plan keeps it alive, so the id cannot be reused while cached.
+        by = reader_version if reader_version is None or type(reader_version) is int else id(reader_version)
+        plan = self._plans.get((schema_id, by))
         if plan is None or plan[3] is not reader_version:
-            plan = self._plans[cache_key] = self._plan(schema_id, reader_version)
+            if len(self._plans) >= _MAX_PLANS:  # callers passing a new mapping each time
+                self._plans.clear()
+            plan = self._plans[(schema_id, by)] = self._plan(schema_id, reader_version)
         event_type, writer, reader, _ = plan
         payload = io.BytesIO(data)
         payload.seek(_HEADER.size)

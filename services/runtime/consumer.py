@@ -40,11 +40,11 @@ from sqlalchemy.engine import Connection, Engine
 from services.runtime import alerts, metrics
 from services.runtime import envelope as env
 from services.runtime.alerts import Alerter
+from services.runtime.bulk import BulkInsert
 from services.runtime.circuit import HALF_OPEN, OPEN, CircuitBreaker
 from services.runtime.codec import Codec, DecodeError
 from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
 from services.runtime.controls import WorkerControls
-from services.runtime.bulk import BulkInsert
 from services.runtime.db import inbox_table, insert_ignore, outbox_table, utcnow
 from services.runtime.errors import MissingHandler, PermanentError, is_retryable
 from services.runtime.events import EVENT_TYPES, Event

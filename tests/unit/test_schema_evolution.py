@@ -93,6 +93,22 @@ def test_a_v2_consumer_reads_v2_events():
         order_record(channel="app")
 
 
+def test_reader_versions_per_event_type_in_any_mapping():
+    """Consumers pass one version per event type; the codec caches its plan per mapping, and a
+    new mapping with other versions (or a read-only one) is read as asked, not from the cache."""
+    from types import MappingProxyType
+
+    v2_data = CODEC.encode("OrderCreated", order_record(channel="app"))
+    v1_data = CODEC.encode("OrderCreated", order_record(), version=1)
+    as_v1 = {"OrderCreated": 1}
+    for _ in range(2):  # the second time from the cache
+        assert CODEC.decode(v2_data, reader_version=as_v1).record == order_record()
+        assert CODEC.decode(v1_data, reader_version=MappingProxyType({"OrderCreated": 2})).record == \
+            order_record(channel=None)
+    assert CODEC.decode(v2_data, reader_version={"OrderCreated": 2}).record == order_record(channel="app")
+    assert CODEC.decode(v2_data, reader_version={"StockReserved": 1}).record == order_record(channel="app")
+
+
 def test_writing_v2_from_a_record_without_channel_fills_the_default():
     """Producers built on the v1 model write the latest schema: the missing optional field is
     written as its default (fastavro does this), so nothing breaks when v2 is added."""

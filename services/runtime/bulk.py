@@ -7,8 +7,9 @@ statements go to the driver with values already in the driver's form:
   whatever the row count, sent in binary (`%b`: half the time of psycopg's text arrays, which
   quote every element); JSON columns travel as one JSON array, expanded server-side (a
   text-to-json cast per element was slower than the insert itself);
-- SQLite: a multi-row `VALUES` when we need `RETURNING` (in chunks under SQLite's parameter
-  limit), else the driver's executemany.
+- SQLite: the driver's executemany; for inbox claims (`on_conflict_ignore` + `returning`) in a
+  savepoint, falling back to a multi-row `VALUES ... ON CONFLICT DO NOTHING RETURNING` (in
+  chunks under SQLite's parameter limit) only when some key already exists.
 
 Values are converted by the columns' own SQLAlchemy bind processors, so what is stored is
 exactly what a Core `insert()` would store, and reads through the `Table` see no difference.

@@ -44,7 +44,7 @@ chaos: install
 clean:
 	rm -rf .data build *.egg-info .pytest_cache
 
-# `make bench`: the benchmark on the embedded broker (~35 min; BENCH_ARGS=--quick for ~10,
+# `make bench`: the benchmark on the embedded broker (~20 min; BENCH_ARGS=--quick for ~10,
 # BENCH_ARGS='--soak 300' for the 5-minute memory check). Writes bench/results/.
 .PHONY: bench
 bench: install $(VENV)/.bench-installed

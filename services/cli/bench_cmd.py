@@ -18,7 +18,7 @@ app = typer.Typer()
 
 @app.command("bench")
 def bench(
-    quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes: a couple of minutes instead of ~10.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes: ~10 minutes instead of ~20.")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="Tiny sizes: proves every section runs (tests).")] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Where to write bench-<time>.json/.png and latest.json/.png (default: bench/results).")] = None,

@@ -22,8 +22,8 @@ Headers = list[tuple[str, bytes]]
 
 
 # Ids come from `random.getrandbits` (Mersenne Twister, seeded from os.urandom and reseeded in
-# every forked child) rather than uuid.uuid4() / os.urandom: those make a system call per id,
-# which was a tenth of a consumer's time per event. The ids must be unique, not unguessable.
+# every forked child) rather than uuid.uuid4() / os.urandom, which make a system call per id:
+# two per event on a consumer's hot path. The ids must be unique, not unguessable.
 _bits = random.getrandbits
 
 

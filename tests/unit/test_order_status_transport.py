@@ -74,3 +74,16 @@ def test_the_worker_consumer_waits_on_fetches_as_configured(tmp_path) -> None:
     consumer = asyncio.run(build())
     assert isinstance(app.consumer, transport.Consumer)
     assert consumer._fetch_max_wait_ms == 40
+
+
+def test_the_rocksdb_store_opens_with_bounded_buffers(tmp_path) -> None:
+    """Faust's RocksDB defaults (3 x 64 MB write buffers, a 2 GB block cache per partition) let
+    the worker's memory climb by hundreds of MB before a flush; the table sets its own."""
+    from streams.order_status.app import ROCKSDB_OPTIONS, create_app
+
+    app = create_app("127.0.0.1:9", data_dir=tmp_path, web_port=6066, store="rocksdb://")
+    table = app.tables["order-status"]
+    options = table.data.rocksdb_options
+    assert options.write_buffer_size == ROCKSDB_OPTIONS["write_buffer_size"] == 4 * 1024**2
+    assert options.max_write_buffer_number == 2
+    assert options.block_cache_size == 16 * 1024**2

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     # soon as data arrives, so this only sets how often an idle consumer asks; the embedded
     # broker (Tansu) always waits it out, so every hop of the pipeline waited ~half of it
     # (librdkafka's default 500 ms; Faust's worker 1,500 ms). Lower: less latency on Tansu,
-    # more fetch requests (on Tansu 100 ms cost ~25% of end-to-end capacity; see the README).
+    # more fetch requests (on Tansu 100 ms about doubled the broker's CPU per order; see the README).
     fetch_wait_max_ms: int = 100
     relay_batch_size: int = 500
     relay_poll_interval_s: float = 0.05

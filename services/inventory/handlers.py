@@ -32,9 +32,10 @@ def reserve_stock(event: OrderCreated, uow: UnitOfWork) -> list[Event]:
             f"{m.sku} (requested {m.requested}, available {m.available})" for m in missing)
         return [StockRejected(order_id=event.order_id, reason=reason, missing=missing, rejected_at=uow.now)]
     taken = sorted(wanted.items())  # sorted: a stable lock order across instances
-    uow.conn.execute(_TAKE, [{"line_sku": sku, "qty": qty} for sku, qty in taken])
-    uow.conn.execute(_RESERVE, [{"order_id": event.order_id, "sku": sku, "quantity": qty, "reserved_at": uow.now}
-                                for sku, qty in taken])
+    if taken:  # an executemany with no rows would run the statement once, without parameters
+        uow.conn.execute(_TAKE, [{"line_sku": sku, "qty": qty} for sku, qty in taken])
+        uow.conn.execute(_RESERVE, [{"order_id": event.order_id, "sku": sku, "quantity": qty,
+                                     "reserved_at": uow.now} for sku, qty in taken])
     lines = [ReservedLine(sku=sku, quantity=qty) for sku, qty in sorted(wanted.items())]
     return [StockReserved(order_id=event.order_id, lines=lines, reserved_at=uow.now)]
 

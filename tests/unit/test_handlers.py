@@ -116,6 +116,15 @@ def test_inventory_can_reserve_the_last_unit(inventory_db):
     assert stock_levels(inventory_db)["SKU-2"] == (0, 5)
 
 
+def test_inventory_reserves_an_order_without_lines_as_nothing(inventory_db):
+    event = order()
+
+    out, _ = handle(inventory_db, inventory.reserve_stock, event)
+
+    assert out == [StockReserved(order_id=event.order_id, reserved_at=NOW, lines=[])]
+    assert stock_levels(inventory_db) == {"SKU-1": (10, 0), "SKU-2": (5, 0)}
+
+
 def test_inventory_rejects_the_whole_order_when_one_line_is_short(inventory_db):
     event = order(("SKU-1", 3, "2.00"), ("SKU-2", 4, "5.00"), ("SKU-2", 2, "5.00"), ("SKU-NEW", 1, "1.00"))
 

@@ -1,5 +1,6 @@
 """Reading what the runtime wrote: every message of a topic (with its raw headers, to check
-that none is duplicated), and waiting for a condition."""
+that none is duplicated, or decoded headers, read to each partition's EOF), and waiting for a
+condition."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from conftest import unique_name
+from services.runtime.envelope import headers_to_dict
 
 WAIT_S = 30.0
 
@@ -46,6 +48,32 @@ def read_topic(bootstrap: str, topic: str) -> list[Received]:
                     pending.pop(m.partition(), None)
         assert not pending, f"could not read {topic} to its end"
         return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        client.close()
+
+
+def read_all(bootstrap: str, topic: str) -> list[tuple[int, int, str, bytes, dict]]:
+    """Every message in `topic` now: (partition, offset, key, value, headers as text).
+
+    Stops at each partition's EOF, which comes from the fetch response's high watermark (the
+    embedded broker's ListOffsets answer can fall short, see tail_cmd)."""
+    client = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("reader"), "enable.auto.commit": False,
+                       "enable.partition.eof": True, "fetch.wait.max.ms": 20, "log_level": 0})
+    try:
+        partitions = client.list_topics(topic, timeout=10).topics[topic].partitions
+        pending = set(partitions)
+        client.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        out = []
+        deadline = time.monotonic() + 15
+        while pending and time.monotonic() < deadline:
+            for m in client.consume(100, 0.2):
+                if m.error():
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        pending.discard(m.partition())
+                    continue
+                out.append((m.partition(), m.offset(), m.key().decode(), m.value(), headers_to_dict(m.headers())))
+        assert not pending, f"could not read {topic} to its end"
+        return sorted(out)
     finally:
         client.close()
 

@@ -24,11 +24,12 @@ from io import StringIO
 
 import pytest
 import typer
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from typer.testing import CliRunner
 
 from conftest import settings_for, unique_name
+from reading import read_all
 from services.cli.tail_cmd import app as tail_app
 from services.cli.tail_cmd import run_tail
 from services.runtime.admin import ensure_topics
@@ -36,7 +37,7 @@ from services.runtime.broker import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
 from services.runtime.db import make_engine
-from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_event_id
+from services.runtime.envelope import EVENT_ID, Envelope, new_event_id
 from services.runtime.events import OrderCreated
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.topology import ConsumerGroup, TopicSpec
@@ -154,32 +155,6 @@ def make_service(group: ConsumerGroup) -> tuple[Service, Table]:
         uow.conn.execute(effects.insert().values(event_id=uow.envelope.event_id, order_id=event.order_id))
 
     return Service(group, metadata, {OrderCreated: [record]}, batch_size=100), effects
-
-
-def read_all(bootstrap: str, topic: str) -> list:
-    """Every message in `topic` now: (partition, offset, key, value, headers).
-
-    Stops at each partition's EOF, which comes from the fetch response's high watermark (the
-    embedded broker's ListOffsets answer can fall short, see tail_cmd)."""
-    client = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("reader"), "enable.auto.commit": False,
-                       "enable.partition.eof": True, "log_level": 0})
-    try:
-        partitions = client.list_topics(topic, timeout=10).topics[topic].partitions
-        pending = set(partitions)
-        client.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        out = []
-        deadline = time.monotonic() + 15
-        while pending and time.monotonic() < deadline:
-            for m in client.consume(100, 0.2):
-                if m.error():
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        pending.discard(m.partition())
-                    continue
-                out.append((m.partition(), m.offset(), m.key().decode(), m.value(), headers_to_dict(m.headers())))
-        assert not pending, f"could not read {topic} to its end"
-        return sorted(out)
-    finally:
-        client.close()
 
 
 def wait_until(condition, what: str, timeout: float = WAIT_S):

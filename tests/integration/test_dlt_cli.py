@@ -21,10 +21,11 @@ from decimal import Decimal
 
 import pytest
 from aiokafka.partitioner import murmur2
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from typer.testing import CliRunner
 
 from conftest import settings_for, unique_name
+from reading import read_all
 from services.cli.main import app
 from services.ops.audit import AuditLog
 from services.ops.broker import OPS_GROUP, OpsKafka
@@ -35,7 +36,7 @@ from services.runtime import topology
 from services.runtime.admin import ensure_topics
 from services.runtime.broker import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_event_id
+from services.runtime.envelope import EVENT_ID, Envelope, new_event_id
 from services.runtime.kafka import make_producer
 from services.runtime.topology import ConsumerGroup, TopicSpec
 
@@ -161,28 +162,6 @@ def make_scenario(bootstrap: str, monkeypatch, replays: dict[str, int] | None = 
         assert err is None, err
         s.letters[letter_name].offset = msg.offset()
     return s
-
-
-def read_all(bootstrap: str, topic: str) -> list[tuple[int, int, str, bytes, dict]]:
-    client = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("reader"), "enable.auto.commit": False,
-                       "enable.partition.eof": True, "fetch.wait.max.ms": 20, "log_level": 0})
-    try:
-        partitions = client.list_topics(topic, timeout=10).topics[topic].partitions
-        pending = set(partitions)
-        client.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        out = []
-        deadline = time.monotonic() + 15
-        while pending and time.monotonic() < deadline:
-            for m in client.consume(100, 0.2):
-                if m.error():
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        pending.discard(m.partition())
-                    continue
-                out.append((m.partition(), m.offset(), m.key().decode(), m.value(), headers_to_dict(m.headers())))
-        assert not pending, f"could not read {topic} to its end"
-        return sorted(out)
-    finally:
-        client.close()
 
 
 def replayed_names(s: Scenario, topic: str) -> list[str]:

@@ -29,7 +29,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from typer.testing import CliRunner
 
 from conftest import settings_for, unique_name
-from reading import read_all
+from reading import read_all, wait_until
 from services.cli.tail_cmd import app as tail_app
 from services.cli.tail_cmd import run_tail
 from services.runtime.admin import ensure_topics
@@ -157,15 +157,6 @@ def make_service(group: ConsumerGroup) -> tuple[Service, Table]:
     return Service(group, metadata, {OrderCreated: [record]}, batch_size=100), effects
 
 
-def wait_until(condition, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
-    return value
-
-
 @dataclass
 class Outcome:
     effects: Counter  # event id -> how many effect rows
@@ -200,13 +191,13 @@ def consumed(scenario: Scenario, tmp_path_factory) -> Outcome:
     thread = threading.Thread(target=run, name="bad-input-consumer", daemon=True)
     thread.start()
     try:
-        wait_until(lambda: len(effect_event_ids()) >= len(scenario.good()), "every good event")
+        wait_until(lambda: len(effect_event_ids()) >= len(scenario.good()), what="every good event")
         wait_until(lambda: len(read_all(scenario.bootstrap, scenario.dlt)) >= len(scenario.bad()),
-                   "every bad message in the dead-letter topic")
+                   what="every bad message in the dead-letter topic")
         # Still running: one more good event on each partition is processed.
         producer = make_producer(settings)
         later = [produce(producer, scenario.source, p, "good") for p in LAYOUT]
-        wait_until(lambda: {s.event_id for s in later} <= set(effect_event_ids()), "events after the bad ones")
+        wait_until(lambda: {s.event_id for s in later} <= set(effect_event_ids()), what="events after the bad ones")
         alive = thread.is_alive() and not crashed
     finally:
         stop.set()

@@ -10,7 +10,8 @@ GC_YOUNG_THRESHOLD = 20_000
 
 
 def tune_gc() -> None:
-    """Call once start-up is done. Everything built so far (modules, schemas, validators, table
+    """Call once start-up is done (in-process callers: before creating objects that must be
+    collected when they return, such as Kafka clients). Everything built so far (modules, schemas, validators, table
     metadata) lives as long as the process: `gc.freeze()` takes it out of every collection. A
     consumer allocates a few dozen short-lived objects per event, which reference counting
     frees; with the default threshold the cycle collector still ran every ~700 allocations and

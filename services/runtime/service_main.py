@@ -68,6 +68,9 @@ def run_service(build: Callable[[Runtime], Service], service_name: str, settings
     # the environment's worker controls for this service (ORDERPIPE_WORKERS__<NAME>__...) win
     service.controls = service.controls.with_settings(settings.workers.get(service_name),
                                                       service.group.retry_delays_s)
+    # Before the Kafka clients exist: frozen objects are never collected, and a run_service
+    # called in-process (tests) must leave no client behind when it returns.
+    tune_gc()
     relay_thread = start_relay(runtime, service_name, service.outbox, stop)
     stats = ConsumerStats(service.group.name)  # lag gauges and the loop's heartbeat, fed from consume()
     consumer = ServiceConsumer(
@@ -77,7 +80,6 @@ def run_service(build: Callable[[Runtime], Service], service_name: str, settings
         runtime.codec,
         alerter=Alerter(service.group.name, settings.alert_webhook_url),
     )
-    tune_gc()
     log.info("service started", extra={"group": service.group.name, "topics": consumer.topics(),
                                        "controls": repr(service.controls)})
     # Live while the loop polls (a batch may take up to max.poll.interval.ms) and the relay runs.

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up test test-unit test-integration test-e2e chaos clean
+.PHONY: install demo up test test-unit test-integration test-e2e test-brokers chaos chaos-kafka clean
 
 install: $(STAMP)
 
@@ -21,17 +21,27 @@ demo: install
 up: install
 	$(VENV)/bin/orderpipe up
 
+# The unit tier once; the integration and e2e tiers once on each broker (BROKERS=kafka for one).
+# Apache Kafka is assembled from Maven Central on first use (needs Java 17+ and Maven).
+BROKERS ?= embedded kafka
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest tests/unit
+	$(MAKE) --no-print-directory test-brokers
+
+test-brokers: install
+	@status=0; for broker in $(BROKERS); do \
+		echo "== integration and e2e tiers on the $$broker broker"; \
+		$(PY) -m pytest tests/integration tests/e2e --broker $$broker || status=1; \
+	done; exit $$status
 
 test-unit: install
 	$(PY) -m pytest tests/unit
 
 test-integration: install
-	$(PY) -m pytest tests/integration
+	$(PY) -m pytest tests/integration --broker $(firstword $(BROKERS))
 
 test-e2e: install
-	$(PY) -m pytest tests/e2e
+	$(PY) -m pytest tests/e2e --broker $(firstword $(BROKERS))
 
 # The crash test (tests/e2e/test_crash.py), longer: more orders, more SIGKILLs per process.
 CHAOS_ORDERS ?= 2000

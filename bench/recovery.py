@@ -19,7 +19,7 @@ import httpx
 
 from bench import consumers
 from services.runtime.admin import ensure_topics
-from services.runtime.broker import EmbeddedBroker
+from services.runtime.brokers import EmbeddedBroker
 from services.runtime.settings import Settings
 from services.runtime.topology import ORDERS_CREATED
 

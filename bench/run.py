@@ -26,7 +26,7 @@ from rich.console import Console
 from bench import consumers, e2e, raw, recovery, relay
 from bench.common import DEFAULT_POSTGRES_URL, machine_info, postgres_reachable, scratch_postgres, sizes_for
 from bench.report import print_report, rows, targets, write_chart, write_json
-from services.runtime.broker import EmbeddedBroker
+from services.runtime.brokers import EmbeddedBroker
 from services.runtime.settings import Settings
 
 SECTIONS = ("raw", "relay", "consumer", "naive", "e2e", "recovery")

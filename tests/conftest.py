@@ -1,14 +1,18 @@
 """Shared fixtures: one Kafka-protocol broker per session, and fresh databases per test.
 
-Broker, in order of preference:
-1. `KAFKA_BOOTSTRAP_SERVERS`, when set (a real cluster: CI or a developer's docker-compose);
-2. a testcontainers `KafkaContainer`, when a Docker engine answers within a few seconds;
-3. the embedded Tansu broker (`services.runtime.broker.EmbeddedBroker`), memory only.
+The broker is picked with `--broker` (or `ORDERPIPE_TEST_BROKER`): `make test` runs the
+integration and e2e tiers once with each.
+- `embedded` (default): the Tansu broker (`services.runtime.brokers.EmbeddedBroker`), memory only;
+- `kafka`: Apache Kafka, one KRaft node: a testcontainers `KafkaContainer` of the pinned version
+  when a Docker engine answers within a few seconds, else the local Apache Kafka assembled
+  from Maven Central (`services.runtime.brokers.LocalKafka`);
+- `KAFKA_BOOTSTRAP_SERVERS`, when set, overrides both (a cluster you run yourself).
 The choice is shown in the pytest header and again in the summary.
 
 Tests share that broker, so each one uses its own consumer group and, where it reads its own
 input, its own topics (`private_group`). Database tests take `database_url`, which runs them
-once on SQLite and once on PostgreSQL.
+once on SQLite and once on PostgreSQL. Tests that need a cluster of their own (three nodes,
+broker failures) take `kafka_cluster`.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import functools
 import gc
 import json
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -33,6 +39,17 @@ from services.runtime.settings import Settings
 from services.runtime.topology import ConsumerGroup, TopicSpec
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+BROKERS = ("embedded", "kafka")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--broker", choices=BROKERS, default=os.environ.get("ORDERPIPE_TEST_BROKER") or "embedded",
+                     help="the broker the integration and e2e tiers run on (default: embedded, or "
+                          "ORDERPIPE_TEST_BROKER); KAFKA_BOOTSTRAP_SERVERS overrides it")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
 
 
 # -- broker -----------------------------------------------------------------------------------
@@ -40,8 +57,12 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 @dataclass(frozen=True)
 class BrokerPlan:
-    kind: str  # "external" | "testcontainers" | "embedded"
+    kind: str  # "external" | "testcontainers" | "local-kafka" | "embedded"
     detail: str
+
+    @property
+    def is_apache_kafka(self) -> bool:
+        return self.kind in ("testcontainers", "local-kafka")
 
 
 def _docker_answers(timeout: float = 5.0) -> bool:
@@ -60,14 +81,25 @@ def _docker_answers(timeout: float = 5.0) -> bool:
         return False
 
 
+_option: dict[str, str] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _option["broker"] = config.getoption("--broker")
+
+
 @functools.cache
 def broker_plan() -> BrokerPlan:
+    from services.runtime.brokers import KAFKA_VERSION
+
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     if bootstrap:
         return BrokerPlan("external", f"KAFKA_BOOTSTRAP_SERVERS={bootstrap}")
+    if _option.get("broker", "embedded") == "embedded":
+        return BrokerPlan("embedded", "embedded Tansu broker")
     if _docker_answers():
-        return BrokerPlan("testcontainers", "Kafka in a testcontainers KafkaContainer")
-    return BrokerPlan("embedded", "embedded Tansu broker (no KAFKA_BOOTSTRAP_SERVERS, no Docker engine)")
+        return BrokerPlan("testcontainers", f"Apache Kafka {KAFKA_VERSION} in a testcontainers KafkaContainer")
+    return BrokerPlan("local-kafka", f"local Apache Kafka {KAFKA_VERSION}, one KRaft node (no Docker engine)")
 
 
 _chosen: dict[str, str] = {}
@@ -92,12 +124,15 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     elif plan.kind == "testcontainers":
         from testcontainers.kafka import KafkaContainer
 
-        container = KafkaContainer().start()
+        from services.runtime.brokers import KAFKA_VERSION
+
+        container = KafkaContainer(f"apache/kafka:{KAFKA_VERSION}").start()
         bootstrap, stop = container.get_bootstrap_server(), container.stop
     else:
-        from services.runtime.broker import EmbeddedBroker
+        from services.runtime.brokers import local_broker
 
-        broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("broker") / "broker.log").start()
+        kind = "kafka" if plan.kind == "local-kafka" else "embedded"
+        broker = local_broker(kind, tmp_path_factory.mktemp("broker")).start()
         bootstrap, stop = broker.bootstrap_servers, broker.stop
     _chosen.update(kind=plan.kind, bootstrap=bootstrap)
     try:
@@ -106,6 +141,36 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         gc.collect()  # destroy the tests' leftover clients first: no reconnect noise from them
         stop()
+
+
+@pytest.fixture
+def apache_kafka_only() -> None:
+    """For tests of what only Apache Kafka does (compaction, replication, outside clients):
+    they run in the `--broker kafka` pass of `make test`."""
+    if not broker_plan().is_apache_kafka:
+        pytest.skip(f"needs Apache Kafka; this run uses the {broker_plan().detail} (run with --broker kafka)")
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path: Path, apache_kafka_only) -> Iterator[Callable[..., object]]:
+    """Factory: a local Apache Kafka of its own for one test, `nodes` 1 or 3, extra broker
+    `settings`; stopped (and its folder removed) after the test."""
+    from services.runtime.brokers import LocalKafka
+
+    clusters: list[LocalKafka] = []
+
+    def make(nodes: int = 3, settings: dict[str, str] | None = None) -> LocalKafka:
+        cluster = LocalKafka(tmp_path / f"kafka-{len(clusters)}", nodes=nodes, settings=settings)
+        clusters.append(cluster)
+        cluster.start()
+        ensure_topics({"bootstrap.servers": cluster.bootstrap_servers})
+        return cluster
+
+    yield make
+    gc.collect()
+    for cluster in clusters:
+        cluster.stop()
+        shutil.rmtree(cluster.data_dir, ignore_errors=True)
 
 
 def settings_for(bootstrap: str, **overrides) -> Settings:
@@ -154,7 +219,7 @@ def postgres_url() -> str:
     except Exception as exc:
         reason = " ".join(str(exc).split())[:200]
         message = f"PostgreSQL not reachable at {url} ({type(exc).__name__}: {reason}): set ORDERPIPE_TEST_POSTGRES_URL"
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return url

@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import threading
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +45,15 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+class BrokerKind(str, Enum):
+    embedded = "embedded"
+    kafka = "kafka"
+
+
+BrokerOption = Annotated[BrokerKind, typer.Option(
+    "--broker", envvar="ORDERPIPE_BROKER", case_sensitive=False,
+    help="Local broker to start when KAFKA_BOOTSTRAP_SERVERS is unset: embedded (Tansu, in memory, needs only "
+         "Python) or kafka (Apache Kafka in <data-dir>/kafka, durable; needs Java 17+ and Maven).")]
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder for the SQLite databases, invoices, mail and logs.",
                                        envvar="ORDERPIPE_DATA_DIR")]
 
@@ -53,14 +63,19 @@ DataDir = Annotated[Path, typer.Option("--data-dir", help="Folder for the SQLite
 @app.command()
 def up(
     data_dir: DataDir = Path(".data"),
+    broker: BrokerOption = BrokerKind.embedded,
     fresh: Annotated[bool, typer.Option(help="Delete the data folder first (required after an embedded run).")] = False,
     api_port: Annotated[int, typer.Option(help="Port of the orders HTTP API.", envvar="ORDERPIPE_API_PORT")] = 8000,
     status_port: Annotated[int, typer.Option(help="Port of the order-status view (Faust web).")] = 6066,
 ) -> None:
-    """Start the whole pipeline (embedded broker unless KAFKA_BOOTSTRAP_SERVERS is set) until Ctrl-C."""
+    """Start the whole pipeline (a local broker unless KAFKA_BOOTSTRAP_SERVERS is set) until Ctrl-C.
+
+    With --broker kafka, stopping and starting again on the same --data-dir continues where it
+    left off: orders accepted and not yet finished complete after the restart."""
     from services.cli.stack import Stack
 
-    stack = Stack(Settings(), data_dir=data_dir, fresh=fresh, api_port=api_port, status_port=status_port)
+    stack = Stack(Settings(), data_dir=data_dir, broker=broker.value, fresh=fresh, api_port=api_port,
+                  status_port=status_port, progress=_progress)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -81,9 +96,13 @@ def up(
         console.print("stopped")
 
 
+def _progress(line: str) -> None:
+    console.log(line)
+
+
 def _start_stack(stack):
     from services.cli.stack import StackError
-    from services.runtime.broker import BrokerUnavailable
+    from services.runtime.brokers import BrokerUnavailable
 
     try:
         return stack.start()
@@ -93,8 +112,9 @@ def _start_stack(stack):
 
 def _print_stack(info) -> None:
     table = Table(title="orderpipe", show_header=False)
-    table.add_row("broker", f"{info.bootstrap_servers} ({'embedded, in memory' if info.embedded else 'external'}, "
-                            f"cluster {info.cluster_id})")
+    what = {"embedded": "embedded Tansu, in memory", "kafka": f"local Apache Kafka, logs in {info.data_dir / 'kafka'}",
+            "external": "external"}[info.broker]
+    table.add_row("broker", f"{info.bootstrap_servers} ({what}, cluster {info.cluster_id})")
     table.add_row("orders API", f"{info.api_url}  (POST /orders, GET /orders/{{id}}, /docs)")
     table.add_row("order-status view", f"{info.status_url}/status/{{id}}/")
     if info.smtp:
@@ -111,6 +131,7 @@ def _print_stack(info) -> None:
 def demo(
     orders: Annotated[int, typer.Option("--orders", "-n", min=1, help="How many sample orders to place.")] = 100,
     data_dir: DataDir = Path(".data/demo"),
+    broker: BrokerOption = BrokerKind.embedded,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every order to finish.")] = 120.0,
     seed: Annotated[int, typer.Option(help="Random seed for the sample orders.")] = 7,
     fail_rate: Annotated[float, typer.Option(
@@ -121,7 +142,8 @@ def demo(
     from services.cli.demo import demo_env, run_demo
     from services.cli.stack import Stack
 
-    stack = Stack(Settings(), data_dir=data_dir, fresh=True, extra_env=demo_env(fail_rate))
+    stack = Stack(Settings(), data_dir=data_dir, broker=broker.value, fresh=True, extra_env=demo_env(fail_rate),
+                  progress=_progress)
     try:
         with console.status("starting broker, topics and services..."):
             info = _start_stack(stack)
@@ -233,7 +255,7 @@ def status(
 def topics_create() -> None:
     """Create every declared topic (idempotent: existing topics are left alone)."""
     from services.runtime.admin import ensure_topics
-    from services.runtime.broker import BrokerUnavailable, wait_for_broker
+    from services.runtime.brokers import BrokerUnavailable, wait_for_broker
 
     settings = Settings()
     if not settings.kafka_bootstrap_servers:

@@ -1,6 +1,7 @@
 """The whole pipeline as supervised processes: what `orderpipe up` and `orderpipe demo` start.
 
-Broker (embedded unless KAFKA_BOOTSTRAP_SERVERS is set), topics, SMTP sink, the orders API and
+Broker (a local one of the chosen kind, embedded Tansu or Apache Kafka, unless
+KAFKA_BOOTSTRAP_SERVERS points at a cluster), topics, SMTP sink, the orders API and
 relay, the four consumer services and the Faust order-status worker. Every child dies with us
 (PR_SET_PDEATHSIG), and `stop()` ends them gracefully.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from services.runtime.admin import ensure_topics
-from services.runtime.broker import EmbeddedBroker, free_port, wait_for_broker
+from services.runtime.brokers import LocalBroker, free_port, local_broker, wait_for_broker
 from services.runtime.settings import Settings
 from services.runtime.supervisor import ProcessSpec, Supervisor
 
@@ -34,6 +35,7 @@ class StackInfo:
     bootstrap_servers: str
     cluster_id: str
     embedded: bool
+    broker: str  # "embedded" | "kafka" (started here) | "external"
     data_dir: Path
     api_url: str
     status_url: str
@@ -66,22 +68,26 @@ def check_data_dir(data_dir: Path, cluster_id: str, embedded: bool, fresh: bool)
             raise StackError(
                 f"data folder {data_dir} holds databases from an earlier run and {what}. "
                 f"Run again with --fresh to start from a clean data folder (this deletes {data_dir}), "
-                "or use another --data-dir; for durable runs point KAFKA_BOOTSTRAP_SERVERS at a real Kafka cluster.")
+                "or use another --data-dir; for durable runs use --broker kafka (a local Apache Kafka in the data "
+                "folder) or point KAFKA_BOOTSTRAP_SERVERS at a Kafka cluster.")
     data_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"cluster_id": cluster_id, "embedded": embedded}))
 
 
 class Stack:
-    def __init__(self, settings: Settings, *, data_dir: Path, fresh: bool = False, api_port: int | None = None,
-                 status_port: int | None = None, smtp_sink: bool = True, extra_env: dict[str, str] | None = None):
+    def __init__(self, settings: Settings, *, data_dir: Path, broker: str = "embedded", fresh: bool = False,
+                 api_port: int | None = None, status_port: int | None = None, smtp_sink: bool = True,
+                 extra_env: dict[str, str] | None = None, progress=lambda line: None):
         self.settings = settings
+        self.broker_kind = broker  # which local broker to start when KAFKA_BOOTSTRAP_SERVERS is unset
+        self.progress = progress
         self.data_dir = data_dir.resolve()
         self.fresh = fresh
         self.api_port = api_port or free_port()
         self.status_port = status_port or free_port()
         self.smtp_sink = smtp_sink
         self.extra_env = extra_env or {}
-        self.broker: EmbeddedBroker | None = None
+        self.broker: LocalBroker | None = None
         self.supervisor: Supervisor | None = None
         self.info: StackInfo | None = None
 
@@ -94,19 +100,22 @@ class Stack:
 
     def _start(self, timeout: float) -> StackInfo:
         log_dir = self.data_dir / "logs"
-        embedded = not self.settings.kafka_bootstrap_servers
-        if embedded:
-            # check the data folder before starting anything: a new embedded broker is always new
-            if not self.fresh and self.data_dir.exists() and any(p.suffix == ".db" for p in self.data_dir.iterdir()):
-                check_data_dir(self.data_dir, "a new embedded broker", True, False)
+        if self.settings.kafka_bootstrap_servers:
+            kind, embedded = "external", False
+            bootstrap = self.settings.kafka_bootstrap_servers
+            cluster_id = wait_for_broker(bootstrap, timeout=15)
+        else:
             if self.fresh and self.data_dir.exists():
                 shutil.rmtree(self.data_dir)
             log_dir.mkdir(parents=True, exist_ok=True)
-            self.broker = EmbeddedBroker(log_path=log_dir / "broker.log").start()
+            # Apache Kafka keeps its logs in the data folder, beside the databases they belong to.
+            self.broker = local_broker(self.broker_kind, self.data_dir / "kafka" if self.broker_kind == "kafka" else log_dir)
+            kind, embedded = self.broker.kind, self.broker.embedded
+            if embedded and any(p.suffix == ".db" for p in self.data_dir.iterdir()):
+                # check before starting anything: a new embedded broker is always new
+                check_data_dir(self.data_dir, "a new embedded broker", True, False)
+            self.broker.start(progress=self.progress)
             bootstrap, cluster_id = self.broker.bootstrap_servers, self.broker.cluster_id
-        else:
-            bootstrap = self.settings.kafka_bootstrap_servers
-            cluster_id = wait_for_broker(bootstrap, timeout=15)
         check_data_dir(self.data_dir, cluster_id, embedded, fresh=False)
         log_dir.mkdir(parents=True, exist_ok=True)
         ensure_topics({"bootstrap.servers": bootstrap, **self.settings.extra_client_config})
@@ -144,7 +153,7 @@ class Stack:
 
         self._wait_http(f"{api_url}/healthz", "orders-api", timeout)
         self._wait_http(f"{status_url}/status/", "order-status", timeout)
-        self.info = StackInfo(bootstrap, cluster_id, embedded, self.data_dir, api_url, status_url, smtp, maildir,
+        self.info = StackInfo(bootstrap, cluster_id, embedded, kind, self.data_dir, api_url, status_url, smtp, maildir,
                               log_dir, self.supervisor.pids(), health)
         return self.info
 

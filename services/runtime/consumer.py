@@ -738,7 +738,7 @@ class ServiceConsumer:
 
     def _check_error(self, msg: Message) -> bool:
         if msg.error():
-            log.warning("consumer error", extra={"group": self.group.name, "error": str(msg.error())})
+            log.warning("consumer error: %s", msg.error(), extra={"group": self.group.name, "error": str(msg.error())})
             return False
         return True
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from services.runtime.broker import free_port
+from services.runtime.brokers import free_port
 from services.runtime.supervisor import die_with_parent
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.runtime.broker import free_port
+from services.runtime.brokers import free_port
 
 pytestmark = pytest.mark.e2e
 

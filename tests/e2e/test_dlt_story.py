@@ -34,7 +34,7 @@ from services.ops.broker import OpsKafka
 from services.ops.deadletters import dlt_topics
 from services.ops.lag import consumer_lag
 from services.ops.reprocess import Selection, collect
-from services.runtime.broker import free_port
+from services.runtime.brokers import free_port
 from services.runtime.settings import Settings
 from services.runtime.topology import group
 

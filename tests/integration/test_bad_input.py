@@ -33,7 +33,7 @@ from reading import read_all, wait_until
 from services.cli.tail_cmd import app as tail_app
 from services.cli.tail_cmd import run_tail
 from services.runtime.admin import ensure_topics
-from services.runtime.broker import free_port
+from services.runtime.brokers import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
 from services.runtime.db import make_engine

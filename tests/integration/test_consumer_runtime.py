@@ -552,7 +552,7 @@ def test_relay_publishes_a_lower_seq_row_that_commits_late(kafka_bootstrap, outb
 
 
 def _closed_port() -> int:
-    from services.runtime.broker import free_port
+    from services.runtime.brokers import free_port
 
     return free_port()
 

@@ -34,7 +34,7 @@ from services.ops.reprocess import Reprocessor, Selection, collect, plan_replay
 from services.runtime import consumer as rt
 from services.runtime import topology
 from services.runtime.admin import ensure_topics
-from services.runtime.broker import free_port
+from services.runtime.brokers import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import EVENT_ID, Envelope, new_event_id
 from services.runtime.kafka import make_producer

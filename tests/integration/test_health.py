@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import MetaData
 
 from conftest import settings_for
-from services.runtime.broker import free_port
+from services.runtime.brokers import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import Service, UnitOfWork
 from services.runtime.envelope import Envelope, new_event_id

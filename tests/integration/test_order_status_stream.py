@@ -28,7 +28,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.orders.api import StatusClient
 from services.runtime.admin import ensure_topics
-from services.runtime.broker import EmbeddedBroker
+from services.runtime.brokers import EmbeddedBroker
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_event_id

@@ -13,72 +13,21 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import IO
 
+from services.runtime.brokers.probe import BrokerUnavailable, PortTaken, free_port, wait_for_broker
 from services.runtime.supervisor import die_with_parent
-
-
-class BrokerUnavailable(RuntimeError):
-    """No broker answered, or the embedded broker could not be started."""
-
-
-class _PortTaken(BrokerUnavailable):
-    """Our broker could not have the port (it exited, or another broker answers there)."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the OS may hand it out again later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _probe(bootstrap_servers: str, timeout: float) -> str:
-    """One metadata request; return the cluster id or raise with the reason."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    # A plain TCP connect first: it fails fast and quietly while the broker is still binding,
-    # where librdkafka would log a "Connection refused" line to stderr on every attempt.
-    host, _, port = bootstrap_servers.split(",")[0].strip().rpartition(":")
-    with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-        pass
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
-    try:
-        metadata = admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise OSError(str(exc.args[0]) if exc.args else str(exc)) from exc
-    return metadata.cluster_id or ""
-
-
-def wait_for_broker(bootstrap_servers: str, timeout: float = 30.0) -> str:
-    """Block until a metadata request answers; return the cluster id.
-
-    Raises BrokerUnavailable with a one-line message when nothing answers within `timeout`.
-    """
-    deadline = time.monotonic() + timeout
-    last_error = "no attempt made"
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise BrokerUnavailable(
-                f"no Kafka broker answered at {bootstrap_servers} within {timeout:g}s "
-                f"(last error: {last_error})"
-            )
-        try:
-            return _probe(bootstrap_servers, min(remaining, 2.0))
-        except (OSError, ValueError) as exc:
-            last_error = str(exc) or type(exc).__name__
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 class EmbeddedBroker:
     """A Tansu broker on 127.0.0.1, memory-only, started and stopped by this process."""
+
+    embedded = True  # memory only: a restart is a new, empty broker
+    kind = "embedded"
 
     def __init__(
         self,
@@ -103,7 +52,7 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self, timeout: float = 30.0) -> EmbeddedBroker:
+    def start(self, timeout: float = 30.0, progress=lambda line: None) -> EmbeddedBroker:
         if self._proc is not None and self._proc.poll() is None:
             return self
         if self._starts and self._fixed_cluster_id is None:
@@ -119,7 +68,7 @@ class EmbeddedBroker:
             try:
                 self._wait_ready(timeout)
                 return self
-            except _PortTaken:
+            except PortTaken:
                 self.stop()
                 if attempt == attempts - 1:
                     raise
@@ -161,7 +110,7 @@ class EmbeddedBroker:
             code = self._proc.poll()
             if code is not None:
                 where = f"; see {self.log_path}" if self.log_path else ""
-                raise _PortTaken(
+                raise PortTaken(
                     f"embedded broker exited with code {code} while starting on "
                     f"{self.bootstrap_servers}{where}"
                 )
@@ -179,7 +128,7 @@ class EmbeddedBroker:
                 continue
             if found != self.cluster_id:
                 # Something else answered on our port: never run the pipeline against it.
-                raise _PortTaken(
+                raise PortTaken(
                     f"the broker on {self.bootstrap_servers} has cluster id {found!r}, "
                     f"expected {self.cluster_id!r}: the port is taken by another broker"
                 )

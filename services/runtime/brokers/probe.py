@@ -1,0 +1,69 @@
+"""Is a Kafka-protocol broker answering? Shared by both local brokers and by `orderpipe up` on
+an external cluster: nothing here depends on which broker answers."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker answered, or a local broker could not be started."""
+
+
+class PortTaken(BrokerUnavailable):
+    """Our broker could not have the port (it exited, or another broker answers there)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the OS may hand it out again later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _probe(bootstrap_servers: str, timeout: float) -> str:
+    """One metadata request; return the cluster id or raise with the reason."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    # A plain TCP connect first: it fails fast and quietly while the broker is still binding,
+    # where librdkafka would log a "Connection refused" line to stderr on every attempt. Any
+    # listed server will do: in a cluster, some may be down.
+    errors = []
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+                break
+        except OSError as exc:
+            errors.append(exc)
+    else:
+        raise errors[-1]
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise OSError(str(exc.args[0]) if exc.args else str(exc)) from exc
+    return metadata.cluster_id or ""
+
+
+def wait_for_broker(bootstrap_servers: str, timeout: float = 30.0) -> str:
+    """Block until a metadata request answers; return the cluster id.
+
+    Raises BrokerUnavailable with a one-line message when nothing answers within `timeout`.
+    """
+    deadline = time.monotonic() + timeout
+    last_error = "no attempt made"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BrokerUnavailable(
+                f"no Kafka broker answered at {bootstrap_servers} within {timeout:g}s "
+                f"(last error: {last_error})"
+            )
+        try:
+            return _probe(bootstrap_servers, min(remaining, 2.0))
+        except (OSError, ValueError) as exc:
+            last_error = str(exc) or type(exc).__name__
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))

@@ -143,6 +143,13 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop()
 
 
+@pytest.fixture(scope="session")
+def stack_broker() -> str:
+    """The local broker kind (`Stack(broker=...)`, `orderpipe up --broker`) for e2e tests whose
+    pipeline starts a broker of its own, as a user's `orderpipe up` does: the run's broker."""
+    return "kafka" if broker_plan().is_apache_kafka else "embedded"
+
+
 @pytest.fixture
 def apache_kafka_only() -> None:
     """For tests of what only Apache Kafka does (compaction, replication, outside clients):

@@ -1,5 +1,6 @@
 """`orderpipe up` as a user runs it: starts, prints where things are, stops on Ctrl-C with no
-orphans, and refuses a data folder left by an earlier embedded run."""
+orphans (the broker's JVMs included), refuses a data folder left by an earlier embedded run,
+and on the local Apache Kafka continues after a restart where it left off."""
 
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, func, select
 
+from services.cli.demo import sample_orders
+from services.invoice.tables import invoices
 from services.runtime.brokers import free_port
 
 pytestmark = pytest.mark.e2e
 
 
-def _orderpipe(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "COLUMNS": "300"}
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)  # this test is about the embedded mode
+def _orderpipe(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "COLUMNS": "300", **(env or {})}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)  # about the local brokers `up` starts itself
     return subprocess.Popen([sys.executable, "-m", "services.cli.main", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
@@ -47,21 +51,34 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_up_runs_until_ctrl_c_and_leaves_no_processes(tmp_path: Path):
-    api_port = free_port()
-    proc = _orderpipe("up", "--data-dir", str(tmp_path / "data"), "--api-port", str(api_port),
+def _start_up(data: Path, broker: str, api_port: int) -> tuple[subprocess.Popen, str]:
+    """`orderpipe up` until it says it is running; its output so far."""
+    proc = _orderpipe("up", "--broker", broker, "--data-dir", str(data), "--api-port", str(api_port),
                       "--status-port", str(free_port()))
     lines: list[str] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "pipeline is running" in line:
+            break
+    return proc, "".join(lines)
+
+
+def _ctrl_c(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, rest
+    assert "stopped" in rest
+    return rest
+
+
+def test_up_runs_until_ctrl_c_and_leaves_no_processes(tmp_path: Path, stack_broker: str):
+    api_port = free_port()
+    proc, output = _start_up(tmp_path / "data", stack_broker, api_port)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "pipeline is running" in line:
-                break
-        output = "".join(lines)
         assert "pipeline is running" in output, output
         for shown in ("broker", "orders API", "order-status view", "SMTP sink", "data folder", "logs"):
             assert shown in output
@@ -71,11 +88,10 @@ def test_up_runs_until_ctrl_c_and_leaves_no_processes(tmp_path: Path):
         printed = {int(p) for p in re.findall(r"\((\d+)\)", output)}
         assert printed <= children
 
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, rest
-        assert "stopped" in rest
-        time.sleep(0.5)
+        _ctrl_c(proc)
+        deadline = time.monotonic() + 10  # reaped by now; a zombie or two may still be collected
+        while [p for p in children if _alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not [p for p in children if _alive(p)], "processes left running after Ctrl-C"
     finally:
         if proc.poll() is None:
@@ -94,3 +110,71 @@ def test_up_refuses_databases_from_an_earlier_embedded_run(tmp_path: Path):
     assert "--fresh" in out and "in memory" in out
     assert "Traceback" not in out
     assert (data / "orders.db").exists(), "nothing is deleted without --fresh"
+
+
+def test_up_on_kafka_continues_after_a_restart_with_orders_in_flight(tmp_path: Path, apache_kafka_only):
+    """Stopped with orders accepted and not yet finished, `up --broker kafka` started again on
+    the same data folder finishes them: nothing lost, nothing done twice."""
+    data, api_port = tmp_path / "data", free_port()
+    samples = sample_orders(60, seed=3)
+    proc, output = _start_up(data, "kafka", api_port)
+    placed: dict[str, str] = {}  # order id -> expected final state
+    try:
+        assert "pipeline is running" in output, output
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as client:
+            for sample in samples:
+                response = client.post("/orders", json=sample.body)
+                assert response.status_code == 202, response.text
+                placed[response.json()["order_id"]] = sample.expected
+        _ctrl_c(proc)  # at once: most orders are still on their way
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    unfinished = _count_invoices(data) < sum(1 for e in placed.values() if e == "COMPLETED")
+    assert unfinished, "the stop came after every order had finished: the restart proves nothing"
+
+    proc, output = _start_up(data, "kafka", api_port)
+    try:
+        assert "pipeline is running" in output, output
+        assert "--fresh" not in output
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as client:
+            deadline = time.monotonic() + 120
+            states: dict[str, str] = {}
+            while time.monotonic() < deadline:
+                states = {oid: client.get(f"/orders/{oid}").json()["state"] for oid in placed}
+                if states == placed:
+                    break
+                time.sleep(0.5)
+            assert states == placed
+        # each effect once: one invoice per completed order, one mail per order
+        assert _count_invoices(data) == sum(1 for e in placed.values() if e == "COMPLETED")
+        mails = [p.read_text(errors="replace") for p in (data / "maildir").glob("*.eml")]
+        ids = re.findall(r"^Message-ID: (\S+)", "\n".join(mails), flags=re.MULTILINE | re.IGNORECASE)
+        assert len(ids) == len(placed) and len(set(ids)) == len(ids), "one mail per order, none sent twice"
+        _ctrl_c(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _count_invoices(data: Path) -> int:
+    engine = create_engine(f"sqlite:///{data / 'invoice.db'}")
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(invoices)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_up_on_kafka_without_java_says_what_is_missing(tmp_path: Path):
+    """No Java 17 on PATH: one line that says so, no traceback, nothing started."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python3").symlink_to(sys.executable)
+    proc = _orderpipe("up", "--broker", "kafka", "--data-dir", str(tmp_path / "data"),
+                      env={"PATH": str(bare), "ORDERPIPE_CACHE_DIR": str(tmp_path / "cache")})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "Java 17" in out and "Traceback" not in out

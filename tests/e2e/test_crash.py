@@ -26,12 +26,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(PLAN.timeout_s)]
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_sigkilled_workers_lose_nothing_and_do_nothing_twice(database: str, tmp_path: Path, request, capsys):
+def test_sigkilled_workers_lose_nothing_and_do_nothing_twice(database: str, tmp_path: Path, request, capsys,
+                                                            stack_broker: str):
     postgres_url = request.getfixturevalue("postgres_url") if database == "postgresql" else None
     data_dir = tmp_path / "data"
     with service_databases(database, postgres_url) as database_env:
         settings = settings_with(data_dir, database_env)
-        stack = Stack(settings, data_dir=data_dir, extra_env={**STACK_ENV, **database_env})
+        stack = Stack(settings, data_dir=data_dir, broker=stack_broker, extra_env={**STACK_ENV, **database_env})
         with stack as info:
             report = CrashRun(stack, info, settings, PLAN, database).run()
             check_outcomes(report, settings, info)

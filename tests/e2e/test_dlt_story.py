@@ -66,7 +66,7 @@ def states(client: httpx.Client, order_ids) -> dict[str, str]:
     return {oid: client.get(f"/orders/{oid}").json().get("state") for oid in order_ids}
 
 
-def test_dead_letters_are_replayed_once_the_fault_is_fixed(tmp_path: Path):
+def test_dead_letters_are_replayed_once_the_fault_is_fixed(tmp_path: Path, stack_broker: str):
     data_dir, maildir, smtp_port = tmp_path / "data", tmp_path / "maildir", free_port()
     env = {
         "ORDERPIPE_SMTP_HOST": "127.0.0.1", "ORDERPIPE_SMTP_PORT": str(smtp_port),
@@ -76,7 +76,7 @@ def test_dead_letters_are_replayed_once_the_fault_is_fixed(tmp_path: Path):
     samples = sample_orders(FIRST + SECOND, seed=5, reject_every=0)
     sink = SmtpSink(maildir, port=smtp_port).start()
     try:
-        with Stack(Settings(data_dir=data_dir), data_dir=data_dir, smtp_sink=False, extra_env=env) as info, \
+        with Stack(Settings(data_dir=data_dir), data_dir=data_dir, broker=stack_broker, smtp_sink=False, extra_env=env) as info, \
                 httpx.Client(base_url=info.api_url, timeout=10) as client:
             cli_env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": info.bootstrap_servers,
                        "ORDERPIPE_OPERATOR": "on-call", "COLUMNS": "200"}

@@ -57,12 +57,12 @@ def database_urls(request, tmp_path):
     admin.dispose()
 
 
-def test_orders_flow_end_to_end(tmp_path: Path, database_urls: dict[str, str]):
+def test_orders_flow_end_to_end(tmp_path: Path, database_urls: dict[str, str], stack_broker: str):
     data_dir = tmp_path / "data"
     overrides = {k.removeprefix("ORDERPIPE_").lower(): v for k, v in database_urls.items()}
     settings = Settings(data_dir=data_dir, **overrides)
     samples = sample_orders(ORDERS, seed=11)
-    with Stack(settings, data_dir=data_dir, extra_env=database_urls) as info:
+    with Stack(settings, data_dir=data_dir, broker=stack_broker, extra_env=database_urls) as info:
         pids = dict(info.processes)
         quiet = Console(file=open(os.devnull, "w"))
         with httpx.Client(base_url=info.api_url, timeout=10) as client, Progress(console=quiet) as progress:

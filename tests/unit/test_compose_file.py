@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from services.cli.main import SERVICE_PROCESSES
+from services.runtime.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
 from services.runtime.settings import SERVICES, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +24,8 @@ SERVICES_ = COMPOSE["services"]
 ORDERPIPE = {name: s for name, s in SERVICES_.items() if s.get("image") == "orderpipe:dev"}
 LONG_RUNNING = {name: s for name, s in ORDERPIPE.items() if s.get("restart") != "no"}
 ONE_SHOT = {name: s for name, s in ORDERPIPE.items() if s.get("restart") == "no"}
+KAFKA_NODES = ("kafka-1", "kafka-2", "kafka-3")
+BOOTSTRAP = ",".join(f"{node}:9092" for node in KAFKA_NODES)
 
 
 def _command(service: dict) -> list[str]:
@@ -51,23 +54,37 @@ def test_every_process_runs_in_its_own_container():
     assert any(c[:3] == ("python", "-m", "streams.order_status") for c in commands), "no order-status worker"
     assert ("topics", "create") in {tuple(_command(s)) for s in ONE_SHOT.values()}
     assert ("db", "upgrade", "all") in {tuple(_command(s)) for s in ONE_SHOT.values()}
-    for infra, image in (("kafka", "apache/kafka:"), ("schema-registry", "confluentinc/cp-schema-registry:"),
+    for infra, image in (*((node, "apache/kafka:") for node in KAFKA_NODES), ("schema-registry", "confluentinc/cp-schema-registry:"),
                          ("postgres", "postgres:"), ("mailpit", "axllent/mailpit:"), ("prometheus", "prom/prometheus:")):
         assert SERVICES_[infra]["image"].startswith(image)
 
 
-def test_kafka_runs_in_kraft_mode():
-    env = SERVICES_["kafka"]["environment"]
+@pytest.mark.parametrize("node", KAFKA_NODES)
+def test_kafka_runs_in_kraft_mode(node: str):
+    env = SERVICES_[node]["environment"]
     assert "broker" in env["KAFKA_PROCESS_ROLES"] and "controller" in env["KAFKA_PROCESS_ROLES"]
     assert "KAFKA_ZOOKEEPER_CONNECT" not in env
-    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # topics come from the topology
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == ",".join(f"{i}@kafka-{i}:9093" for i in (1, 2, 3))
+    assert env["KAFKA_NODE_ID"] == int(node[-1]) and f"INTERNAL://{node}:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+
+
+@pytest.mark.parametrize("node", KAFKA_NODES)
+def test_kafka_is_the_version_and_shape_the_three_node_test_cluster_proves(node: str):
+    """The pinned version, and replication 3 / min ISR 2 / no auto-created topics / compaction
+    on: what tests/e2e/test_kafka_broker_failures.py runs its broker failures against."""
+    service = SERVICES_[node]
+    assert service["image"] == f"apache/kafka:{KAFKA_VERSION}"
+    env = {k: str(v) for k, v in service["environment"].items()}
+    for key, value in cluster_settings(3).items():
+        assert env.get("KAFKA_" + key.upper().replace(".", "_")) == value, key
+    assert SERVICES_["schema-registry"]["environment"]["SCHEMA_REGISTRY_KAFKASTORE_TOPIC_REPLICATION_FACTOR"] == 3
 
 
 @pytest.mark.parametrize("name", sorted(LONG_RUNNING))
 def test_services_are_wired_to_kafka_the_registry_and_health(name: str):
     service = LONG_RUNNING[name]
     env = service["environment"]
-    assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == BOOTSTRAP
     assert env["SCHEMA_REGISTRY_URL"] == "http://schema-registry:8081"
     assert "healthcheck" in service, f"{name} has no healthcheck"
     probe = " ".join(service["healthcheck"]["test"])

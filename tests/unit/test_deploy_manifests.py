@@ -22,6 +22,7 @@ from kubernetes_validate.utils import SchemaNotFoundError
 
 from services.cli import deploy_cmd
 from services.cli.main import SERVICE_PROCESSES
+from services.runtime.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
 from services.runtime.settings import SERVICES, Settings
 from services.runtime.topology import GROUPS, all_topics
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy/k8s/base"
 OVERLAY = REPO / "deploy/k8s/overlays/example"
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
-CUSTOM_KINDS = {"KafkaTopic", "ScaledObject", "TriggerAuthentication"}
+CUSTOM_KINDS = {"Kafka", "KafkaNodePool", "KafkaTopic", "ScaledObject", "TriggerAuthentication"}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -109,6 +110,19 @@ def test_deploy_command_check_mode(tmp_path: Path):
     assert runner.invoke(app, ["deploy", "topics", "--check", "-o", str(stale)]).exit_code == 1
     assert runner.invoke(app, ["deploy", "topics", "-o", str(stale)]).exit_code == 0
     assert stale.read_text() == deploy_cmd.kafka_topics_yaml()
+
+
+def test_example_kafka_cluster_is_the_version_and_shape_the_three_node_test_cluster_proves():
+    docs = {d["kind"]: d for d in _docs(OVERLAY / "kafka-cluster.yaml")}
+    kafka, pool = docs["Kafka"], docs["KafkaNodePool"]
+    assert kafka["spec"]["kafka"]["version"] == KAFKA_VERSION
+    assert {k: str(v).lower() for k, v in kafka["spec"]["kafka"]["config"].items()} == cluster_settings(3)
+    assert pool["spec"]["replicas"] == 3 and sorted(pool["spec"]["roles"]) == ["broker", "controller"]
+    assert pool["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]
+    # the clients connect where the overlay's config says the cluster is
+    bootstrap = yaml.safe_load((OVERLAY / "config.yaml").read_text())["data"]["KAFKA_BOOTSTRAP_SERVERS"]
+    port = next(listener["port"] for listener in kafka["spec"]["kafka"]["listeners"] if listener["tls"])
+    assert bootstrap == f"{kafka['metadata']['name']}-kafka-bootstrap:{port}"
 
 
 # -- schema validation ----------------------------------------------------------------------------

@@ -42,20 +42,38 @@ LOG4J_VERSION = "2.24.3"  # the log4j2 backend the broker logs through (Kafka 4 
 SLF4J_VERSION = "2.0.17"  # kafka_2.13's pom pulls slf4j 1.7, which log4j-slf4j2-impl cannot bind
 MIN_JAVA = 17
 
-# Broker settings every local node gets. Production values where they matter to what we prove
-# (replication, min ISR, compaction on), shorter waits where a test would sit them out.
-_COMMON_SETTINGS = {
-    "auto.create.topics.enable": "false",  # as in production: `orderpipe topics create` declares them
-    "num.partitions": "6",
-    # A new group's first rebalance does not wait 3 s for more members.
-    "group.initial.rebalance.delay.ms": "0",
+def cluster_settings(nodes: int) -> dict[str, str]:
+    """The broker settings that decide durability and the topic layout, for a cluster of
+    `nodes`: three nodes are production's shape (every topic on 3 replicas, an acknowledged write
+    on at least 2). docker-compose.yml and the Strimzi `Kafka` in deploy/ carry the 3-node values
+    (tests/unit/test_compose_file.py and test_deploy_manifests.py compare them)."""
+    replicas, min_isr = ("3", "2") if nodes >= 3 else ("1", "1")
+    return {
+        "default.replication.factor": replicas,
+        "min.insync.replicas": min_isr,
+        "offsets.topic.replication.factor": replicas,
+        "transaction.state.log.replication.factor": replicas,
+        "transaction.state.log.min.isr": min_isr,
+        "share.coordinator.state.topic.replication.factor": replicas,
+        "share.coordinator.state.topic.min.isr": min_isr,
+        # as in production: `orderpipe topics create` declares the topics, Faust its own; a typo or
+        # an early metadata request must not create a topic with the default partition count
+        "auto.create.topics.enable": "false",
+        "num.partitions": "6",
+        "log.cleaner.enable": "true",  # compacted topics (orders.status, Faust's changelog)
+        # a new group's first rebalance does not wait 3 s for more members
+        "group.initial.rebalance.delay.ms": "0",
+    }
+
+
+# What only the local nodes get: shorter waits where a test would sit them out.
+_LOCAL_SETTINGS = {
     # The tests run consumers with a 2 s session timeout (a killed member leaves fast); Kafka's
     # default floor is 6 s. The services' own default (6 s) is within Kafka's default floor.
     "group.min.session.timeout.ms": "1000",
     # Let a cluster's nodes notice a dead peer within seconds (defaults: 9 s / 2 s).
     "broker.session.timeout.ms": "6000",
     "broker.heartbeat.interval.ms": "1000",
-    "log.cleaner.enable": "true",
 }
 
 
@@ -222,6 +240,11 @@ class LocalKafka:
     def log_path(self) -> Path:
         return self.nodes[0].folder / "server.log"
 
+    @property
+    def pids(self) -> list[int]:
+        """The running nodes' JVM process ids, in node order (CPU and memory accounting)."""
+        return [n.pid for n in self.nodes if n.pid is not None]
+
     def _load_or_create_layout(self) -> None:
         """Cluster id and ports are chosen once and kept in `cluster.json`: a restarted node must
         come back where its peers and the clients' metadata expect it."""
@@ -247,8 +270,6 @@ class LocalKafka:
         }, indent=2))
 
     def _server_properties(self, node: KafkaNode) -> str:
-        replicas = "3" if self.size == 3 else "1"
-        min_isr = "2" if self.size == 3 else "1"
         settings = {
             "process.roles": "broker,controller",
             "node.id": str(node.node_id),
@@ -259,14 +280,8 @@ class LocalKafka:
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(node.folder / "data"),
-            "default.replication.factor": replicas,
-            "min.insync.replicas": min_isr,
-            "offsets.topic.replication.factor": replicas,
-            "transaction.state.log.replication.factor": replicas,
-            "transaction.state.log.min.isr": min_isr,
-            "share.coordinator.state.topic.replication.factor": replicas,
-            "share.coordinator.state.topic.min.isr": min_isr,
-            **_COMMON_SETTINGS,
+            **cluster_settings(self.size),
+            **_LOCAL_SETTINGS,
             **self.extra_settings,
         }
         return "".join(f"{key}={value}\n" for key, value in settings.items())

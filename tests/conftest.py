@@ -182,8 +182,10 @@ def kafka_cluster(tmp_path: Path, apache_kafka_only) -> Iterator[Callable[..., o
 
 def settings_for(bootstrap: str, **overrides) -> Settings:
     """Settings for clients in tests: short group timeouts, so the first assignment comes fast
-    (Tansu waits the rebalance timeout before it assigns) and a closed consumer leaves promptly."""
+    (Tansu waits the rebalance timeout before it assigns) and a closed consumer leaves promptly,
+    and short fetch waits (Tansu holds every fetch for its whole wait)."""
     values = {"max_poll_interval_ms": 2_000, "session_timeout_ms": 2_000, "consumer_batch_size": 100,
+              "fetch_wait_max_ms": 100,
               "relay_poll_interval_s": 0.02, "log_json": False, **overrides}
     return Settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap, **values)
 

@@ -123,6 +123,7 @@ class Stack:
         api_url = f"http://127.0.0.1:{self.api_port}"
         status_url = f"http://127.0.0.1:{self.status_port}"
         env = {
+            **(self.broker.client_env if self.broker else {}),
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "ORDERPIPE_DATA_DIR": str(self.data_dir),
             "ORDERPIPE_STATUS_URL": status_url,

@@ -68,6 +68,8 @@ def run_tail(settings: Settings, topic: str, *, from_beginning: bool = False, fo
     """Print messages of `topic` to `out`; return how many were printed."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+    from services.runtime.brokers.quirks import EndOffsetsUnknown, end_offsets
+
     out = out or sys.stdout
     if not settings.kafka_bootstrap_servers:
         raise TailError("KAFKA_BOOTSTRAP_SERVERS is not set; export it (host:port of your Kafka cluster)")
@@ -99,22 +101,15 @@ def run_tail(settings: Settings, topic: str, *, from_beginning: bool = False, fo
         if meta.error is not None:
             raise TailError(f"topic {topic!r}: {meta.error.str()}")
         partitions = sorted(meta.partitions)
-        ends: dict[int, int] = {}
-        starts: list[TopicPartition] = []
-        for p in partitions:
-            try:
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-            except KafkaException as exc:
-                raise TailError(f"cannot read the offsets of {topic}[{p}]: {exc.args[0].str()}") from None
-            ends[p] = high
-            starts.append(TopicPartition(topic, p, OFFSET_BEGINNING if from_beginning else high))
+        try:
+            marks = end_offsets(consumer, [(topic, p) for p in partitions], timeout)
+        except EndOffsetsUnknown as exc:
+            raise TailError(str(exc)) from None
+        ends = {p: high for (_, p), (_, high) in marks.items()}
+        starts = [TopicPartition(topic, p, OFFSET_BEGINNING if from_beginning else ends[p]) for p in partitions]
         # A partition is done when we reached the end seen at start (or its EOF, which in
         # read_committed mode can come earlier, at the last stable offset).
         pending = {p for p in partitions if follow or (from_beginning and ends[p] > 0)}
-        # The embedded broker (Tansu) answers ListOffsets with the last batch's base offset + 1,
-        # short of the end when that batch holds several records; the high watermark in its
-        # fetch responses is right. So the first fetch of each partition may raise its end.
-        refined: set[int] = set()
         consumer.assign(starts)
         while pending and (max_messages is None or printed < max_messages):
             for msg in consumer.consume(500, 0.5):
@@ -129,10 +124,6 @@ def run_tail(settings: Settings, topic: str, *, from_beginning: bool = False, fo
                 p = msg.partition()
                 if not follow and p not in pending:
                     continue  # already at its end (a fetch can run past the EOF we acted on)
-                if p not in refined:
-                    refined.add(p)
-                    _, fetched_high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-                    ends[p] = max(ends[p], fetched_high)
                 if not follow and msg.offset() >= ends[p]:
                     pending.discard(p)
                     continue

@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from services.ops.errors import OpsError
+from services.runtime.brokers.quirks import EndOffsetsUnknown, end_offsets
 from services.runtime.kafka import producer_config
 from services.runtime.settings import Settings
 
@@ -23,6 +24,14 @@ from services.runtime.settings import Settings
 OPS_GROUP = "orderpipe-dlt"
 
 TopicPart = tuple[str, int]
+
+
+def watermarks(consumer: Consumer, parts: Iterable[TopicPart], timeout: float = 10.0) -> dict[TopicPart, tuple[int, int]]:
+    """(low, end) offsets of each partition (`end_offsets`, right on both brokers), or OpsError."""
+    try:
+        return end_offsets(consumer, parts, timeout)
+    except EndOffsetsUnknown as exc:
+        raise OpsError(str(exc)) from None
 
 
 def _reason(exc: KafkaException) -> str:
@@ -120,51 +129,6 @@ class OpsKafka:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def watermarks(consumer: Consumer, parts: Iterable[TopicPart], timeout: float = 10.0) -> dict[TopicPart, tuple[int, int]]:
-    """(low, end) offsets of each partition, right on Kafka and on the embedded broker.
-
-    `get_watermark_offsets` asks ListOffsets. The embedded broker (Tansu) answers "latest" with the
-    last batch's base offset + 1, short of the end when that batch holds several records; the
-    high watermark in its fetch responses is right. So for each partition that ListOffsets says
-    is not empty we fetch once from just below its answer (inside the last batch on Tansu, the
-    last record on Kafka) and take the larger of the two. On Kafka the fetch only confirms.
-    A partition ListOffsets calls empty has no batch at all, so it is empty on both brokers.
-    """
-    result: dict[TopicPart, tuple[int, int]] = {}
-    probe: list[TopicPartition] = []
-    for topic, p in dict.fromkeys(parts):  # several groups read one topic: ask once (assign refuses twins)
-        try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-        except KafkaException as exc:
-            raise OpsError(f"cannot read the offsets of {topic}[{p}]: {_reason(exc)}") from None
-        result[(topic, p)] = (low, high)
-        if high > low:
-            probe.append(TopicPartition(topic, p, max(low, high - 1)))
-    if not probe:
-        return result
-    pending = {(tp.topic, tp.partition) for tp in probe}
-    consumer.assign(probe)
-    try:
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.05):
-                key = (msg.topic(), msg.partition())
-                err = msg.error()
-                if key not in pending or (err is not None and err.code() != KafkaError._PARTITION_EOF):
-                    continue
-                # the fetch response that carried this message (or EOF) set the cached high watermark
-                _, fetched = consumer.get_watermark_offsets(TopicPartition(*key), cached=True)
-                low, high = result[key]
-                result[key] = (low, max(high, fetched))
-                pending.discard(key)
-    finally:
-        consumer.unassign()
-    if pending:
-        names = ", ".join(f"{t}[{p}]" for t, p in sorted(pending)[:5])
-        raise OpsError(f"could not read the end offsets of {len(pending)} partition(s) within {timeout:g} s: {names}")
-    return result
 
 
 def scan(consumer: Consumer, ranges: dict[TopicPart, tuple[int, int]], stall_timeout: float = 15.0) -> Iterator[Any]:

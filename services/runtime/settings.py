@@ -71,16 +71,17 @@ class Settings(BaseSettings):
     mail_from: str = "orders@orderpipe.local"
 
     initial_stock: int = 1_000_000  # units per SKU seeded into an empty inventory database
-    # librdkafka's default max.poll.interval.ms (300 s) makes the first assignment take ~25 s on Tansu.
-    max_poll_interval_ms: int = 10_000
+    # librdkafka's default. The embedded broker holds a JoinGroup for this long, so `orderpipe up`
+    # sets 10 s there (services/runtime/brokers/quirks.py: EMBEDDED_CLIENT_ENV).
+    max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 6_000
     consumer_batch_size: int = 500
     # How long a fetch may wait for data on the broker. Apache Kafka answers a waiting fetch as
-    # soon as data arrives, so this only sets how often an idle consumer asks; the embedded
-    # broker (Tansu) always waits it out, so every hop of the pipeline waited ~half of it
-    # (librdkafka's default 500 ms; Faust's worker 1,500 ms). Lower: less latency on Tansu,
-    # more fetch requests (on Tansu 100 ms about doubled the broker's CPU per order; see the README).
-    fetch_wait_max_ms: int = 100
+    # soon as data arrives, so this only sets how often an idle consumer asks (librdkafka's
+    # default; Faust's worker hard-codes 1,500 ms, streams/order_status/transport.py applies this
+    # one). The embedded broker waits it out on every hop, so `orderpipe up` sets 100 ms there
+    # (quirks.py: EMBEDDED_CLIENT_ENV; on Tansu that about doubles the broker's CPU per order).
+    fetch_wait_max_ms: int = 500
     relay_batch_size: int = 500
     relay_poll_interval_s: float = 0.05
     # Published outbox rows are deleted after this (they are in Kafka by then).

@@ -25,6 +25,7 @@ class LocalBroker(Protocol):
     kind: str
     embedded: bool  # True: memory only, a restart is a new, empty broker
     cluster_id: str
+    client_env: dict[str, str]  # ORDERPIPE_* settings its clients need (see quirks.py)
 
     @property
     def bootstrap_servers(self) -> str: ...

@@ -218,6 +218,7 @@ class LocalKafka:
 
     embedded = False  # data on disk, survives a restart
     kind = "kafka"
+    client_env: dict[str, str] = {}  # the clients' defaults are Kafka's
 
     def __init__(self, data_dir: Path, nodes: int = 1, settings: dict[str, str] | None = None,
                  heap_mb: int = 512) -> None:

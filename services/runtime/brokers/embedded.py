@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from services.runtime.brokers.probe import BrokerUnavailable, PortTaken, free_port, wait_for_broker
+from services.runtime.brokers.quirks import EMBEDDED_CLIENT_ENV
 from services.runtime.supervisor import die_with_parent
 
 
@@ -28,6 +29,7 @@ class EmbeddedBroker:
 
     embedded = True  # memory only: a restart is a new, empty broker
     kind = "embedded"
+    client_env = EMBEDDED_CLIENT_ENV  # what its clients need beyond the defaults (quirks.py)
 
     def __init__(
         self,

@@ -31,14 +31,13 @@ def lag(
 ) -> None:
     """Consumer lag per group and partition: committed offset, end offset, lag (input, retry, dead letters).
 
-    For a dead-letter topic the committed offset is the handled offset of orderpipe-dlt and the
-    lag is the number of dead letters not yet replayed, parked or purged."""
-    from services.ops.deadletters import resolve_groups
-    from services.ops.lag import consumer_lag
-    from services.runtime import topology
+    Every service group and the order-status worker's group (order-status). For a dead-letter
+    topic the committed offset is the handled offset of orderpipe-dlt and the lag is the number
+    of dead letters not yet replayed, parked or purged."""
+    from services.ops.lag import StreamGroup, consumer_lag, lag_groups
 
     with ops_errors():
-        groups = resolve_groups(topology.GROUPS, group)
+        groups = lag_groups(group)
         with clients(timeout) as (kafka, audit):
             rows = consumer_lag(kafka, audit, groups)
     shown = [r for r in rows if every or r.end > 0 or r.committed]
@@ -56,6 +55,9 @@ def lag(
     console.print(table)
     for g in groups:
         mine = [r for r in rows if r.owner == g.name]
+        if isinstance(g, StreamGroup):
+            console.print(f"{g.name}: lag {sum(r.lag for r in mine)} on input", highlight=False)
+            continue
         console.print(f"{g.name}: lag {sum(r.lag for r in mine if r.kind == 'input')} on input, "
                       f"{sum(r.lag for r in mine if r.kind == 'retry')} in retry topics, "
                       f"{sum(r.lag for r in mine if r.kind == 'dead letters')} unhandled dead letters",

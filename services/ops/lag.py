@@ -5,6 +5,12 @@ ListOffsets answer can fall short of the end). For a group's input and retry top
 committed offset is the group's own; for its dead-letter topic it is the handled offset of
 `orderpipe-dlt` (handled.py), so the lag there is the number of dead letters nobody has
 replayed, parked or purged yet.
+
+The order-status worker (Faust, `streams/order_status`) is a consumer group too: group id = its
+app id, `order-status`. It commits offsets for everything it folds: the event topics
+(`STATUS_INPUTS`), every group's retry and dead-letter topics (`failure_topics`) and its own SLA
+topic, which the worker creates on its first start. Its changelog has no row: the worker reads
+it by assignment to restore its table and commits no offset there.
 """
 
 from __future__ import annotations
@@ -15,7 +21,14 @@ from dataclasses import dataclass
 from services.ops.audit import AuditLog
 from services.ops.broker import OPS_GROUP, OpsKafka, TopicPart, watermarks
 from services.ops.handled import HandledState
+from services.ops.errors import OpsError
+from services.runtime import topology
 from services.runtime.topology import ConsumerGroup, TopicSpec
+from streams.order_status.inputs import failure_topics
+
+# The order-status worker's app id (`python -m streams.order_status --app-id`, default), which
+# Faust uses as its consumer group id and as the prefix of its internal topics.
+ORDER_STATUS_GROUP = "order-status"
 
 
 @dataclass(frozen=True)
@@ -36,7 +49,37 @@ class LagRow:
                 "lag": self.lag}
 
 
-def _topics_of(g: ConsumerGroup) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class StreamGroup:
+    """A consumer group outside `topology.GROUPS` (the order-status worker): every topic it reads
+    is an input; `internal` ones are created by the worker itself and skipped until they exist."""
+
+    name: str
+    inputs: tuple[str, ...]
+    internal: tuple[str, ...] = ()
+
+
+def order_status_group(app_id: str = ORDER_STATUS_GROUP) -> StreamGroup:
+    """What the order-status worker subscribes to (streams/order_status/app.py, `create_app`)."""
+    failures = tuple(failure_topics(topology.GROUPS))  # read now: the topology may be replaced (tests)
+    # app.sla_topic_name(app_id); not imported from there, which would import Faust
+    return StreamGroup(app_id, (*topology.STATUS_INPUTS, *failures), internal=(f"{app_id}-sla-exceeded",))
+
+
+def lag_groups(name: str | None = None) -> list[ConsumerGroup | StreamGroup]:
+    """Every consumer group `orderpipe lag` knows (the services' and the order-status worker's), or one."""
+    known: list[ConsumerGroup | StreamGroup] = [*topology.GROUPS, order_status_group()]
+    if name is None:
+        return known
+    for g in known:
+        if g.name == name:
+            return [g]
+    raise OpsError(f"unknown group {name!r}; known groups: {', '.join(g.name for g in known)}")
+
+
+def _topics_of(g: ConsumerGroup | StreamGroup, metadata: dict) -> list[tuple[str, str]]:
+    if isinstance(g, StreamGroup):
+        return [(t, "input") for t in g.inputs] + [(t, "input") for t in g.internal if t in metadata]
     out = []
     for source in g.inputs:
         out.append((source, "input"))
@@ -45,10 +88,10 @@ def _topics_of(g: ConsumerGroup) -> list[tuple[str, str]]:
     return out
 
 
-def consumer_lag(kafka: OpsKafka, audit: AuditLog, groups: Iterable[ConsumerGroup]) -> list[LagRow]:
+def consumer_lag(kafka: OpsKafka, audit: AuditLog, groups: Iterable[ConsumerGroup | StreamGroup]) -> list[LagRow]:
     groups = list(groups)
     metadata = kafka.topics()
-    layout = {g.name: [(t, kind, p) for t, kind in _topics_of(g) for p in kafka.partitions(t, metadata)]
+    layout = {g.name: [(t, kind, p) for t, kind in _topics_of(g, metadata) for p in kafka.partitions(t, metadata)]
               for g in groups}
     marks = watermarks(kafka.consumer(), [(t, p) for rows in layout.values() for t, _, p in rows], kafka.timeout)
     dlt_parts = [(t, p) for rows in layout.values() for t, kind, p in rows if kind == "dead letters"]

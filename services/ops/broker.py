@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from services.ops.errors import OpsError
 from services.runtime.brokers.quirks import EndOffsetsUnknown, end_offsets
-from services.runtime.kafka import producer_config
+from services.runtime.kafka import producer_config, retrying
 from services.runtime.settings import Settings
 
 # The consumer group whose committed offsets on a dead-letter topic say "everything below is
@@ -105,14 +105,16 @@ class OpsKafka:
             return {}
         consumer = self.consumer(group_id)
         try:
-            got = consumer.committed([TopicPartition(t, p) for t, p in parts], timeout=self.timeout)
+            got = retrying(lambda: consumer.committed([TopicPartition(t, p) for t, p in parts], timeout=self.timeout),
+                           self.timeout)
         except KafkaException as exc:
             raise OpsError(f"cannot read the committed offsets of group {group_id!r}: {_reason(exc)}") from None
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in got}
 
     def commit(self, consumer: Consumer, offsets: dict[TopicPart, int]) -> None:
         if offsets:
-            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            retrying(lambda: consumer.commit(offsets=positions, asynchronous=False), self.timeout)
 
     def close(self) -> None:
         if self._producer is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from services.runtime.settings import Settings
 
@@ -48,6 +50,32 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "fetch.wait.max.ms": settings.fetch_wait_max_ms,
         **overrides,
     }
+
+
+# What a cluster answers while it moves leaders or coordinators (a fresh cluster loading its
+# offsets topic, a broker restarting): asking again shortly succeeds.
+_TRANSIENT = frozenset({
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError.REBALANCE_IN_PROGRESS,
+})
+T = TypeVar("T")
+
+
+def retrying(call: Callable[[], T], timeout: float = 10.0) -> T:
+    """`call()`, asked again for up to `timeout` seconds while Kafka answers with a transient error
+    (the last one is raised). For one-shot requests of the operators' tools; the services' own
+    clients retry inside librdkafka."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            transient = isinstance(err, KafkaError) and (err.retriable() or err.code() in _TRANSIENT)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def make_producer(settings: Settings, **overrides: Any) -> Producer:

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from services.runtime.kafka import retrying
+
 # Client settings (as the processes' environment) for everything that runs on the embedded
 # broker; `EmbeddedBroker.client_env` hands them to `orderpipe up`'s processes.
 EMBEDDED_CLIENT_ENV = {
@@ -46,7 +48,8 @@ def end_offsets(consumer: Consumer, parts: Iterable[TopicPart], timeout: float =
     probe: list[TopicPartition] = []
     for topic, p in dict.fromkeys(parts):  # several groups read one topic: ask once (assign refuses twins)
         try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            low, high = retrying(lambda: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout),
+                                 timeout)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             reason = err.str() if hasattr(err, "str") else str(exc)

@@ -237,6 +237,12 @@ def create_app(
         # stayed idle, and the worker sat on no partitions for good (seen with 2,000 orders).
         # A dead worker is still detected by the session timeout.
         broker_max_poll_interval=300.0,
+        # The consumer rejoins when its subscribed topics' metadata changes, but it refreshes
+        # metadata only this often (aiokafka's default: 5 min). On a fresh Apache Kafka the
+        # worker creates its changelog and SLA topics and joins at once; a loaded broker had not
+        # published them yet (seen 2 s late), the assignment left them out, and the worker sat
+        # with no table partitions ("no partition assignment yet") for 5 minutes.
+        consumer_metadata_max_age_ms=10_000,
         # Faust refuses a store whose persisted changelog offset is beyond the changelog's end
         # (a store that outlived its broker). It used to be off because Tansu's ListOffsets
         # answers short; the transport installed below reads end offsets from a fetch instead.

@@ -118,7 +118,7 @@ class OutboxRelay:
                 on_delivery=lambda err, msg, seq=row.seq: on_delivery(err, msg, seq),
             )
             self.producer.poll(0)
-        remaining = self.producer.flush(30)
+        remaining = self._flush(30.0)
         if acked:
             with self.engine.begin() as conn:
                 conn.execute(update(self.outbox).where(self.outbox.c.seq.in_(acked)).values(published_at=utcnow()))
@@ -128,6 +128,22 @@ class OutboxRelay:
             # Rows not acked stay unpublished and go out again on the next batch.
             raise DeliveryFailed(f"{len(errors)} outbox rows failed delivery ({errors[:1]}), {remaining} unacked")
         return len(acked)
+
+    def _flush(self, timeout: float) -> int:
+        """`producer.flush(timeout)` in slices of 5 s, sampling the backlog gauge in between: while
+        the broker is away a flush waits out its whole timeout, and the gauge operators watch
+        during an outage stood still for 30 s at a time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = self.producer.flush(max(0.0, min(5.0, deadline - time.monotonic())))
+            if not remaining or time.monotonic() >= deadline:
+                return remaining
+            self._sample_backlog()
+
+    def _sample_backlog(self) -> None:
+        if time.monotonic() - self._last_backlog > 5:  # one COUNT every 5 s, on this thread
+            self._last_backlog = time.monotonic()
+            OUTBOX_BACKLOG.labels(self.name).set(self.backlog())
 
     def cleanup(self) -> int:
         """Delete rows published longer ago than the retention (they are in Kafka now)."""
@@ -165,9 +181,7 @@ class OutboxRelay:
                 log.warning("outbox delivery failed; retrying", extra={"error": str(exc)})
                 published = 0
                 stop.wait(1.0)
-            if time.monotonic() - self._last_backlog > 5:  # one COUNT every 5 s, on this thread
-                self._last_backlog = time.monotonic()
-                OUTBOX_BACKLOG.labels(self.name).set(self.backlog())
+            self._sample_backlog()
             if time.monotonic() - self._last_cleanup > 60:
                 self._last_cleanup = time.monotonic()
                 self.cleanup()

@@ -51,6 +51,16 @@ chaos: install
 	ORDERPIPE_CHAOS_ORDERS=$(CHAOS_ORDERS) ORDERPIPE_CHAOS_KILLS=$(CHAOS_KILLS) ORDERPIPE_CHAOS_RATE=$(CHAOS_RATE) \
 		$(PY) -m pytest tests/e2e/test_crash.py
 
+# Broker failures (tests/e2e/test_kafka_broker_failures.py), longer: a three-node local Apache
+# Kafka whose nodes are SIGKILLed and restarted (CHAOS_KAFKA_KILLS times) and once frozen past the
+# broker session timeout while orders flow (~25 s per fault, so kills x 25 s ~ orders / rate).
+CHAOS_KAFKA_ORDERS ?= 1000
+CHAOS_KAFKA_KILLS ?= 10
+CHAOS_KAFKA_RATE ?= 3.5
+chaos-kafka: install
+	ORDERPIPE_CHAOS_ORDERS=$(CHAOS_KAFKA_ORDERS) ORDERPIPE_CHAOS_KILLS=$(CHAOS_KAFKA_KILLS) \
+		ORDERPIPE_CHAOS_RATE=$(CHAOS_KAFKA_RATE) $(PY) -m pytest tests/e2e/test_kafka_broker_failures.py --broker kafka
+
 clean:
 	rm -rf .data build *.egg-info .pytest_cache
 

@@ -24,6 +24,12 @@ signal tied to the thread that spawned them, so restarts must come from a long-l
 
 The schedule is seeded, so a run is repeatable in what it does; when a kill lands relative to
 the work in flight is genuinely random (it depends on timing).
+
+The same run with the brokers failing instead of the workers (`BrokerRun`, at the end; Apache
+Kafka only): `tests/e2e/test_kafka_broker_failures.py` (`make chaos-kafka`) SIGKILLs and freezes
+nodes of a three-node cluster, `tests/e2e/test_kafka_outage.py` takes the whole cluster away for
+a minute. Orders come from a thread of their own there, every check above applies, and every
+consumer group's committed offsets must reach the end offsets (`wait_for_zero_lag`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -41,10 +48,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from email.parser import BytesParser
 from email.policy import default as default_policy
+from itertools import cycle
 from pathlib import Path
 
 import httpx
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 from sqlalchemy import MetaData, create_engine, func, select, text
 from sqlalchemy.engine import Engine
 
@@ -57,10 +66,13 @@ from services.inventory.tables import reservations, stock
 from services.invoice.tables import invoices
 from services.orders.tables import orders as orders_table
 from services.orders.tables import outbox as orders_outbox
+from services.runtime.brokers import LocalKafka
+from services.runtime.brokers.quirks import end_offsets
 from services.runtime.db import inbox_table, make_engine
 from services.runtime.settings import SERVICES, Settings
 from services.runtime.topology import (
-    ANALYTICS_RECORDED, EMAIL_SENT, INVOICES_ISSUED, ORDERS_CREATED, STOCK_REJECTED, STOCK_RESERVED,
+    ANALYTICS_RECORDED, EMAIL_SENT, GROUPS, INVOICES_ISSUED, ORDERS_CREATED, STATUS_INPUTS, STOCK_REJECTED,
+    STOCK_RESERVED,
 )
 
 VICTIMS = ("orders-relay", "inventory", "email", "invoice", "analytics")
@@ -87,12 +99,14 @@ class ChaosPlan:
     seed: int = 20261123
 
     @classmethod
-    def from_env(cls) -> ChaosPlan:
-        env = os.environ
-        return cls(orders=int(env.get("ORDERPIPE_CHAOS_ORDERS", cls.orders)),
-                   kills_per_process=int(env.get("ORDERPIPE_CHAOS_KILLS", cls.kills_per_process)),
-                   rate=float(env.get("ORDERPIPE_CHAOS_RATE", cls.rate)),
-                   seed=int(env.get("ORDERPIPE_CHAOS_SEED", cls.seed)))
+    def from_env(cls, **defaults) -> ChaosPlan:
+        """The plan from the ORDERPIPE_CHAOS_* variables; unset ones from `defaults`, then the
+        class defaults (a broker run has a smaller default size than the crash test)."""
+        base, env = cls(**defaults), os.environ
+        return cls(orders=int(env.get("ORDERPIPE_CHAOS_ORDERS", base.orders)),
+                   kills_per_process=int(env.get("ORDERPIPE_CHAOS_KILLS", base.kills_per_process)),
+                   rate=float(env.get("ORDERPIPE_CHAOS_RATE", base.rate)),
+                   seed=int(env.get("ORDERPIPE_CHAOS_SEED", base.seed)))
 
     @property
     def placing_s(self) -> float:
@@ -133,20 +147,28 @@ class ChaosReport:
     def render(self) -> str:
         per_victim = Counter(k.victim for k in self.kills)
         lines = [
-            f"crash run on {self.database}: {len(self.placed)} orders "
-            f"({sum(o.expected == 'FAILED' for o in self.placed.values())} rejected for stock), seed {self.plan.seed}",
+            f"crash run on {self.database}: {self._orders_line()}",
             "  SIGKILLs: " + ", ".join(f"{v} {per_victim[v]}" for v in VICTIMS)
             + (f" (not fired, work already done: {dict(self.skipped_kills)})" if self.skipped_kills else ""),
             "  kill times (s) [work in flight]: "
             + ", ".join(f"{k.victim}@{k.at_s:.1f}" + (f"[{k.in_flight}]" if k.in_flight else "") for k in self.kills),
-            "  events published again by a killed relay (absorbed by the inboxes): "
-            + (", ".join(f"{t} {n}" for t, n in sorted(self.republished.items())) or "none"),
-            f"  e-mail: {self.mails_received} received for {len(self.placed)} orders; "
-            f"{sum(self.resent.values())} resends of {len(self.resent)} Message-IDs, each the same Message-ID "
-            f"as its original; {len(self.orphan_mails)} mails seen accepted-but-uncommitted at a kill, all resent",
+            *self._effect_lines("a killed relay"),
             "  timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()),
         ]
         return "\n".join(lines)
+
+    def _orders_line(self) -> str:
+        return (f"{len(self.placed)} orders ({sum(o.expected == 'FAILED' for o in self.placed.values())} rejected "
+                f"for stock), seed {self.plan.seed}")
+
+    def _effect_lines(self, republisher: str) -> list[str]:
+        mail = (f"  e-mail: {self.mails_received} received for {len(self.placed)} orders; "
+                f"{sum(self.resent.values())} resends of {len(self.resent)} Message-IDs, each the same Message-ID "
+                f"as its original")
+        if self.kills:
+            mail += f"; {len(self.orphan_mails)} mails seen accepted-but-uncommitted at a kill, all resent"
+        return [f"  events published again by {republisher} (absorbed by the inboxes): "
+                + (", ".join(f"{t} {n}" for t, n in sorted(self.republished.items())) or "none"), mail]
 
 
 # -- databases --------------------------------------------------------------------------------
@@ -174,8 +196,12 @@ def service_databases(kind: str, postgres_url: str | None = None) -> Iterator[di
         admin.dispose()
 
 
-def settings_with(data_dir: Path, database_env: dict[str, str]) -> Settings:
+def settings_with(data_dir: Path, database_env: dict[str, str], bootstrap: str | None = None) -> Settings:
+    """The settings the stack's processes get; with `bootstrap`, on that Kafka cluster (the stack
+    then starts no broker of its own)."""
     overrides = {k.removeprefix("ORDERPIPE_").lower(): v for k, v in database_env.items()}
+    if bootstrap:
+        overrides["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
     return Settings(data_dir=data_dir, **overrides)
 
 
@@ -250,15 +276,22 @@ class CrashRun:
         self.plan = plan
         self.rng = random.Random(plan.seed)
         self.observer = Observer(settings, info.maildir)
-        self.report = ChaosReport(plan, database)
+        self.report = self._new_report(plan, database)
         self.samples = sample_orders(plan.orders, seed=plan.seed)
+        self._unplaced = iter(self.samples)
+
+    def _new_report(self, plan: ChaosPlan, database: str) -> ChaosReport:
+        return ChaosReport(plan, database)
+
+    # What the run does while orders flow, and its name in the report's timing line.
+    phase = "placing and killing"
 
     def run(self) -> ChaosReport:
         try:
             with httpx.Client(base_url=self.info.api_url, timeout=10) as client:
                 started = time.monotonic()
-                self._place_and_kill(client)
-                self.report.seconds["placing and killing"] = time.monotonic() - started
+                self._place_and_disrupt(client)
+                self.report.seconds[self.phase] = time.monotonic() - started
                 mark = time.monotonic()
                 self._wait_for_final(client)
                 self.report.seconds["until all final"] = time.monotonic() - mark
@@ -283,6 +316,18 @@ class CrashRun:
         done["orders-relay"] = placed_all and self.observer.unpublished_orders() == 0
         return done
 
+    def _place_due(self, client: httpx.Client, elapsed: float) -> None:
+        """Place the orders due `elapsed` seconds after the first one (at the plan's rate)."""
+        while len(self.report.placed) < min(len(self.samples), int(elapsed * self.plan.rate) + 1):
+            order = next(self._unplaced)
+            r = client.post("/orders", json=order.body)
+            r.raise_for_status()
+            assert r.status_code == 202, f"POST /orders answered {r.status_code}: {r.text[:200]}"
+            self.report.placed[r.json()["order_id"]] = order
+
+    def _place_and_disrupt(self, client: httpx.Client) -> None:
+        self._place_and_kill(client)
+
     def _place_and_kill(self, client: httpx.Client) -> None:
         schedule = self._schedule()
         started = time.monotonic()
@@ -290,16 +335,11 @@ class CrashRun:
         baseline = self.observer.progress()  # where each victim's current incarnation started
         progress, done, last_look = baseline, self._work_done(baseline), 0.0
         waiting_since: dict[str, float] = {}
-        samples = iter(self.samples)
         while True:
             now = time.monotonic()
             elapsed = now - started
             self._poll_supervisor()
-            while len(self.report.placed) < min(len(self.samples), int(elapsed * self.plan.rate) + 1):
-                order = next(samples)
-                r = client.post("/orders", json=order.body)
-                r.raise_for_status()
-                self.report.placed[r.json()["order_id"]] = order
+            self._place_due(client, elapsed)
             if now - last_look >= 0.1:
                 progress, last_look = self.observer.progress(), now
                 done = self._work_done(progress)
@@ -529,3 +569,322 @@ def _check_no_unplanned_exits(log_dir: Path) -> None:
     unplanned = [f"{log.stem}: {m.group(1)}" for log in sorted(log_dir.glob("*.log"))
                  for m in exits.finditer(log.read_text(errors="replace")) if m.group(1) != "signal SIGKILL"]
     assert not unplanned, f"processes exited on their own: {unplanned}"
+
+
+# -- broker failures --------------------------------------------------------------------------
+#
+# The same pipeline and the same checks, with the brokers failing instead of the workers: a
+# node of a three-node Apache Kafka SIGKILLed and restarted, or frozen (SIGSTOP) past the
+# broker session timeout and thawed (`tests/e2e/test_kafka_broker_failures.py`, `make
+# chaos-kafka`), or every node down for a minute (`tests/e2e/test_kafka_outage.py`). No process
+# of the pipeline is killed, so none may exit: each must ride out the failure by itself.
+
+# Production's client settings (Kafka's defaults); plain-text logs for a human reading them.
+BROKER_STACK_ENV = {"ORDERPIPE_LOG_JSON": "false"}
+STATUS_GROUP = "order-status"  # the order-status worker's app id = its consumer group
+
+
+@dataclass
+class BrokerFault:
+    kind: str  # "SIGKILL" (then started again), "SIGSTOP" (then SIGCONT), "outage" (every node SIGKILLed)
+    nodes: tuple[int, ...]
+    why: str  # what the node was when it was chosen
+    at_s: float  # since the first order was placed
+    down_s: float = 0.0  # until it was started again / thawed
+    back_s: float = 0.0  # until it answered and was registered again
+    healed_s: float = 0.0  # until the cluster was whole again (see BrokerRun.healed)
+
+    def render(self) -> str:
+        nodes = "node " + ",".join(map(str, self.nodes))
+        return (f"{self.kind} {nodes} ({self.why}) at {self.at_s:.1f} s: down {self.down_s:.1f} s, "
+                f"registered again after {self.back_s:.1f} s, whole again after {self.healed_s:.1f} s")
+
+
+@dataclass
+class BrokerRunReport(ChaosReport):
+    title: str = "broker run"
+    nodes: int = 1
+    faults: list[BrokerFault] = field(default_factory=list)
+    lag: dict[str, int] = field(default_factory=dict)  # group -> messages past its committed offsets, at the end
+    notes: list[str] = field(default_factory=list)  # what the scenario saw while the brokers were down
+
+    def render(self) -> str:
+        lines = [f"{self.title} on {self.database}, {self.nodes}-node Apache Kafka: {self._orders_line()}",
+                 *(f"  {fault.render()}" for fault in self.faults),
+                 *(f"  {note}" for note in self.notes),
+                 *self._effect_lines("a relay whose acks did not come"),
+                 "  committed offsets at the end offsets: "
+                 + ", ".join(f"{group} {lag}" for group, lag in self.lag.items()) + " behind",
+                 "  timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())]
+        return "\n".join(lines)
+
+
+class BrokerRun(CrashRun):
+    """Orders are placed from a thread of their own while the main thread breaks the brokers:
+    starting a Kafka node blocks until it is registered, and must happen on the main thread (a
+    node's parent-death signal is tied to the thread that spawned it). Subclasses implement
+    `disrupt`; when it returns and every order is placed, the run waits until the databases show
+    every order through every step, then for the order-status view, as the crash run does."""
+
+    phase = "placing with broker faults"
+    title = "broker run"
+
+    def __init__(self, stack: Stack, info: StackInfo, settings: Settings, plan: ChaosPlan, database: str,
+                 kafka: LocalKafka):
+        super().__init__(stack, info, settings, plan, database)
+        self.supervisor.max_restarts = 0  # nothing is killed here: an exit is a failure (see _poll_supervisor)
+        self.kafka = kafka
+        self.report.title, self.report.nodes = self.title, kafka.size
+        self.pids = self.supervisor.pids()
+        self.admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers, "log_level": 0})
+        self._started = time.monotonic()
+        self._stop_placing = threading.Event()
+        self._placer_error: BaseException | None = None
+
+    def _new_report(self, plan: ChaosPlan, database: str) -> ChaosReport:
+        return BrokerRunReport(plan, database)
+
+    @property
+    def budget_s(self) -> float:
+        """How long placing, faults and catching up may take before the run counts as stuck."""
+        return 180 + 2 * self.plan.placing_s
+
+    def disrupt(self) -> None:
+        raise NotImplementedError
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+    def _place_and_disrupt(self, client: httpx.Client) -> None:
+        self._started = time.monotonic()
+        placer = threading.Thread(target=self._place_all, name="placer", daemon=True)
+        placer.start()
+        try:
+            self.disrupt()
+            self.wait_until("every order placed", lambda: not placer.is_alive(), self.plan.placing_s + 60)
+        finally:
+            self._stop_placing.set()
+            placer.join()
+        self._poll_supervisor()
+        self.wait_until("the databases show every order through every step",
+                        lambda: all(self._work_done(self.observer.progress()).values()),
+                        max(0.0, self._started + self.budget_s - time.monotonic()))
+
+    def _place_all(self) -> None:
+        try:
+            with httpx.Client(base_url=self.info.api_url, timeout=10) as client:
+                while len(self.report.placed) < len(self.samples) and not self._stop_placing.is_set():
+                    self._place_due(client, self.elapsed())
+                    time.sleep(0.02)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            self._placer_error = exc
+
+    def _poll_supervisor(self) -> None:
+        """No process of the pipeline may exit (nothing kills them here), and the orders API must
+        keep accepting orders."""
+        self.supervisor.poll()
+        if self.supervisor.pids() != self.pids:
+            gone = sorted(n for n, pid in self.pids.items() if self.supervisor.pids().get(n) != pid)
+            raise AssertionError(f"processes exited during the broker faults: {gone}; logs in {self.info.log_dir}")
+        if self._placer_error is not None:
+            raise AssertionError(f"placing an order failed: {self._placer_error!r}") from self._placer_error
+
+    def idle(self, seconds: float) -> None:
+        """Wait, watching the processes and the placer."""
+        until = time.monotonic() + seconds
+        while (remaining := until - time.monotonic()) > 0:
+            self._poll_supervisor()
+            time.sleep(min(0.1, remaining))
+
+    def wait_until(self, what: str, condition, timeout: float, every: float = 0.2) -> float:
+        """Poll `condition` until it holds; its seconds. Raises after `timeout`."""
+        start = time.monotonic()
+        while True:
+            self._poll_supervisor()
+            if condition():
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"{what}: not within {timeout:.0f} s (at {self.elapsed():.0f} s of the run); "
+                                     f"logs in {self.info.log_dir}, Kafka's under {self.kafka.data_dir}")
+            time.sleep(every)
+
+    def pipeline_working(self) -> bool:
+        """The relay and every consumer have done work."""
+        return all(n > 0 for n in self.observer.progress().values())
+
+    def _registered(self) -> bool:
+        try:
+            return len(self.admin.list_topics(timeout=5).brokers) == self.kafka.size
+        except KafkaException:
+            return False
+
+    def healed(self) -> bool:
+        """Every node registered, and every partition of every topic led with all its replicas in sync."""
+        try:
+            metadata = self.admin.list_topics(timeout=5)
+        except KafkaException:
+            return False
+        if len(metadata.brokers) < self.kafka.size:
+            return False
+        return all(t.error is None and p.leader >= 0 and p.error is None and len(p.isrs) == len(p.replicas)
+                   for t in metadata.topics.values() for p in t.partitions.values())
+
+    def input_leader(self) -> tuple[int, str]:
+        """The node leading the most partitions of orders.created (the pipeline's input)."""
+        partitions = self.admin.list_topics(ORDERS_CREATED, timeout=10).topics[ORDERS_CREATED].partitions
+        leaders = Counter(partitions[p].leader for p in sorted(partitions) if partitions[p].leader >= 0)
+        node, led = leaders.most_common(1)[0]
+        return node, f"leader of {led}/{len(partitions)} {ORDERS_CREATED} partitions"
+
+    def _leads(self, node: int) -> int | None:
+        """How many orders.created partitions the cluster's metadata says `node` leads (None: no answer)."""
+        try:
+            partitions = self.admin.list_topics(ORDERS_CREATED, timeout=5).topics[ORDERS_CREATED].partitions
+        except KafkaException:
+            return None
+        return sum(p.leader == node for p in partitions.values())
+
+    def coordinator(self, group: str) -> tuple[int, str]:
+        """The node coordinating a consumer group (its members' heartbeats and commits)."""
+        found = self.admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15)
+        return found.coordinator.id, f"coordinator of group {group}"
+
+
+class BrokerChaosRun(BrokerRun):
+    """`plan.kills_per_process` SIGKILLs of one node at a time, each restarted after a few
+    seconds, and one freeze (SIGSTOP) halfway through, held until the cluster has fenced the node
+    (its broker session timed out) and moved its leaderships, then a little longer. Victims
+    alternate: the leader of most orders.created partitions (first), then a consumer group's
+    coordinator (order-status, inventory, email, ...). The next fault waits until the cluster is
+    whole again (every replica back in sync): a second node down before that would leave
+    partitions below min.insync.replicas, which stalls writes rather than testing anything new."""
+
+    phase = "placing with broker kills"
+    title = "broker chaos run"
+    FROZEN_AFTER_FENCED_S = 2.0
+
+    @property
+    def budget_s(self) -> float:
+        return super().budget_s + 60 * (self.plan.kills_per_process + 1)
+
+    def disrupt(self) -> None:
+        self.wait_until("the pipeline working before the first fault", self.pipeline_working, 120)
+        groups = cycle((STATUS_GROUP, *CONSUMERS))
+        faults = ["input leader" if i % 2 == 0 else next(groups) for i in range(self.plan.kills_per_process)]
+        faults.insert(len(faults) // 2, "freeze")
+        for fault in faults:
+            self.idle(self.rng.uniform(2.0, 4.0))
+            if fault == "freeze":
+                self._freeze(*self.input_leader())
+            else:
+                self._kill(*(self.input_leader() if fault == "input leader" else self.coordinator(fault)))
+
+    def _kill(self, node: int, why: str) -> None:
+        fault = BrokerFault("SIGKILL", (node,), why, self.elapsed())
+        start = time.monotonic()
+        self.kafka.kill(node)
+        # Down for a few seconds: sometimes back before the cluster fenced it (6 s), sometimes after.
+        self.idle(self.rng.uniform(3.0, 8.0))
+        fault.down_s = time.monotonic() - start
+        self.kafka.restart(node)
+        fault.back_s = time.monotonic() - start
+        self.wait_until(f"the cluster whole again after SIGKILL of node {node}", self.healed, 120)
+        fault.healed_s = time.monotonic() - start
+        self.report.faults.append(fault)
+
+    def _freeze(self, node: int, why: str) -> None:
+        fault = BrokerFault("SIGSTOP", (node,), why, self.elapsed())
+        start = time.monotonic()
+        self.kafka.freeze(node)
+        try:
+            # Its sockets stay open and nothing answers; after broker.session.timeout.ms (6 s)
+            # without a heartbeat the controller fences it and elects other leaders.
+            fenced = self.wait_until(f"frozen node {node} fenced (no orders.created partition led by it)",
+                                     lambda: self._leads(node) == 0, 60)
+            fault.why += f"; fenced, its leaderships moved after {fenced:.1f} s"
+            self.idle(self.FROZEN_AFTER_FENCED_S)
+        finally:
+            self.kafka.thaw(node)
+        fault.down_s = time.monotonic() - start
+        self.wait_until(f"node {node} registered again after the thaw", self._registered, 60)
+        fault.back_s = time.monotonic() - start
+        self.wait_until(f"the cluster whole again after node {node} was thawed", self.healed, 120)
+        fault.healed_s = time.monotonic() - start
+        self.report.faults.append(fault)
+
+
+def group_topics() -> dict[str, list[str]]:
+    """What each consumer group reads: the services' inputs and their retry topics (see
+    ServiceConsumer.topics), and the order-status worker's inputs (streams/order_status/app.py)."""
+    from streams.order_status.app import sla_topic_name
+    from streams.order_status.inputs import failure_topics
+
+    out = {g.name: [t for source in g.inputs for t in (source, *g.retry_topics(source))] for g in GROUPS}
+    out[STATUS_GROUP] = [*STATUS_INPUTS, *failure_topics(), sla_topic_name(STATUS_GROUP)]
+    return out
+
+
+def committed_lag(bootstrap: str) -> dict[str, dict[tuple[str, int], int]]:
+    """Per consumer group: each partition whose committed offset is short of its end offset, and
+    by how much (nothing committed counts from the log start). Read with OffsetFetch: no group is
+    joined, nothing is disturbed."""
+    config = {"bootstrap.servers": bootstrap, "enable.auto.commit": False, "log_level": 0}
+    reader = Consumer({**config, "group.id": f"lag-reader-{uuid.uuid4().hex[:8]}"})
+    try:
+        metadata = reader.list_topics(timeout=10).topics
+        wanted = {g: [(t, p) for t in topics if t in metadata for p in sorted(metadata[t].partitions)]
+                  for g, topics in group_topics().items()}
+        ends = end_offsets(reader, [tp for parts in wanted.values() for tp in parts])
+        out: dict[str, dict[tuple[str, int], int]] = {}
+        for group, parts in wanted.items():
+            member = Consumer({**config, "group.id": group})
+            try:
+                committed = member.committed([TopicPartition(t, p) for t, p in parts], timeout=10)
+            finally:
+                member.close()
+            out[group] = {}
+            for tp in committed:
+                low, end = ends[(tp.topic, tp.partition)]
+                behind = end - (tp.offset if tp.offset >= 0 else low)
+                if behind > 0:
+                    out[group][(tp.topic, tp.partition)] = behind
+        return out
+    finally:
+        reader.close()
+
+
+def wait_for_zero_lag(bootstrap: str, report: BrokerRunReport, timeout: float = 60.0) -> None:
+    """Every group's committed offsets reach the end offsets of everything it reads (the services
+    commit every second, the Faust worker every 2.8 s): no consumer is stuck or behind."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lag = committed_lag(bootstrap)
+        report.lag = {group: sum(parts.values()) for group, parts in lag.items()}
+        if not any(report.lag.values()):
+            return
+        if time.monotonic() > deadline:
+            behind = {g: dict(list(parts.items())[:4]) for g, parts in lag.items() if parts}
+            raise AssertionError(f"consumer groups still behind after {timeout:.0f} s: {behind}")
+        time.sleep(1.0)
+
+
+def check_services_ready(info: StackInfo, timeout: float = 60.0) -> None:
+    """Every relay and consumer process live and ready again (/healthz, /readyz), and the
+    order-status worker ready (/ready)."""
+    urls = [f"{base}{path}" for base in info.health.values() for path in ("/healthz", "/readyz")]
+    urls.append(f"{info.status_url}/ready")
+    deadline = time.monotonic() + timeout
+    pending = urls
+    while pending:
+        pending = [u for u in pending if _status_code(u) != 200]
+        if pending and time.monotonic() > deadline:
+            raise AssertionError(f"not healthy and ready {timeout:.0f} s after the brokers came back: {pending}")
+        if pending:
+            time.sleep(0.5)
+
+
+def _status_code(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0

@@ -53,7 +53,8 @@ chaos: install
 
 # Broker failures (tests/e2e/test_kafka_broker_failures.py), longer: a three-node local Apache
 # Kafka whose nodes are SIGKILLed and restarted (CHAOS_KAFKA_KILLS times) and once frozen past the
-# broker session timeout while orders flow (~25 s per fault, so kills x 25 s ~ orders / rate).
+# broker session timeout while orders flow. A fault takes 20-60 s here (a node restart is most of
+# it), so pick kills x ~30 s ~ orders / rate; 1,000 orders and 10 kills took 7 minutes.
 CHAOS_KAFKA_ORDERS ?= 1000
 CHAOS_KAFKA_KILLS ?= 10
 CHAOS_KAFKA_RATE ?= 3.5

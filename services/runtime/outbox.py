@@ -93,41 +93,52 @@ class OutboxRelay:
         self._last_cleanup = 0.0
         self.name = name  # the `service` label of the backlog gauge
         self._last_backlog = 0.0
+        self._acked: list[int] = []  # seqs the broker acknowledged, not yet marked published
+        self._failed: list[KafkaError] = []
+        self._in_flight = 0  # rows produced whose delivery report has not come yet
 
     def publish_batch(self) -> int:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(self.outbox.c.seq, self.outbox.c.topic, self.outbox.c.aggregateid,
-                       self.outbox.c.payload, self.outbox.c.headers)
-                .where(self.outbox.c.published_at.is_(None))
-                .order_by(self.outbox.c.seq)
-                .limit(self.batch_size)
-            ).all()
-        if not rows:
-            return 0
-        acked: list[int] = []
-        errors: list[KafkaError] = []
-
-        def on_delivery(err, _msg, seq):
-            (errors.append(err) if err else acked.append(seq))
-
-        for row in rows:
-            self.producer.produce(
-                row.topic, key=row.aggregateid.encode(), value=row.payload,
-                headers=[(k, v.encode()) for k, v in row.headers],
-                on_delivery=lambda err, msg, seq=row.seq: on_delivery(err, msg, seq),
-            )
-            self.producer.poll(0)
-        remaining = self._flush(30.0)
+        # Rows of an earlier batch may still be on their way: its flush timed out while the broker
+        # was away. Wait for their delivery reports instead of producing them again (that only put
+        # duplicates on the topic, one more copy per timed-out flush). librdkafka retries them until
+        # `message.timeout.ms` and then reports each as failed, which leaves the row unpublished
+        # for the next batch.
+        if not self._in_flight:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(self.outbox.c.seq, self.outbox.c.topic, self.outbox.c.aggregateid,
+                           self.outbox.c.payload, self.outbox.c.headers)
+                    .where(self.outbox.c.published_at.is_(None))
+                    .order_by(self.outbox.c.seq)
+                    .limit(self.batch_size)
+                ).all()
+            if not rows:
+                return 0
+            for row in rows:
+                self.producer.produce(
+                    row.topic, key=row.aggregateid.encode(), value=row.payload,
+                    headers=[(k, v.encode()) for k, v in row.headers],
+                    on_delivery=lambda err, msg, seq=row.seq: self._delivered(err, seq),
+                )
+                self._in_flight += 1
+                self.producer.poll(0)
+        self._flush(30.0)
+        (acked, self._acked), (errors, self._failed) = (self._acked, []), (self._failed, [])
         if acked:
             with self.engine.begin() as conn:
                 conn.execute(update(self.outbox).where(self.outbox.c.seq.in_(acked)).values(published_at=utcnow()))
         if self.on_published:
             self.on_published(len(acked))
-        if errors or remaining:
-            # Rows not acked stay unpublished and go out again on the next batch.
-            raise DeliveryFailed(f"{len(errors)} outbox rows failed delivery ({errors[:1]}), {remaining} unacked")
+        if errors or self._in_flight:
+            # Rows not acked stay unpublished; failed ones go out again on the next batch.
+            raise DeliveryFailed(f"{len(errors)} outbox rows failed delivery ({errors[:1]}), "
+                                 f"{self._in_flight} still on their way")
         return len(acked)
+
+    def _delivered(self, err: KafkaError | None, seq: int) -> None:
+        """Delivery report of one row (called on this thread, inside flush and poll)."""
+        self._in_flight -= 1
+        (self._failed.append(err) if err else self._acked.append(seq))
 
     def _flush(self, timeout: float) -> int:
         """`producer.flush(timeout)` in slices of 5 s, sampling the backlog gauge in between: while

@@ -174,8 +174,13 @@ def run(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE
 
         from services.runtime.service_main import run_service
 
+        from services.runtime.errors import ConsumerMisconfigured
+
         module = importlib.import_module(f"services.{service}.service")
-        run_service(module.build, service, settings)
+        try:
+            run_service(module.build, service, settings)
+        except ConsumerMisconfigured as exc:
+            fail(str(exc))
 
 
 def _run_orders_api(settings: Settings) -> None:

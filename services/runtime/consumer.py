@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from sqlalchemy import MetaData, Table, delete, select
 from sqlalchemy.engine import Connection, Engine
 
@@ -46,7 +46,7 @@ from services.runtime.codec import Codec, DecodeError
 from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
 from services.runtime.controls import WorkerControls
 from services.runtime.db import inbox_table, insert_ignore, outbox_table, utcnow
-from services.runtime.errors import MissingHandler, PermanentError, is_retryable
+from services.runtime.errors import ConsumerMisconfigured, MissingHandler, PermanentError, is_retryable
 from services.runtime.events import EVENT_TYPES, Event
 from services.runtime.outbox import add_event, add_rows, outbox_row
 from services.runtime.ratelimit import RateLimiter
@@ -80,6 +80,13 @@ TRACEBACK_LIMIT = 4000
 # so a producer moving to a newer compatible version does not break them.
 READER_VERSIONS = {name: cls.schema_version for name, cls in EVENT_TYPES.items()}
 INBOX_ROW_COLUMNS = ("group_name", "event_id", "event_type", "topic", "partition", "offset", "processed_at")
+
+
+# Refusals that asking again cannot change, and what to fix.
+_MISCONFIGURED = {
+    KafkaError.INVALID_SESSION_TIMEOUT: "set ORDERPIPE_SESSION_TIMEOUT_MS within the broker's "
+                                        "group.min.session.timeout.ms and group.max.session.timeout.ms",
+}
 
 
 class UnitOfWork:
@@ -737,10 +744,14 @@ class ServiceConsumer:
             self._paused.discard((p.topic, p.partition))
 
     def _check_error(self, msg: Message) -> bool:
-        if msg.error():
-            log.warning("consumer error: %s", msg.error(), extra={"group": self.group.name, "error": str(msg.error())})
-            return False
-        return True
+        err = msg.error()
+        if not err:
+            return True
+        if err.code() in _MISCONFIGURED or err.fatal():
+            fix = _MISCONFIGURED.get(err.code(), "see the broker's and the client's logs")
+            raise ConsumerMisconfigured(f"group {self.group.name}: the broker refuses this consumer: {err.str()} ({fix})")
+        log.warning("consumer error: %s", err, extra={"group": self.group.name, "error": str(err)})
+        return False
 
     def _add_totals(self, r: BatchResult) -> None:
         t = self.totals

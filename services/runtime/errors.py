@@ -25,6 +25,11 @@ class MissingHandler(PermanentError):
     pass
 
 
+class ConsumerMisconfigured(RuntimeError):
+    """The broker refuses this consumer the same way every time (its settings, or a fatal client
+    error): the process stops with the message instead of asking again forever."""
+
+
 RETRYABLE_TYPES: tuple[type[BaseException], ...] = (
     RetryableError, TimeoutError, ConnectionError, socket.timeout, OSError,
 )

@@ -132,3 +132,15 @@ def test_no_jvm_outlives_a_sigkilled_parent(tmp_path: Path):
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_session_timeout_the_broker_refuses_stops_the_service_with_what_to_fix(kafka_bootstrap: str, tmp_path: Path):
+    """Kafka refuses a session timeout below its group.min.session.timeout.ms on every JoinGroup;
+    the service says so and what to set, instead of asking again forever."""
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "ORDERPIPE_DATA_DIR": str(tmp_path),
+           "ORDERPIPE_SESSION_TIMEOUT_MS": "500", "ORDERPIPE_HEALTH_PORT": "0", "COLUMNS": "300"}
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", "run", "inventory"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Invalid session timeout" in done.stderr and "ORDERPIPE_SESSION_TIMEOUT_MS" in done.stderr
+    assert "Traceback" not in done.stderr

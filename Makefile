@@ -66,7 +66,8 @@ clean:
 	rm -rf .data build *.egg-info .pytest_cache
 
 # `make bench`: the benchmark on the embedded broker (~20 min; BENCH_ARGS=--quick for ~10,
-# BENCH_ARGS='--soak 300' for the 5-minute memory check). Writes bench/results/.
+# BENCH_ARGS='--soak 300' for the 5-minute memory check), BENCH_ARGS='--broker kafka' on a local
+# Apache Kafka (Java 17+ and Maven). Writes bench/results/ (latest.json, latest-kafka.json).
 .PHONY: bench
 bench: install $(VENV)/.bench-installed
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -115,8 +115,10 @@ class Meter:
     then the consumer's own `run()` loop is told to stop. Runs on the consumer's thread, so a
     profiler started here sees the hot loop only."""
 
-    def __init__(self, sc: ServiceConsumer, count: int, stop: threading.Event, profiler=None):
+    def __init__(self, sc: ServiceConsumer, count: int, stop: threading.Event, profiler=None, broker_cpu=None):
         self.sc, self.count, self.stop, self.profiler = sc, count, stop, profiler
+        self.broker_cpu = broker_cpu or (lambda: None)
+        self.broker_start = self.broker_end = None
         self.done = self.first = self.duplicates = 0
         self.start = self.end = None
         self._inner = sc.handle_batch
@@ -132,10 +134,12 @@ class Meter:
         self.duplicates += result.duplicates
         if self.start is None and self.done:
             self.start, self.first, self.cpu_start = time.perf_counter(), self.done, time.process_time()
+            self.broker_start = self.broker_cpu()
             if self.profiler is not None:
                 self.profiler.start()
         elif self.done >= self.count:
             self.end, self.cpu_end = time.perf_counter(), time.process_time()
+            self.broker_end = self.broker_cpu()
             if self.profiler is not None:
                 self.profiler.stop()
             self.stop.set()
@@ -151,7 +155,8 @@ class Case:
     with_relay: bool = False
 
 
-def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout: float = 300.0) -> dict:
+def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout: float = 300.0,
+             broker_cpu=None) -> dict:
     # The GC settings run_service applies. Before this case's clients exist: frozen objects are
     # never collected, and the clients must go when the case ends.
     tune_gc()
@@ -176,7 +181,7 @@ def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout:
             relay_thread = threading.Thread(target=relay.run, args=(stop, settings.relay_poll_interval_s),
                                             daemon=True)
             relay_thread.start()
-        meter = Meter(sc, case.count, stop, profiler)
+        meter = Meter(sc, case.count, stop, profiler, broker_cpu)
         watchdog = threading.Timer(timeout, stop.set)
         watchdog.start()
         try:
@@ -195,8 +200,10 @@ def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout:
         if inbox_rows != totals.processed or outbox_rows != totals.processed:
             raise RuntimeError(f"{name}: {totals.processed} processed but {inbox_rows} inbox rows, "
                                f"{outbox_rows} outbox rows")
-        return figure(meter.done - meter.first, seconds, meter.cpu_end - meter.cpu_start, batch_size=batch_size, processed=totals.processed,
-                      duplicates=totals.duplicates)
+        broker_s = (None if meter.broker_start is None or meter.broker_end is None
+                    else meter.broker_end - meter.broker_start)
+        return figure(meter.done - meter.first, seconds, meter.cpu_end - meter.cpu_start, broker_s,
+                      batch_size=batch_size, processed=totals.processed, duplicates=totals.duplicates)
     finally:
         stop.set()
         sc = meter = None  # drop the clients now: no reconnect noise once the broker stops

@@ -1,4 +1,5 @@
-"""(d) End to end: the whole pipeline as `orderpipe up` starts it (services/cli/stack.py).
+"""(d) End to end: the whole pipeline as `orderpipe up --broker KIND` starts it
+(services/cli/stack.py), on a fresh local broker of the run's kind (embedded Tansu or Apache Kafka).
 
 Orders are POSTed to the orders API; an order is COMPLETED when the order-status worker
 publishes its COMPLETED status to `orders.status`. Latency = the broker timestamp of that
@@ -34,7 +35,7 @@ from pathlib import Path
 import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from bench.common import CODEC, sample_http_order
+from bench.common import CODEC, broker_pids, sample_http_order
 from bench.memory import RssSampler, cpu_snapshot, growth, verdict
 from services.runtime.settings import Settings
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS
@@ -165,7 +166,7 @@ def start_py_spy(pids: dict[str, int], out_dir: Path) -> dict[str, tuple[subproc
         return {}
     spies = {}
     for name, pid in pids.items():
-        if name == "broker":
+        if name == "broker" or name.startswith("broker-"):
             continue
         path = out_dir / f"py-spy-{name}.txt"
         proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "50", "--nonblocking", "--gil",
@@ -227,27 +228,34 @@ def percentile(values: list[float], q: float) -> float:
 BENCH = "bench (load generator)"
 
 
-def run(sizes, workdir: Path, soak: float | None = None, log=print, profile_dir: Path | None = None) -> dict:
+WARM_UP_NOTE = {"embedded": "group joins take a few seconds on Tansu",
+                "kafka": "the first group joins; a fresh JVM compiles its request path meanwhile"}
+
+
+def run(sizes, workdir: Path, soak: float | None = None, log=print, profile_dir: Path | None = None,
+        broker: str = "embedded") -> dict:
+    """`broker`: the kind of local broker the stack starts ("embedded" or "kafka"), as
+    `orderpipe up --broker`; KAFKA_BOOTSTRAP_SERVERS is ignored, so the whole run is on one kind."""
     from services.cli.stack import Stack
 
     rng = random.Random(23)
-    stack = Stack(Settings(), data_dir=workdir / "e2e", fresh=True)
+    stack = Stack(Settings(KAFKA_BOOTSTRAP_SERVERS=None), data_dir=workdir / "e2e", broker=broker, fresh=True,
+                  progress=log)
     info = stack.start(timeout=120)
 
     def pids(with_bench: bool = False) -> dict[str, int]:
         found = dict(stack.supervisor.pids()) if stack.supervisor else {}
-        if stack.broker is not None and stack.broker.pid:
-            found["broker"] = stack.broker.pid
+        found.update(broker_pids(stack.broker))  # Tansu, or the Kafka node's JVM: counted like any process
         if with_bench:  # CPU accounting only: the load generator shares the machine
             found[BENCH] = os.getpid()
         return found
 
     sampler = RssSampler(pids, interval=1.0).start()
     watcher = StatusWatcher(info.bootstrap_servers).start()
-    result: dict = {"broker": "embedded" if info.embedded else "external", "processes": sorted(pids())}
+    result: dict = {"broker": info.broker, "processes": sorted(pids())}
     try:
         # Warm-up: every consumer group has joined and every process has seen traffic.
-        log("e2e: warming up (group joins take a few seconds on Tansu)")
+        log(f"e2e: warming up ({WARM_UP_NOTE.get(info.broker, 'first group joins')})")
         sent, _, errors = asyncio.run(offered_load(info.api_url, 20, 1.0, rng))
         if errors or watcher.wait_for(sent, 180):
             raise RuntimeError(f"e2e warm-up did not complete: {errors[:3]}; see {info.log_dir}")
@@ -331,7 +339,7 @@ def run(sizes, workdir: Path, soak: float | None = None, log=print, profile_dir:
             g = growth(series, lo, hi)
             memory[name] = {"peak_rss_mb": peaks.get(name, max((mb for _, mb in series), default=0.0)),
                             "restarts": len(sampler.seen_pids.get(name, ())) - 1,
-                            "latency_phase": g, "verdict": verdict(g, hi - lo, name)}
+                            "latency_phase": g, "verdict": verdict(g, hi - lo, name, info.broker)}
         result["memory"] = {"per_process": memory, "marks": sampler.marks, "judged_phase": memory_phase,
                             "samples": {k: v for k, v in sampler.samples.items()}}
         result["status_messages"] = watcher.messages

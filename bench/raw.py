@@ -52,10 +52,10 @@ def produce_all(producer: Producer, topic: str, count: int, value_size: int = VA
 
 
 def consume_all(consumer: Consumer, topics: list[str], count: int, batch_size: int,
-                timeout: float = 120.0) -> tuple[int, float, float]:
-    """Subscribe and read `count` messages; returns (messages counted, seconds) measured from the
-    end of the first non-empty batch, so the group join (Tansu holds it for the rebalance
-    timeout) is not counted."""
+                timeout: float = 120.0, broker_cpu=lambda: None) -> tuple[int, float, float, float | None]:
+    """Subscribe and read `count` messages; returns (messages counted, seconds, CPU seconds,
+    broker CPU seconds) measured from the end of the first non-empty batch, so the group join
+    (Tansu holds it for the rebalance timeout) is not counted."""
     consumer.subscribe(topics)
     seen = 0
     start = None
@@ -69,25 +69,53 @@ def consume_all(consumer: Consumer, topics: list[str], count: int, batch_size: i
             continue
         seen += got
         if start is None:
-            start, first, cpu = time.perf_counter(), seen, time.process_time()
+            start, first, cpu, b0 = time.perf_counter(), seen, time.process_time(), broker_cpu()
     if seen < count:
         raise RuntimeError(f"raw consume: read {seen} of {count} messages within {timeout:.0f} s")
-    return seen - first, time.perf_counter() - start, time.process_time() - cpu
+    return seen - first, time.perf_counter() - start, time.process_time() - cpu, _spent(broker_cpu, b0)
 
 
-def run(settings: Settings, count: int, batch_size: int) -> dict:
+def warm_broker(settings: Settings, count: int, batch_size: int) -> None:
+    """Untimed: `count` messages produced and consumed once on a topic of their own, before any
+    section measures. A fresh JVM (Apache Kafka) runs its request path interpreted until the JIT
+    has compiled it, which would make the ceiling, measured first, the slowest figure of the run;
+    Tansu needs no warm-up, and gets the same one so both brokers are measured the same way."""
+    topic = f"bench.warm-up.{uuid.uuid4().hex[:8]}"
+    ensure_topics({"bootstrap.servers": settings.bootstrap}, [TopicSpec(topic)])
+    producer = Producer(producer_config(settings, **{"client.id": "bench-warm-up"}))
+    warm_up(producer, topic)
+    produce_all(producer, topic, count)
+    consumer = Consumer(consumer_config(settings, f"bench-warm-up-{uuid.uuid4().hex[:6]}"))
+    try:
+        consume_all(consumer, [topic], count + 1, batch_size)
+    finally:
+        consumer.close()
+
+
+def run(settings: Settings, count: int, batch_size: int, broker_cpu=None) -> dict:
+    """`broker_cpu`: a clock of the broker's CPU seconds (bench.common.broker_cpu_clock); its
+    use over each measured phase is stored beside the client's own."""
+    broker_cpu = broker_cpu or (lambda: None)
     topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
     ensure_topics({"bootstrap.servers": settings.bootstrap}, [TopicSpec(topic)])
     producer = Producer(producer_config(settings, **{"client.id": "bench-raw"}))
     warm_up(producer, topic)
+    b0 = broker_cpu()
     seconds, cpu = produce_all(producer, topic, count)
-    produce = figure(count, seconds, cpu, value_bytes=VALUE_BYTES, partitions=TopicSpec(topic).partitions,
+    produce = figure(count, seconds, cpu, _spent(broker_cpu, b0), value_bytes=VALUE_BYTES,
+                     partitions=TopicSpec(topic).partitions,
                      config="idempotent, acks=all, lz4, linger.ms=5 (the relays' producer config)")
     consumer = Consumer(consumer_config(settings, f"bench-raw-{uuid.uuid4().hex[:6]}"))
     try:
-        counted, seconds, cpu = consume_all(consumer, [topic], count + 1, batch_size)  # + the warm-up
+        counted, seconds, cpu, broker_s = consume_all(consumer, [topic], count + 1, batch_size,  # + the warm-up
+                                                      broker_cpu=broker_cpu)
     finally:
         consumer.close()
-    consume = figure(counted, seconds, cpu, batch_size=batch_size,
+    consume = figure(counted, seconds, cpu, broker_s, batch_size=batch_size,
                      config="read_committed, subscribe, consume() batches, no processing")
     return {"produce": produce, "consume": consume}
+
+
+def _spent(clock, before):
+    after = clock()
+    return None if before is None or after is None else after - before

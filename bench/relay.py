@@ -10,7 +10,7 @@ import uuid
 from sqlalchemy import MetaData
 
 from bench.common import encoded_order_created, figure
-from bench.raw import warm_up
+from bench.raw import _spent, warm_up
 from services.runtime.admin import ensure_topics
 from services.runtime.db import make_engine, outbox_table, utcnow
 from services.runtime.kafka import make_producer
@@ -33,7 +33,8 @@ def fill_outbox(engine, outbox, topic: str, count: int, seed: int = 11) -> None:
             conn.execute(outbox.insert(), rows[i:i + 5_000])
 
 
-def run(settings: Settings, database_url: str, count: int) -> dict:
+def run(settings: Settings, database_url: str, count: int, broker_cpu=None) -> dict:
+    broker_cpu = broker_cpu or (lambda: None)
     topic = f"bench.relay.{uuid.uuid4().hex[:8]}"
     ensure_topics({"bootstrap.servers": settings.bootstrap}, [TopicSpec(topic)])
     engine = make_engine(database_url)
@@ -45,15 +46,16 @@ def run(settings: Settings, database_url: str, count: int) -> dict:
         warm_up(producer, topic)  # a long-running relay's producer is connected already
         relay = OutboxRelay(engine, outbox, producer, batch_size=settings.relay_batch_size)
         published = 0
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, b0 = time.perf_counter(), time.process_time(), broker_cpu()
         while published < count:
             n = relay.publish_batch()
             if n == 0:
                 raise RuntimeError(f"relay stopped after {published} of {count} rows")
             published += n
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        broker_s = _spent(broker_cpu, b0)
         if relay.backlog():
             raise RuntimeError("relay left unpublished rows")
     finally:
         engine.dispose()
-    return figure(published, seconds, cpu, batch_size=settings.relay_batch_size)
+    return figure(published, seconds, cpu, broker_s, batch_size=settings.relay_batch_size)

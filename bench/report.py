@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from bench.common import broker_label
 
 TARGETS = {
     # key: (label, target, higher is better)
@@ -24,14 +27,15 @@ def rows(result: dict) -> list[dict]:
     out: list[dict] = []
 
     def ratio(a, b):
-        return round(a / b, 4) if a and b else None
+        return round(a / b, 6) if a and b else None  # naive PostgreSQL vs raw consume: ~0.0001
 
     def add(section, what, fig, unit, ceiling_name=None, ceiling=None, value=None):
         ceiling = ceiling or {}
         value = fig.get("per_s") if value is None else value
         out.append({"section": section, "what": what, "value": value, "unit": unit, "vs": ceiling_name or "",
                     "ratio": ratio(value, ceiling.get("per_s")), "per_cpu_s": fig.get("per_cpu_s"),
-                    "cpu_ratio": ratio(fig.get("per_cpu_s"), ceiling.get("per_cpu_s"))})
+                    "cpu_ratio": ratio(fig.get("per_cpu_s"), ceiling.get("per_cpu_s")),
+                    "broker_us_per_msg": fig.get("broker_us_per_msg")})
 
     if produce:
         add("a", "raw produce (confluent-kafka)", produce, "msg/s")
@@ -80,6 +84,11 @@ def targets(result: dict) -> list[dict]:
     return out
 
 
+def _pct(x) -> str:
+    """A ratio as a percentage; small ones (a consumer vs the raw client) with more digits."""
+    return "" if x is None else f"{x:.1%}" if x >= 0.01 else f"{x:.3%}"
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -91,16 +100,15 @@ def _fmt(value) -> str:
 def print_report(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     meta = result["meta"]
-    table = Table(title=f"orderpipe bench ({meta['profile']}) - {meta['machine']['cpus']} CPUs, "
-                        f"load avg at start {meta['machine']['load_avg']}")
+    table = Table(title=f"orderpipe bench ({meta['profile']}) on {broker_label(meta.get('broker', '?'))} - "
+                        f"{meta['machine']['cpus']} CPUs, load avg at start {meta['machine']['load_avg']}")
     for col, justify in (("", "left"), ("figure", "left"), ("per second", "right"), ("unit", "left"),
                          ("ratio to raw", "right"), ("per CPU-second", "right"), ("CPU ratio", "right"),
-                         ("vs", "left")):
+                         ("broker CPU µs/msg", "right"), ("vs (same broker, same run)", "left")):
         table.add_column(col, justify=justify)
     for r in result["rows"]:
-        pct = lambda x: f"{x:.1%}" if x is not None else ""  # noqa: E731
-        table.add_row(r["section"], r["what"], _fmt(r["value"]), r["unit"], pct(r["ratio"]),
-                      _fmt(r.get("per_cpu_s")), pct(r.get("cpu_ratio")), r["vs"])
+        table.add_row(r["section"], r["what"], _fmt(r["value"]), r["unit"], _pct(r["ratio"]),
+                      _fmt(r.get("per_cpu_s")), _pct(r.get("cpu_ratio")), _fmt(r.get("broker_us_per_msg")), r["vs"])
     console.print(table)
 
     for key in ("latency", "latency_sustainable"):
@@ -151,7 +159,9 @@ def print_report(result: dict, console: Console | None = None) -> None:
         tt.add_row(f"{t['label']} {t['note']}".strip(), goal, _fmt(t["value"]), met)
     console.print(tt)
     for skipped in result.get("skipped", []):
-        console.print(f"[yellow]skipped:[/] {skipped}")
+        console.print(f"[yellow]skipped:[/] {escape(skipped)}")
+    broker = meta.get("broker")
+    console.print(f"broker: {broker['description'] if isinstance(broker, dict) else broker}")
     console.print(f"machine: {meta['machine_note']}")
 
 
@@ -172,7 +182,7 @@ def write_chart(result: dict, path: Path) -> None:
 
     ax = axes[0]
     colors = {"a": "#555555", "b": "#1f77b4", "c": "#2ca02c", "d": "#d62728", "e": "#ff7f0e"}
-    labels = [r["what"] + (f"  ({r['ratio']:.1%} of raw)" if r["ratio"] else "") for r in tput]
+    labels = [r["what"] + (f"  ({_pct(r['ratio'])} of raw)" if r["ratio"] else "") for r in tput]
     ax.barh(range(len(tput)), [r["value"] for r in tput], color=[colors[r["section"]] for r in tput])
     ax.set_yticks(range(len(tput)), labels, fontsize=8)
     ax.invert_yaxis()
@@ -217,7 +227,8 @@ def write_chart(result: dict, path: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=7)
     meta = result["meta"]
-    fig.suptitle(f"orderpipe bench {meta['started_at']} ({meta['profile']}): {meta['machine_note']}", fontsize=9)
+    fig.suptitle(f"orderpipe bench {meta['started_at']} ({meta['profile']}) on "
+                 f"{broker_label(meta.get('broker', '?'))}: {meta['machine_note']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

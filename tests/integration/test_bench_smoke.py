@@ -1,8 +1,11 @@
-"""A smoke run of the benchmark (`orderpipe bench --smoke`): tiny sizes, every section.
+"""A smoke run of the benchmark (`orderpipe bench --smoke --broker KIND`): tiny sizes, every
+section, on the test run's broker (`stack_broker`: `make test` runs it once on the embedded
+broker and once on Apache Kafka).
 
 It proves the bench runs end to end and writes complete results; it asserts no timings (the
 figures mean nothing at these sizes and on a shared machine), only that every section is
-there with positive numbers, and that the JSON and the chart are written.
+there with positive numbers, that the run says which broker it measured, and that the JSON
+and the chart are written under that broker's names.
 """
 
 from __future__ import annotations
@@ -25,26 +28,31 @@ def _positive(fig: dict, *keys: str) -> None:
         assert isinstance(fig.get(key), (int, float)) and fig[key] > 0, f"{key} not positive in {fig}"
 
 
-def test_bench_smoke_writes_every_section(tmp_path, monkeypatch):
+def test_bench_smoke_writes_every_section(tmp_path, monkeypatch, stack_broker):
     from bench.common import postgres_reachable
-    from bench.run import run_bench
+    from bench.run import SECTIONS, run_bench
 
-    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)  # the bench runs on the embedded broker
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)  # the bench starts brokers of its own
     pg_url = os.environ.get("ORDERPIPE_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
     pg_problem = postgres_reachable(pg_url)
     if pg_problem and os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"PostgreSQL not reachable at {pg_url}: {pg_problem}", pytrace=False)
 
     out = io.StringIO()
-    result = run_bench(profile="smoke", out_dir=tmp_path, postgres_url=pg_url,
+    result = run_bench(profile="smoke", out_dir=tmp_path, postgres_url=pg_url, broker=stack_broker,
                        console=Console(file=out, width=200))
 
+    broker = result["meta"]["broker"]
+    assert broker["kind"] == stack_broker and broker["name"] and broker["version"]
+    assert result["meta"]["sections"] == list(SECTIONS)
+    assert result["meta"]["outside_cpu_cores"]["whole_run"] >= 0  # what other work used meanwhile
     databases = ["sqlite"] + ([] if pg_problem else ["postgresql"])
     if pg_problem:
         assert any("PostgreSQL" in s for s in result["skipped"])  # said, not silently left out
 
-    _positive(result["raw"]["produce"], "count", "per_s", "per_cpu_s")
-    _positive(result["raw"]["consume"], "count", "per_s", "per_cpu_s")
+    for phase in ("produce", "consume"):
+        _positive(result["raw"][phase], "count", "per_s", "per_cpu_s")
+        assert result["raw"][phase]["broker_cpu_s"] >= 0  # the broker's CPU, read in 10 ms ticks
     for db in databases:
         _positive(result["relay"][db], "count", "per_s")
         for case in ("noop", "analytics", "inventory", "noop + relay thread"):
@@ -52,27 +60,40 @@ def test_bench_smoke_writes_every_section(tmp_path, monkeypatch):
         _positive(result["naive"][db]["noop"], "count", "per_s")
 
     e2e = result["e2e"]
+    assert e2e["broker"] == stack_broker
     assert e2e["latency"]["incomplete"] == 0 and e2e["latency"]["post_errors"] == 0
     _positive(e2e["latency"], "orders", "p50_s", "p95_s", "p99_s")
     assert e2e["latency"]["p50_s"] <= e2e["latency"]["p95_s"] <= e2e["latency"]["p99_s"]
     assert e2e["capacity"]["incomplete"] == 0
     _positive(e2e["capacity"], "orders", "post_per_s", "completed_per_s", "sustained_per_s",
               "cpu_ms_per_order_total")
+    assert e2e["capacity"]["cpu_ms_per_order"].get("broker", 0) > 0  # Tansu, or the Kafka JVM, counted
     memory = e2e["memory"]["per_process"]
     for process in ("broker", "orders-api", "orders-relay", "inventory", "email", "invoice", "analytics",
                     "order-status"):
         _positive(memory[process], "peak_rss_mb")
         assert memory[process]["verdict"]
 
-    assert "available" in result["recovery"] and (result["recovery"]["available"] or result["recovery"]["reason"])
+    if stack_broker == "kafka":  # on disk: not excused as an in-memory broker
+        assert "in-memory" not in memory["broker"]["verdict"]
+    recovery = result["recovery"]
+    assert recovery["available"], recovery.get("reason")
+    assert recovery["broker"] == stack_broker
+    _positive(recovery["fold"], "events_per_s")
+    for restart in ("memory_store", "rocksdb_restart"):
+        _positive(recovery[restart], "ready_s", "complete_s")
+        assert recovery[restart]["orders_counted"] >= recovery["orders"]
     assert {t["key"] for t in result["targets"]} == {"consumer.sqlite.noop", "consumer.postgresql.noop",
                                                      "e2e.capacity", "e2e.p99"}
     assert all(r["ratio"] > 0 for r in result["rows"] if r["vs"])
 
-    written = json.loads((tmp_path / "latest.json").read_text())
+    latest = "latest" if stack_broker == "embedded" else f"latest-{stack_broker}"
+    written = json.loads((tmp_path / f"{latest}.json").read_text())
     assert written["e2e"]["latency"]["p99_s"] == e2e["latency"]["p99_s"]
+    assert written["meta"]["broker"]["kind"] == stack_broker
+    assert len(list(tmp_path.glob("bench-*.json"))) == 1
     if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "latest.png").stat().st_size > 10_000
+        assert (tmp_path / f"{latest}.png").stat().st_size > 10_000
     else:
         assert any("chart" in s for s in result["skipped"])
     assert "targets" in out.getvalue()  # the table was printed

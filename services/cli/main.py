@@ -78,6 +78,9 @@ def up(
                   status_port=status_port, progress=_progress)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C stops everything gracefully, also when `up` was started with SIGINT ignored (a
+    # shell's background job): Python then installs no KeyboardInterrupt handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with console.status("starting broker, topics and services..."):
             info = _start_stack(stack)

@@ -168,7 +168,7 @@ def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout:
     service, seed = EFFECTS[case.effect](group, batch_size)
     engine = make_engine(case.database_url)
     stop = threading.Event()
-    relay_thread = None
+    relay = relay_thread = None
     try:
         service.metadata.create_all(engine)
         seed(engine)
@@ -206,8 +206,9 @@ def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout:
                       batch_size=batch_size, processed=totals.processed, duplicates=totals.duplicates)
     finally:
         stop.set()
-        sc = meter = None  # drop the clients now: no reconnect noise once the broker stops
-        gc.collect()
         if relay_thread is not None:
             relay_thread.join(15)
+        # drop the clients now (the relay's producer too): no reconnect noise once the broker stops
+        sc = meter = relay = relay_thread = None
+        gc.collect()
         engine.dispose()

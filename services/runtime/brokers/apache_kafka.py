@@ -162,8 +162,13 @@ def kafka_libs(progress=lambda line: None) -> Path:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding. Never one that starts
+    with "-" (as Kafka's own Uuid.randomUuid avoids): StorageTool's argument parser takes that for
+    an option, and formatting fails (one id in 64)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 _LOG4J2 = """Configuration:

@@ -34,12 +34,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from services.runtime.admin import ensure_topics
+from services.runtime.brokers import BROKER_KINDS
 from services.runtime.db import make_engine
 from services.runtime.settings import Settings
 from services.runtime.topology import ConsumerGroup, TopicSpec
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-BROKERS = ("embedded", "kafka")
+BROKERS = BROKER_KINDS
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

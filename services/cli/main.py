@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import bench_cmd, db_cmd, deploy_cmd, dlt_cmd, ops_cmd, orders_cmd, schemas_cmd, tail_cmd
+from services.runtime.brokers import BROKER_KINDS
 from services.runtime.settings import Settings
 
 app = typer.Typer(help="orderpipe: a Kafka-based, event-sourced order processing pipeline.",
@@ -45,9 +46,8 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-class BrokerKind(str, Enum):
-    embedded = "embedded"
-    kafka = "kafka"
+# the kinds declared once, in services/runtime/brokers (typer wants an Enum for its choices)
+BrokerKind = Enum("BrokerKind", {kind: kind for kind in BROKER_KINDS}, type=str)
 
 
 BrokerOption = Annotated[BrokerKind, typer.Option(

@@ -151,7 +151,9 @@ def test_up_on_kafka_continues_after_a_restart_with_orders_in_flight(tmp_path: P
         assert _count_invoices(data) == sum(1 for e in placed.values() if e == "COMPLETED")
         mails = [p.read_text(errors="replace") for p in (data / "maildir").glob("*.eml")]
         ids = re.findall(r"^Message-ID: (\S+)", "\n".join(mails), flags=re.MULTILINE | re.IGNORECASE)
-        assert len(ids) == len(placed) and len(set(ids)) == len(ids), "one mail per order, none sent twice"
+        # one Message-ID per order; a mail the stop caught between the SMTP accept and its commit
+        # is sent again with the same Message-ID (the README's e-mail guarantee), never a new one
+        assert len(set(ids)) == len(placed), "one Message-ID per order"
         _ctrl_c(proc)
     finally:
         if proc.poll() is None:

@@ -31,7 +31,7 @@ test: install
 test-brokers: install
 	@status=0; for broker in $(BROKERS); do \
 		echo "== integration and e2e tiers on the $$broker broker"; \
-		$(PY) -m pytest tests/integration tests/e2e --broker $$broker || status=1; \
+		$(PY) -m pytest tests/integration tests/e2e --broker $$broker --durations=15 || status=1; \
 	done; exit $$status
 
 test-unit: install

@@ -175,13 +175,16 @@ def run(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE
     else:
         import importlib
 
-        from services.runtime.service_main import run_service
-
         from services.runtime.errors import ConsumerMisconfigured
+        from services.runtime.service_main import install_stop_signals, run_service
 
         module = importlib.import_module(f"services.{service}.service")
+        # SIGTERM (the supervisor's, Kubernetes') ends the loop after its batch, so the consumer
+        # commits and closes; without the handler it killed the process mid-batch.
+        stop = threading.Event()
+        install_stop_signals(stop)
         try:
-            run_service(module.build, service, settings)
+            run_service(module.build, service, settings, stop=stop)
         except ConsumerMisconfigured as exc:
             fail(str(exc))
 
@@ -199,6 +202,15 @@ def _run_orders_api(settings: Settings) -> None:
     prepare_database(engine, "orders", settings.db_upgrade_on_start)
     api = create_app(engine, codec_from_settings(settings.schema_registry_url), StatusClient(settings.status_url))
     tune_gc()
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handler that was there before it. This one ends the process with exit code 0, like every
+    # other service, instead of by the signal after a clean stop (and at once before uvicorn
+    # serves: nothing to finish yet).
+    def exit_cleanly(*_: object) -> None:
+        raise SystemExit(0)
+
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, exit_cleanly)
     uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="warning")
 
 

@@ -139,7 +139,8 @@ class Stack:
             env.update(ORDERPIPE_SMTP_HOST="127.0.0.1", ORDERPIPE_SMTP_PORT=str(smtp_port))
             smtp = f"127.0.0.1:{smtp_port}"
             self.supervisor.start(ProcessSpec("smtp-sink", [py, "-m", "services.email.smtp_sink", "--maildir",
-                                                            str(maildir), "--port", str(smtp_port)], env))
+                                                            str(maildir), "--port", str(smtp_port)], env,
+                                              stop_last=True))
         health: dict[str, str] = {}
         for name in ("orders-api", "orders-relay", *CONSUMER_SERVICES):
             process_env = env

@@ -6,7 +6,8 @@
 - a child that crashes is restarted with a short backoff, but one that keeps crashing is
   given up on and reported, instead of spinning forever and hiding the error;
 - stopping is SIGTERM first (consumers commit their transaction and offsets, the relay
-  flushes), SIGKILL only for a child that does not exit in time.
+  flushes), SIGKILL only for a child that does not exit in time; a child the others depend on
+  (the SMTP sink) is stopped after them, so the work they finish on SIGTERM still reaches it.
 Each child's stdout and stderr go to `<log_dir>/<name>.log`, appended across restarts.
 """
 
@@ -54,6 +55,10 @@ class ProcessSpec:
     argv: list[str]
     env: dict[str, str] | None = None
     restart: bool = True
+    # Serves the other children (the SMTP sink): stopped once they have exited. Stopped with
+    # them, it closed connections mid-mail, and a mail it had stored was sent again after a
+    # restart because the sender never got its "250 OK" to commit.
+    stop_last: bool = False
 
 
 @dataclass
@@ -166,7 +171,9 @@ class Supervisor:
     def stop_all(self, timeout: float = 10.0) -> None:
         """SIGTERM every child, wait up to `timeout`, SIGKILL the rest. Safe to call twice."""
         self._stopping = True  # poll() must not restart what we are stopping
-        self._terminate(list(self._children.values()), timeout)
+        children = list(self._children.values())
+        self._terminate([c for c in children if not c.spec.stop_last], timeout)
+        self._terminate([c for c in children if c.spec.stop_last], timeout)
         for child in self._children.values():
             child.log.close()
 

@@ -1,4 +1,5 @@
-"""Faust's Kafka transport with three fixes that table recovery depends on, and one for latency.
+"""Faust's Kafka transport with four fixes that table recovery and commits depend on, and one for
+latency.
 
 1. Changelog end offsets checked against a fetch.
 
@@ -34,6 +35,17 @@ past the dropped ones (a restarted worker lost a few events per partition: order
 PENDING). `KeepingFlowControl.resume` clears only when the flow was suspended; messages of an
 older generation are still skipped by Faust's generation check.
 
+4. A failed or overtaken offset commit not taken for a done one.
+Faust records an offset as committed whether the commit succeeded or not, and after the commit
+returns. A commit refused because the group rebalanced ("already rebalanced", seen when a
+broker failure moves the group coordinator) therefore counted as done, and so did one whose
+rebalance ran while it waited: the rebalance had seeked the partition back to the broker's
+committed offset N, then the late bookkeeping said N+1, so Faust refused the ack of the
+message at N read again (an ack below the committed offset is ignored) and that partition
+stayed one behind until its next event (seen in the broker-failure e2e test). A commit counts
+only when it succeeded in the generation it started in; a failed one is tried again at the
+next commit while the generation lasts (a rebalance instead reads from the committed offset).
+
 Also (latency, not correctness): Faust creates its worker consumer with a hard-coded
 `fetch_max_wait_ms=1500`. The embedded broker holds a fetch for that long even when data
 arrives meanwhile, so every status update waited ~0.75 s on average. `install()` takes the
@@ -54,6 +66,7 @@ from faust.transport.producer import ProducerBuffer
 from faust.types import TP
 from faust.types.tuples import FutureMessage
 from mode.utils.queues import FlowControlEvent
+
 
 log = logging.getLogger("orderpipe.order_status")
 
@@ -101,8 +114,43 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class Consumer(faust_aiokafka.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # partition -> (generation, offset) of a commit that failed: sent again at the next commit
+        self._failed_commits: dict[TP, tuple[int, int]] = {}
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        offset = super()._new_offset(tp)  # from the acks since the last commit
+        generation, failed = self._failed_commits.pop(tp, (None, None))
+        if failed is None or generation != self.app.consumer_generation_id:
+            return offset  # a rebalance since: the partition was read again from the committed offset
+        return failed if offset is None else max(offset, failed)
+
+    async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        """Faust's, but the bookkeeping follows what the broker accepted (fix 4)."""
+        if self.in_transaction:  # exactly-once commits go through the transaction manager; not used here
+            return await super()._commit_offsets(offsets, start_new_transaction)
+        assignment = self.assignment()
+        committable = {tp: offset for tp, offset in offsets.items() if tp in assignment}
+        if len(committable) < len(offsets):
+            log.info("not committing revoked partitions (read again by their new owner): %s",
+                     {tp: offset for tp, offset in offsets.items() if tp not in assignment})
+        if not committable:
+            return False
+        generation = self.app.consumer_generation_id
+        await self.app.producer.flush()  # the changelog first (fix 2), then the inputs' offsets
+        if not await self._commit(committable):
+            log.info("offset commit refused (the group is rebalancing); trying again: %s", committable)
+            self._failed_commits.update({tp: (generation, offset) for tp, offset in committable.items()})
+            return False
+        self.app.tables.on_commit(committable)
+        if generation == self.app.consumer_generation_id:  # else the rebalance's seek has set them
+            self._committed_offset.update(committable)
+        self.app.monitor.on_tp_commit(committable)
+        return True
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         listed = await super().highwaters(*partitions)

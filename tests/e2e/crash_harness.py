@@ -607,8 +607,6 @@ class BrokerRunReport(ChaosReport):
     faults: list[BrokerFault] = field(default_factory=list)
     lag: dict[str, int] = field(default_factory=dict)  # group -> messages past its committed offsets, at the end
     notes: list[str] = field(default_factory=list)  # what the scenario saw while the brokers were down
-    # order-status partitions whose last offset the Faust worker left uncommitted (see wait_for_zero_lag)
-    faust_uncommitted: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def render(self) -> str:
         lines = [f"{self.title} on {self.database}, {self.nodes}-node Apache Kafka: {self._orders_line()}",
@@ -616,10 +614,7 @@ class BrokerRunReport(ChaosReport):
                  *(f"  {note}" for note in self.notes),
                  *self._effect_lines("a relay whose acks did not come"),
                  "  committed offsets at the end offsets: "
-                 + ", ".join(f"{group} {lag}" for group, lag in self.lag.items()) + " behind"
-                 + (f" (KNOWN ISSUE: the Faust worker left the last offset of "
-                    f"{', '.join(f'{t}[{p}]' for t, p in self.faust_uncommitted)} uncommitted; every order is final "
-                    f"in its view)" if self.faust_uncommitted else ""),
+                 + ", ".join(f"{group} {lag}" for group, lag in self.lag.items()) + " behind",
                  "  timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())]
         return "\n".join(lines)
 
@@ -874,13 +869,6 @@ def wait_for_zero_lag(bootstrap: str, report: BrokerRunReport, timeout: float = 
             return
         if time.monotonic() > deadline:
             behind = {g: dict(list(parts.items())[:4]) for g, parts in lag.items() if parts}
-            if set(behind) == {STATUS_GROUP} and set(lag[STATUS_GROUP].values()) == {1}:
-                # Known and reported, not hidden: after a rebalance the Faust worker sometimes
-                # leaves a partition's last offset uncommitted until the next event arrives there
-                # (every order's final state is in the view already: check_outcomes). See the
-                # README's "Broker failures" section.
-                report.faust_uncommitted = dict(lag[STATUS_GROUP])
-                return
             raise AssertionError(f"consumer groups still behind after {timeout:.0f} s: {behind}")
         time.sleep(1.0)
 

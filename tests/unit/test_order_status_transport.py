@@ -87,3 +87,86 @@ def test_the_rocksdb_store_opens_with_bounded_buffers(tmp_path) -> None:
     assert options.write_buffer_size == ROCKSDB_OPTIONS["write_buffer_size"] == 4 * 1024**2
     assert options.max_write_buffer_number == 2
     assert options.block_cache_size == 16 * 1024**2
+
+
+# -- fix 4: the offset bookkeeping follows what the broker accepted ---------------------------
+
+def _consumer_with_one_partition(tmp_path, commit_outcomes):
+    """The worker's real consumer with its bookkeeping, one assigned partition, and a broker
+    commit replaced by `commit_outcomes`: callables run in place of the commit request, each
+    returning whether the broker accepted it (the broker itself is the e2e test's part)."""
+    from faust.types import TP
+
+    from streams.order_status.app import create_app
+
+    app = create_app("127.0.0.1:9", data_dir=tmp_path, web_port=6066, store="memory://")
+    consumer = app.consumer
+    tp = TP("orders.created", 0)
+    consumer.assignment = lambda: {tp}
+    committed_at_broker: list[dict] = []
+
+    async def commit(offsets):
+        accepted = commit_outcomes.pop(0)(consumer, tp)
+        if accepted:
+            committed_at_broker.append(dict(offsets))
+        return accepted
+
+    async def flush():
+        return None
+
+    consumer._commit = commit
+    app.producer.flush = flush
+    app.topics.acks_enabled_for = lambda topic: True  # set when the agents subscribe, at start
+    return app, consumer, tp, committed_at_broker
+
+
+def _acked(consumer, tp, offset: int) -> bool:
+    from faust.types.tuples import Message
+
+    message = Message(tp.topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
+    return consumer.ack(message)
+
+
+def test_a_commit_overtaken_by_a_rebalance_does_not_hide_the_message_read_again(tmp_path) -> None:
+    """The broker-failure run's case: the commit of offset 6 is refused because the group
+    rebalanced, and the rebalance seeked the partition back to the broker's committed 5. The
+    message at 5, read again, must be acked and committed; Faust's own bookkeeping said 6 and
+    ignored that ack, leaving the partition one behind until its next event."""
+    def refused_by_a_rebalance(consumer, tp):
+        consumer.app.consumer_generation_id += 1  # what the rebalance's assignment does
+        consumer._committed_offset[tp] = 5  # and its seek to the broker's committed offset
+        return False
+
+    app, consumer, tp, at_broker = _consumer_with_one_partition(
+        tmp_path, [refused_by_a_rebalance, lambda consumer, tp: True])
+
+    async def scenario():
+        app.consumer_generation_id = 1
+        consumer._committed_offset[tp] = 5
+        assert _acked(consumer, tp, 5)
+        assert not await consumer.commit()  # refused
+        assert _acked(consumer, tp, 5), "the message read again after the seek is acked"
+        assert await consumer.commit()
+
+    asyncio.run(scenario())
+    assert at_broker == [{tp: 6}]
+    assert consumer._committed_offset[tp] == 6
+
+
+def test_a_refused_commit_is_sent_again_without_a_new_ack(tmp_path) -> None:
+    """Refused while the generation lasts (REBALANCE_IN_PROGRESS before the rejoin): the next
+    commit sends it again, although no message was acked since."""
+    app, consumer, tp, at_broker = _consumer_with_one_partition(
+        tmp_path, [lambda consumer, tp: False, lambda consumer, tp: True])
+
+    async def scenario():
+        app.consumer_generation_id = 1
+        consumer._committed_offset[tp] = 5
+        assert _acked(consumer, tp, 5) and _acked(consumer, tp, 6)
+        assert not await consumer.commit()
+        assert consumer._committed_offset[tp] == 5, "a refused commit is not counted as done"
+        assert await consumer.commit()
+
+    asyncio.run(scenario())
+    assert at_broker == [{tp: 7}]
+    assert consumer._committed_offset[tp] == 7

@@ -103,6 +103,32 @@ def test_child_ignoring_sigterm_is_killed_after_timeout(tmp_path: Path) -> None:
     assert "signal SIGKILL" in (tmp_path / "stubborn.log").read_text()
 
 
+def test_a_child_the_others_depend_on_is_stopped_after_them(tmp_path: Path) -> None:
+    """The SMTP sink (stop_last) gets its SIGTERM only once the services have exited: a service
+    that takes its time to finish on SIGTERM still finds it running."""
+    journal = tmp_path / "journal"
+
+    def stops_writing(word: str, delay: float) -> list[str]:
+        code = (
+            "import signal, sys, time\n"
+            "def stop(*_):\n"
+            f"    time.sleep({delay})\n"
+            f"    open({str(journal)!r}, 'a').write({word!r} + '\\n')\n"
+            "    sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print('rea' + 'dy', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        return [sys.executable, "-c", code]
+
+    with Supervisor(tmp_path) as sup:
+        sup.start(ProcessSpec("sink", stops_writing("sink", 0.0), stop_last=True))
+        sup.start(ProcessSpec("service", stops_writing("service", 0.3)))
+        assert _until(lambda: all("\nready\n" in (tmp_path / f"{n}.log").read_text() for n in ("sink", "service")))
+        sup.stop_all(timeout=5)
+    assert journal.read_text().split() == ["service", "sink"]
+
+
 def test_restart_replaces_the_child(tmp_path: Path) -> None:
     with Supervisor(tmp_path) as sup:
         sup.start(ProcessSpec("api", SLEEPER))

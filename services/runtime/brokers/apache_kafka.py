@@ -313,7 +313,13 @@ class LocalKafka:
         return self
 
     def _java(self, lib: Path, node: KafkaNode, main: str, *args: str) -> list[str]:
+        # The JVM's scratch files stay in the node's folder: lz4-java unpacks a native library
+        # into java.io.tmpdir and the JVM writes /tmp/hsperfdata_*, both left in /tmp by a node
+        # that is SIGKILLed (the chaos tests do that dozens of times).
+        scratch = node.folder / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
         return ["java", f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m", "-XX:+UseG1GC",
+                "-XX:-UsePerfData", f"-Djava.io.tmpdir={scratch}",
                 "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={node.folder / 'log4j2.yaml'}",
                 f"-Dkafka.logs.dir={node.folder}", "-cp", f"{lib}/*", main, *args]
 

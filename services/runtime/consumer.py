@@ -45,6 +45,7 @@ from services.runtime.circuit import HALF_OPEN, OPEN, CircuitBreaker
 from services.runtime.codec import Codec, DecodeError
 from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
 from services.runtime.controls import WorkerControls
+from services.runtime.crashpoints import crash_point
 from services.runtime.db import inbox_table, insert_ignore, outbox_table, utcnow
 from services.runtime.errors import ConsumerMisconfigured, MissingHandler, PermanentError, is_retryable
 from services.runtime.events import EVENT_TYPES, Event
@@ -203,6 +204,7 @@ class _LazyTransaction:
             raise _DatabaseUnavailable(str(exc)) from exc
         if not fresh:
             raise _AlreadyDone()
+        crash_point("consumer.after_inbox_claim")
         return self._connection
 
     def commit(self) -> None:
@@ -361,17 +363,21 @@ class ServiceConsumer:
         result.duplicates = sum(lane.duplicates for lane in outcomes)
         # The transactions are committed: effects are durable. Now the failures get their copy in
         # a retry or dead-letter topic, and only once that copy is acked do we store offsets.
+        crash_point("consumer.after_commit")
         for failure in failures:
             if self._route_failure(failure):
                 result.retried += 1
             else:
                 result.dead_lettered += 1
         if failures:
+            crash_point("consumer.after_copies_produced")
             remaining = self.producer.flush(30)
             if remaining:
                 raise RuntimeError(f"{remaining} retry/dead-letter copies not acked; not storing offsets")
+            crash_point("consumer.after_copies_acked")
         result.put_back = len(ready) - len(done)
         self._store_offsets(ready, done)
+        crash_point("consumer.after_offsets_stored")
         if self.limiter:
             self.limiter.record(sum(lane.ran for lane in outcomes))
         self._add_totals(result)
@@ -452,6 +458,7 @@ class ServiceConsumer:
                 now = utcnow()
                 claims = [self._inbox_row(msg, p, now) for msg, p in prepared if isinstance(p, Prepared)]
                 fresh = set(self.service.inbox_claims.execute(conn, claims))
+                crash_point("consumer.after_inbox_claim")
                 give_back = set(fresh)  # claimed ids whose effect is not committed (yet)
                 staged: list[dict] = []
                 for msg, p in prepared:
@@ -472,6 +479,7 @@ class ServiceConsumer:
                     conn.execute(delete(inbox).where(inbox.c.group_name == self.group.name,
                                                      inbox.c.event_id.in_(give_back)))
                 add_rows(conn, self.service.outbox, staged)
+                crash_point("consumer.after_handler")
         except Exception as exc:  # the transaction did not commit: nothing of this lane is done
             if self.breaker:
                 self.breaker.record_neutral()  # a probe that never finished frees its slot
@@ -591,6 +599,7 @@ class ServiceConsumer:
                     raise exc.__cause__ from None
                 except Exception as exc:
                     return self._failed(msg, p, exc)  # rolled back when the block ends
+                crash_point("consumer.after_handler")
                 tx.commit()  # a failure here is the database's, not the handler's: it raises
                 return "processed"
         finally:

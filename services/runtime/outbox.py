@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.runtime.bulk import BulkInsert
 from services.runtime.codec import Codec
+from services.runtime.crashpoints import crash_point
 from services.runtime.db import utcnow
 from services.runtime.envelope import Envelope
 from services.runtime.events import Event
@@ -122,9 +123,11 @@ class OutboxRelay:
                 )
                 self._in_flight += 1
                 self.producer.poll(0)
+        crash_point("relay.after_produce")
         self._flush(30.0)
         (acked, self._acked), (errors, self._failed) = (self._acked, []), (self._failed, [])
         if acked:
+            crash_point("relay.after_ack")
             with self.engine.begin() as conn:
                 conn.execute(update(self.outbox).where(self.outbox.c.seq.in_(acked)).values(published_at=utcnow()))
         if self.on_published:

@@ -47,6 +47,7 @@ from faust.web.exceptions import ServiceUnavailable
 
 from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, DecodeError, codec_from_settings
+from services.runtime.crashpoints import crash_point
 from services.runtime.envelope import (
     EVENT_ID,
     TRACEPARENT,
@@ -524,6 +525,7 @@ def apply_event(event: EventT, codec: Codec, table: Any, failures: dict | None =
         applied = Applied(current, status)
     # Written again on a re-read, too: the changelog record may be what the crash lost.
     table[order_id.encode()] = applied.status.to_json()
+    crash_point("status.after_fold")
     return applied
 
 

@@ -67,6 +67,7 @@ from faust.types import TP
 from faust.types.tuples import FutureMessage
 from mode.utils.queues import FlowControlEvent
 
+from services.runtime.crashpoints import crash_point
 
 log = logging.getLogger("orderpipe.order_status")
 
@@ -142,6 +143,7 @@ class Consumer(faust_aiokafka.Consumer):
             return False
         generation = self.app.consumer_generation_id
         await self.app.producer.flush()  # the changelog first (fix 2), then the inputs' offsets
+        crash_point("status.after_changelog_flush")
         if not await self._commit(committable):
             log.info("offset commit refused (the group is rebalancing); trying again: %s", committable)
             self._failed_commits.update({tp: (generation, offset) for tp, offset in committable.items()})

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -31,6 +33,7 @@ from services.runtime.admin import ensure_topics
 from services.runtime.brokers import EmbeddedBroker
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
+from services.runtime.crashpoints import POINTS
 from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_event_id
 from services.runtime.kafka import PARTITIONER
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, TOPIC_FOR_EVENT, group
@@ -405,6 +408,35 @@ def test_killed_worker_restarts_and_answers_as_before(broker: EmbeddedBroker, st
         assert latest == {o: EXPECTED_STATE[k] for o, k in orders.items()}
     finally:
         report.worker.stop()
+
+
+# status.after_fold: the 5th event folded into the table, its changelog record never sent;
+# status.after_changelog_flush: the first commit, its changelog records sent, no offset committed.
+STATUS_CRASH_POINTS = {"status.after_fold": 5, "status.after_changelog_flush": 1}
+
+
+@pytest.mark.parametrize("point", list(STATUS_CRASH_POINTS))
+def test_worker_killed_at_a_crash_point_folds_every_order_after_its_restart(
+        broker: EmbeddedBroker, start_worker, monkeypatch, point: str) -> None:
+    """The worker SIGKILLs itself at a named crash point (services/runtime/crashpoints.py)
+    with events in flight; restarted on its data folder, every order reaches its final state
+    in the view and on orders.status."""
+    assert point in POINTS
+    orders = make_orders(per_kind=3)
+    monkeypatch.setenv("ORDERPIPE_CRASH_AT", f"{point}@{STATUS_CRASH_POINTS[point]}")
+    worker = start_worker(store="memory://")
+    produce(broker.bootstrap_servers, messages_of(orders))
+    try:
+        code = worker.proc.wait(90)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{point} was never reached\n{worker.log_tail()}") from None
+    assert code == -signal.SIGKILL, f"exited with {code}, not killed at {point}\n{worker.log_tail()}"
+
+    monkeypatch.delenv("ORDERPIPE_CRASH_AT")
+    restarted = start_worker(worker.data_dir, store="memory://")
+    check_final(orders, wait_final(restarted, list(orders)))
+    published = read_status_topic(broker.bootstrap_servers, len(orders), quiet_s=2.0)
+    assert {key: record["state"] for _, key, record, _ in published} == {o: EXPECTED_STATE[k] for o, k in orders.items()}
 
 
 def test_memory_store_restores_a_changelog_whose_last_batches_hold_many_records(

@@ -1,0 +1,60 @@
+"""Named crash points: the places where a crash tests a guarantee, killable one at a time.
+
+The crash test SIGKILLs processes at random moments, which almost never land in the narrow
+gaps that matter (between a database commit and the offset store, between a produce and its
+ack). Each such gap is named here, and the code passes through it with `crash_point(name)`.
+A test sets `ORDERPIPE_CRASH_AT=<name>` (optionally `<name>@<n>`: the n-th time, default the
+first) for one process, and that process SIGKILLs itself there: no `finally`, no atexit, no
+flush, exactly like a power cut. Then it checks what the guarantee promises after a restart.
+
+Off in production: with the variable unset, `crash_point` is one comparison with None.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+# Where each point sits. The consumer's inbox and handler points are in both of its paths (one
+# lane: a transaction per batch; several lanes: a transaction per message).
+POINTS = {
+    # the consumer loop (services/runtime/consumer.py)
+    "consumer.after_inbox_claim": "inbox keys claimed, handlers not run, transaction open",
+    "consumer.after_handler": "handlers ran (an e-mail is sent), transaction not committed",
+    "consumer.after_commit": "effects committed, retry and dead-letter copies not produced",
+    "consumer.after_copies_produced": "retry and dead-letter copies produced, not acked yet",
+    "consumer.after_copies_acked": "copies acked by the broker, offsets not stored",
+    "consumer.after_offsets_stored": "offsets stored in the client, not committed to the broker",
+    # the outbox relays (services/runtime/outbox.py)
+    "relay.after_produce": "outbox rows produced, not acked yet",
+    "relay.after_ack": "rows acked by the broker, not marked published",
+    # the order-status worker (streams/order_status/app.py)
+    "status.after_fold": "an event folded into the table, its changelog record not sent",
+    "status.after_changelog_flush": "changelog records sent, input offsets not committed",
+}
+
+ENV = "ORDERPIPE_CRASH_AT"
+
+
+def _armed() -> tuple[str, int] | None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return None
+    name, _, nth = spec.partition("@")
+    if name not in POINTS:
+        raise SystemExit(f"{ENV}={spec}: no such crash point; known: {', '.join(POINTS)}")
+    return name, int(nth or 1)
+
+
+_ARMED = _armed()
+_passes = 0
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process if `name` is the armed point (and this is its armed pass)."""
+    global _passes
+    if _ARMED is None or _ARMED[0] != name:
+        return
+    _passes += 1
+    if _passes == _ARMED[1]:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.orders.model import OrderAccepted, PlaceOrder
 from services.orders.place import place_order
 from services.orders.tables import orders
 from services.runtime.codec import Codec
+
+log = logging.getLogger(__name__)
 
 
 class StatusUnavailable(Exception):
@@ -61,9 +70,23 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
     app = FastAPI(title="orderpipe orders API", version="0.1.0",
                   description="Place orders (answered 202 once durably recorded) and follow their status.")
 
-    @app.post("/orders", status_code=202, response_model=OrderAccepted)
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each bad value; a non-finite number (`1e400`, `NaN`)
+        # cannot be written as JSON, and the 422 became a 500.
+        return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+
+    @app.post("/orders", status_code=202, response_model=OrderAccepted,
+              responses={503: {"description": "The database could not store the order; nothing was recorded."}})
     def post_order(request: PlaceOrder, response: Response) -> OrderAccepted:
-        event = place_order(engine, codec, request)
+        try:
+            event = place_order(engine, codec, request)
+        except SQLAlchemyError as exc:
+            # The database failed, not the request: the order and its outbox row are one
+            # transaction, so nothing was recorded and the client may simply try again.
+            log.warning("order not stored: database error", extra={"error": str(exc)[:300]})
+            raise HTTPException(503, detail="the order could not be stored (database unavailable); nothing was "
+                                            "recorded, try again", headers={"Retry-After": "1"}) from None
         status_url = f"/orders/{event.order_id}"
         response.headers["Location"] = status_url
         return OrderAccepted(order_id=event.order_id, status_url=status_url)
@@ -118,3 +141,14 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with every non-finite float written as text ("inf", "nan"), which JSON has no number for."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value

@@ -226,5 +226,5 @@ def test_codec_rejects_garbage_with_a_decode_error(codec: Codec, valid: bytes, m
 def test_codec_refuses_to_encode_a_record_that_does_not_fit_the_schema(codec: Codec):
     record = SAMPLES[1].model_dump()
     del record["reserved_at"]
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="no value and no default for reserved_at"):
         codec.encode("StockReserved", record, StockReserved.schema_version)

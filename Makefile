@@ -28,11 +28,10 @@ test: install
 	$(PY) -m pytest tests/unit
 	$(MAKE) --no-print-directory test-brokers
 
+# The passes run side by side, each logging to .test-logs/<broker>.log (TEST_PARALLEL=0: one
+# after the other, output live); see tests/broker_passes.sh.
 test-brokers: install
-	@status=0; for broker in $(BROKERS); do \
-		echo "== integration and e2e tiers on the $$broker broker"; \
-		$(PY) -m pytest tests/integration tests/e2e --broker $$broker --durations=15 || status=1; \
-	done; exit $$status
+	@bash tests/broker_passes.sh $(PY) $(BROKERS)
 
 test-unit: install
 	$(PY) -m pytest tests/unit

@@ -208,7 +208,13 @@ class _LazyTransaction:
         return self._connection
 
     def commit(self) -> None:
-        self._transaction.commit()
+        try:
+            self._transaction.commit()
+        except Exception:
+            # A failed COMMIT can leave the database's transaction open (SQLite busy or full):
+            # given back to the pool, the connection kept its write lock and stalled every lane.
+            self._connection.invalidate()
+            raise
 
     def __enter__(self) -> _LazyTransaction:
         return self
@@ -298,6 +304,10 @@ class ServiceConsumer:
         self.pool = (ThreadPoolExecutor(self.controls.concurrency, thread_name_prefix=f"{self.group.name}-lane")
                      if self.controls.concurrency > 1 else None)
         self.not_due: dict[tuple[str, int], float] = {}  # retry partition -> when its head message is due
+        # Delivery errors of this batch's retry and dead-letter copies. A refused copy (no
+        # rights on the topic, too large, expired) leaves the producer's queue, so flush() alone
+        # reports it as done, and the offsets went past a message neither handled nor routed.
+        self._copy_errors: list[KafkaError] = []
         self._paused: set[tuple[str, int]] = set()        # what we asked librdkafka to pause
         # Only copies in our retry topics carry a due time; the inputs' messages skip that check.
         self._retry_topics = frozenset(t for source in self.group.inputs for t in self.group.retry_topics(source))
@@ -372,8 +382,10 @@ class ServiceConsumer:
         if failures:
             crash_point("consumer.after_copies_produced")
             remaining = self.producer.flush(30)
-            if remaining:
-                raise RuntimeError(f"{remaining} retry/dead-letter copies not acked; not storing offsets")
+            refused, self._copy_errors = self._copy_errors, []
+            if remaining or refused:
+                raise RuntimeError(f"{remaining} retry/dead-letter copies not acked, {len(refused)} refused "
+                                   f"({refused[:1]}); not storing offsets")
             crash_point("consumer.after_copies_acked")
         result.put_back = len(ready) - len(done)
         self._store_offsets(ready, done)
@@ -621,6 +633,10 @@ class ServiceConsumer:
     def _retryable(self, exc: BaseException) -> bool:
         return not isinstance(exc, DecodeError) and is_retryable(exc, self.service.retryable, self.service.permanent)
 
+    def _copy_delivered(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._copy_errors.append(err)
+
     def _route_failure(self, failure: Failure) -> bool:
         """Produce the failed message to its next retry tier or the dead-letter topic.
         Returns True when it was retried."""
@@ -653,7 +669,8 @@ class ServiceConsumer:
             target = self.group.dlt_topic(source)
         kept = [(k, v) for k, v in msg.headers() or () if k not in RUNTIME_HEADERS]
         self.producer.produce(target, key=msg.key(), value=msg.value(),
-                              headers=kept + [(k, v.encode()) for k, v in headers.items()])
+                              headers=kept + [(k, v.encode()) for k, v in headers.items()],
+                              on_delivery=self._copy_delivered)
         self.producer.poll(0)
         details = {"topic": target, "source": source, "attempt": attempt,
                    "order_id": msg.key().decode("utf-8", "replace") if msg.key() else None,

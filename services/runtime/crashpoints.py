@@ -19,7 +19,8 @@ import signal
 # lane: a transaction per batch; several lanes: a transaction per message).
 POINTS = {
     # the consumer loop (services/runtime/consumer.py)
-    "consumer.after_inbox_claim": "inbox keys claimed, handlers not run, transaction open",
+    "consumer.after_inbox_claim": "inbox keys claimed in the open transaction (one lane: before the handlers; "
+                                  "several lanes: at a handler's first statement, after an e-mail is sent)",
     "consumer.after_handler": "handlers ran (an e-mail is sent), transaction not committed",
     "consumer.after_commit": "effects committed, retry and dead-letter copies not produced",
     "consumer.after_copies_produced": "retry and dead-letter copies produced, not acked yet",

@@ -55,9 +55,9 @@ class ProcessSpec:
     argv: list[str]
     env: dict[str, str] | None = None
     restart: bool = True
-    # Serves the other children (the SMTP sink): stopped once they have exited. Stopped with
-    # them, it closed connections mid-mail, and a mail it had stored was sent again after a
-    # restart because the sender never got its "250 OK" to commit.
+    # Serves the other children (the SMTP sink): stopped once they have exited, so the mails
+    # the e-mail service sends while it finishes its batch on SIGTERM still find it (stopped
+    # with them, a mail cut off mid-send fails and goes out again after the next start).
     stop_last: bool = False
 
 

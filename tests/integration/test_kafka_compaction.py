@@ -218,9 +218,10 @@ def set_topic_config(admin: AdminClient, topic: str, settings: dict[str, str]) -
     resource = ConfigResource("topic", topic, incremental_configs=[
         ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET) for name, value in settings.items()])
     admin.incremental_alter_configs([resource])[resource].result()
-    # Kafka applies a topic's new config to its logs asynchronously; describe shows it at once.
-    current = topic_config(admin, topic)
-    assert {k: current[k] for k in settings} == settings
+    # The controller accepts the change; the broker answering DescribeConfigs shows it once its
+    # metadata caught up (a moment later on a loaded machine), and applies it to the logs then.
+    wait_until(lambda: {k: topic_config(admin, topic)[k] for k in settings} == settings, 30,
+               f"{topic}'s new config to show")
 
 
 def watermarks(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from reading import wait_until
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import KAFKA_VERSION, BrokerUnavailable, LocalKafka, free_port, wait_for_broker
 from services.runtime.brokers.apache_kafka import new_cluster_id
@@ -86,7 +87,7 @@ def test_three_nodes_replicate_as_production_does(kafka_cluster):
     for partition in metadata.topics["orders.created"].partitions.values():
         assert sorted(partition.replicas) == [1, 2, 3] and sorted(partition.isrs) == [1, 2, 3]
     resource = ConfigResource(ConfigResource.Type.TOPIC, "orders.created")
-    config = admin.describe_configs([resource])[resource].result(10)
+    config = wait_until(lambda: _described(admin, resource), what="orders.created's config from the node asked")
     assert config["min.insync.replicas"].value == "2"
     # one node down: writes with acks=all still go through (2 in sync)
     cluster.kill(cluster.leader_of("orders.created", 0))
@@ -144,3 +145,14 @@ def test_a_session_timeout_the_broker_refuses_stops_the_service_with_what_to_fix
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Invalid session timeout" in done.stderr and "ORDERPIPE_SESSION_TIMEOUT_MS" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _described(admin: AdminClient, resource: ConfigResource) -> dict | None:
+    """The topic's config, or None while the node asked does not know the new topic yet (its
+    metadata catches up a moment after the controller created it)."""
+    try:
+        return admin.describe_configs([resource])[resource].result(10)
+    except KafkaException as exc:
+        if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return None
+        raise

@@ -30,12 +30,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import MetaData, Table, text
 from sqlalchemy.engine import Engine
 
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import BROKER_KINDS
-from services.runtime.db import make_engine
+from services.runtime.db import make_engine, outbox_table
 from services.runtime.settings import Settings
 from services.runtime.topology import ConsumerGroup, TopicSpec
 
@@ -252,6 +252,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+@pytest.fixture
+def runtime_outbox(database_url: str, test_engine) -> tuple[Engine, Table]:
+    """A fresh database (SQLite, then PostgreSQL) holding the runtime's outbox table, and the table."""
+    engine = test_engine(database_url)
+    table = outbox_table(MetaData())
+    table.metadata.create_all(engine)
+    return engine, table
 
 
 def make_test_engine(url: str) -> Engine:

@@ -28,7 +28,6 @@ from conftest import settings_for, unique_name
 from services.runtime import consumer as runtime
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
-from services.runtime.db import outbox_table
 from services.runtime.envelope import CAUSATION_ID, CORRELATION_ID, EVENT_ID, Envelope, headers_to_dict, new_event_id
 from services.runtime.errors import PermanentError, RetryableError
 from services.runtime.events import OrderCreated, OrderLine, OrderRecorded
@@ -474,14 +473,6 @@ def test_committed_offsets_reach_the_end_offsets_once_the_consumer_closes(harnes
 # -- the outbox relay -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def outbox(database_url: str, test_engine) -> tuple[Engine, Table]:
-    engine = test_engine(database_url)
-    table = outbox_table(MetaData())
-    table.metadata.create_all(engine)
-    return engine, table
-
-
 def stage(engine: Engine, outbox: Table, order_id: str, seq: int | None = None) -> str:
     """One OrderRecorded in the outbox, as a handler's transaction writes it; `seq` forces its
     position, as a transaction that took its seq early and committed late would have it."""
@@ -499,8 +490,8 @@ def published_ids(bootstrap: str, order_id: str) -> list[str]:
     return [m.headers[EVENT_ID] for m in read_topic(bootstrap, ANALYTICS_RECORDED) if m.key == order_id]
 
 
-def test_relay_publishes_each_orders_events_in_seq_order(kafka_bootstrap, outbox):
-    engine, table = outbox
+def test_relay_publishes_each_orders_events_in_seq_order(kafka_bootstrap, runtime_outbox):
+    engine, table = runtime_outbox
     orders = [str(uuid.uuid4()) for _ in range(3)]
     staged = {o: [] for o in orders}
     for i in range(30):
@@ -516,8 +507,8 @@ def test_relay_publishes_each_orders_events_in_seq_order(kafka_bootstrap, outbox
         assert conn.execute(select(table.c.seq).where(table.c.published_at.is_(None))).all() == []
 
 
-def test_relay_marks_rows_published_only_after_the_broker_acks(kafka_bootstrap, outbox):
-    engine, table = outbox
+def test_relay_marks_rows_published_only_after_the_broker_acks(kafka_bootstrap, runtime_outbox):
+    engine, table = runtime_outbox
     order_id = str(uuid.uuid4())
     ids = [stage(engine, table, order_id) for _ in range(3)]
     nobody = settings_for(f"127.0.0.1:{_closed_port()}")
@@ -536,8 +527,8 @@ def test_relay_marks_rows_published_only_after_the_broker_acks(kafka_bootstrap, 
     assert published_ids(kafka_bootstrap, order_id) == ids
 
 
-def test_relay_publishes_a_lower_seq_row_that_commits_late(kafka_bootstrap, outbox):
-    engine, table = outbox
+def test_relay_publishes_a_lower_seq_row_that_commits_late(kafka_bootstrap, runtime_outbox):
+    engine, table = runtime_outbox
     order_id = str(uuid.uuid4())
     first = [stage(engine, table, order_id, seq=10), stage(engine, table, order_id, seq=20)]
     relay = OutboxRelay(engine, table, make_producer(settings_for(kafka_bootstrap)))

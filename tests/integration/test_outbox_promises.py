@@ -16,7 +16,7 @@ from decimal import Decimal
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import MetaData, Table, func, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
@@ -25,7 +25,6 @@ from services.orders.api import StatusClient, create_app
 from services.orders.model import LineItem, PlaceOrder
 from services.orders.tables import orders, outbox
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.db import outbox_table
 from services.runtime.envelope import Envelope, new_event_id
 from services.runtime.events import OrderRecorded
 from services.runtime.migrate import upgrade_database
@@ -113,14 +112,6 @@ def test_post_orders_does_not_accept_an_order_whose_outbox_write_fails(orders_en
 
 
 # -- 2. outbox retention never deletes unpublished rows ----------------------------------------
-
-
-@pytest.fixture
-def runtime_outbox(database_url: str, test_engine) -> tuple[Engine, Table]:
-    engine = test_engine(database_url)
-    table = outbox_table(MetaData())
-    table.metadata.create_all(engine)
-    return engine, table
 
 
 def stage(engine: Engine, table: Table, *, created_at: datetime | None = None,

@@ -236,22 +236,39 @@ def postgres_url() -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """A fresh, empty database for one test: a SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'test.db'}"
-        return
-    base_url = request.getfixturevalue("postgres_url")
-    name = f"orderpipe_test_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(base_url, isolation_level="AUTOCOMMIT")
+def database_factory(request: pytest.FixtureRequest, tmp_path) -> Iterator[Callable[[], str]]:
+    """Factory: a fresh, empty database per call, SQLite files or new PostgreSQL databases
+    (dropped after the test)."""
+    made: list[str] = []
+    server = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+
+    def make() -> str:
+        if server is None:
+            made.append(f"sqlite:///{tmp_path / f'test-{len(made)}.db'}")
+        else:
+            name = f"orderpipe_test_{uuid.uuid4().hex[:12]}"
+            _admin_statement(server, f'CREATE DATABASE "{name}"')
+            made.append(f"{server.rsplit('/', 1)[0]}/{name}")
+        return made[-1]
+
+    yield make
+    for url in made if server else ():
+        _admin_statement(server, f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def _admin_statement(server: str, statement: str) -> None:
+    admin = make_engine(server, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield f"{base_url.rsplit('/', 1)[0]}/{name}"
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(statement))
     finally:
         admin.dispose()
+
+
+@pytest.fixture
+def database_url(database_factory: Callable[[], str]) -> str:
+    """A fresh, empty database for one test: a SQLite file, or a new PostgreSQL database."""
+    return database_factory()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -187,7 +188,7 @@ def _stop(case: Case) -> None:
     assert case.proc.wait(30) == 0, f"{case.point}: the restarted service did not stop cleanly; see {case.log}"
 
 
-def _run_cases(service: str, points: list[str], bootstrap: str, new_database, tmp_path: Path,
+def _run_cases(service: str, points: list[str], bootstrap: str, new_database: Callable[[], str], tmp_path: Path,
                smtp_port: int | None = None) -> list[Case]:
     cases = []
     for point in points:
@@ -246,40 +247,11 @@ def _check_stock_once(case: Case, initial: int) -> None:
     assert dict(outcomes) == dict.fromkeys(case.orders, 1), f"{case.point}: not one outcome event per order"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
-def new_database(request: pytest.FixtureRequest, tmp_path: Path):
-    """Factory: a fresh empty database for each case, SQLite files or new PostgreSQL databases."""
-    made: list[str] = []
-    server = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-
-    def make() -> str:
-        if server is None:
-            made.append(f"sqlite:///{tmp_path / f'case-{len(made)}.db'}")
-            return made[-1]
-        name = f"orderpipe_cp_{uuid.uuid4().hex[:12]}"
-        _admin(server, f'CREATE DATABASE "{name}"')
-        made.append(f"{server.rsplit('/', 1)[0]}/{name}")
-        return made[-1]
-
-    yield make
-    for url in made if server else ():
-        _admin(server, f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-
-
-def _admin(server: str, statement: str) -> None:
-    admin = make_engine(server, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(statement))
-    finally:
-        admin.dispose()
-
-
-def test_inventory_killed_at_each_consumer_and_relay_point(kafka_bootstrap, new_database, tmp_path):
+def test_inventory_killed_at_each_consumer_and_relay_point(kafka_bootstrap, database_factory, tmp_path):
     """One lane: one transaction per batch."""
     from services.runtime.settings import Settings
 
-    cases = _run_cases("inventory", CONSUMER_POINTS + RELAY_POINTS, kafka_bootstrap, new_database, tmp_path)
+    cases = _run_cases("inventory", CONSUMER_POINTS + RELAY_POINTS, kafka_bootstrap, database_factory, tmp_path)
     published = Counter((key, headers.get(EVENT_ID)) for _, _, key, _, headers in read_all(kafka_bootstrap, STOCK_RESERVED))
     for case in cases:
         _check_stock_once(case, Settings().initial_stock)
@@ -296,10 +268,10 @@ def test_inventory_killed_at_each_consumer_and_relay_point(kafka_bootstrap, new_
         assert max(mine.values()) <= 2, f"{case.point}: an outbox event published {max(mine.values())} times"
 
 
-def test_email_killed_at_each_consumer_point(kafka_bootstrap, new_database, tmp_path):
+def test_email_killed_at_each_consumer_point(kafka_bootstrap, database_factory, tmp_path):
     """Eight lanes: a transaction per message, the SMTP send before its commit."""
     with SmtpSink(tmp_path / "mail") as sink:
-        cases = _run_cases("email", CONSUMER_POINTS, kafka_bootstrap, new_database, tmp_path, smtp_port=sink.port)
+        cases = _run_cases("email", CONSUMER_POINTS, kafka_bootstrap, database_factory, tmp_path, smtp_port=sink.port)
         mails = sink.messages()
     from services.email.mailer import message_id_for
 

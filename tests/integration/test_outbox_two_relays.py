@@ -68,7 +68,7 @@ def insert(conn, topic: str, order_id: str, n: int) -> str:
     return event_id
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_factory", ["postgresql"], indirect=True)
 def test_two_relays_publish_every_row_once_in_order(kafka_bootstrap, database_url, test_engine):
     WatchedRelay.active = WatchedRelay.overlaps = 0
     topic = unique_name("relays")
@@ -180,7 +180,7 @@ def _read(bootstrap: str, topic: str, expected: int, idle_s: float = 2.0) -> lis
     return [(key, event_id, p) for p in sorted(out) for _, key, event_id in sorted(out[p])]
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_factory", ["postgresql"], indirect=True)
 def test_relay_that_loses_its_session_stops_and_starts_over(kafka_bootstrap, database_url, test_engine):
     """The database cuts the leader's connections (a restart, a failover) and its advisory lock
     goes with the session, so the standby takes the lead. The old leader must notice and stop

@@ -160,13 +160,17 @@ def test_kafka_compacts_status_topics_and_a_worker_restores_from_the_compacted_c
         for partition, offset, key, _, _ in left:
             assert partition == partition_of(key.encode())
             by_partition[partition].append(offset)
+        gaps_inside = 0
         for partition, (low, high) in marks.items():
             offsets = by_partition[partition]
             # Offset 0 held some order's first status, which later ones replaced: gone, while the
             # log start offset (ListOffsets earliest, where Faust starts a restore) stays 0.
             assert low == 0 and offsets[0] > 0, (topic, partition, low, offsets[:3])
             assert offsets[-1] == high - 1  # the last record is never cleaned (active segment)
-            assert len(offsets) < high - offsets[0], (topic, partition)  # gaps inside, too
+            gaps_inside += len(offsets) < high - offsets[0]
+        # Gaps inside the logs, too; not in every partition: one whose surviving records happen
+        # to be its last ones, each the final status of a different order, has none (seen in CI).
+        assert gaps_inside, (topic, "no record removed past the first surviving one in any partition")
     changelog = {key: json.loads(value) for _, _, key, value, _ in logs[CHANGELOG]}
     assert changelog == expected  # each order's one record is its whole, latest status
     published = {key: CODEC.decode(value).record for _, _, key, value, _ in logs[ORDERS_STATUS]}

@@ -7,7 +7,11 @@ A test sets `ORDERPIPE_CRASH_AT=<name>` (optionally `<name>@<n>`: the n-th time,
 first) for one process, and that process SIGKILLs itself there: no `finally`, no atexit, no
 flush, exactly like a power cut. Then it checks what the guarantee promises after a restart.
 
-Off in production: with the variable unset, `crash_point` is one comparison with None.
+`ORDERPIPE_FAIL_AT` takes the same form and raises `InjectedFailure` there instead: a failure
+the process must survive (an exception in the middle of its work) rather than a crash it must
+recover from.
+
+Off in production: with both variables unset, `crash_point` is one comparison with None.
 """
 
 from __future__ import annotations
@@ -30,21 +34,30 @@ POINTS = {
     "relay.after_produce": "outbox rows produced, not acked yet",
     "relay.after_ack": "rows acked by the broker, not marked published",
     # the order-status worker (streams/order_status/app.py)
+    "status.before_fold": "an input read and decoded, not folded into the table yet",
     "status.after_fold": "an event folded into the table, its changelog record not sent",
     "status.after_changelog_flush": "changelog records sent, input offsets not committed",
 }
 
 ENV = "ORDERPIPE_CRASH_AT"
+FAIL_ENV = "ORDERPIPE_FAIL_AT"
 
 
-def _armed() -> tuple[str, int] | None:
-    spec = os.environ.get(ENV)
-    if not spec:
+class InjectedFailure(RuntimeError):
+    """Raised at the point ORDERPIPE_FAIL_AT names."""
+
+
+def _armed() -> tuple[str, int, str] | None:
+    armed = [(env, os.environ[env]) for env in (ENV, FAIL_ENV) if os.environ.get(env)]
+    if not armed:
         return None
+    if len(armed) > 1:
+        raise SystemExit(f"set one of {ENV} and {FAIL_ENV}, not both")
+    env, spec = armed[0]
     name, _, nth = spec.partition("@")
     if name not in POINTS:
-        raise SystemExit(f"{ENV}={spec}: no such crash point; known: {', '.join(POINTS)}")
-    return name, int(nth or 1)
+        raise SystemExit(f"{env}={spec}: no such crash point; known: {', '.join(POINTS)}")
+    return name, int(nth or 1), env
 
 
 _ARMED = _armed()
@@ -52,10 +65,14 @@ _passes = 0
 
 
 def crash_point(name: str) -> None:
-    """SIGKILL this process if `name` is the armed point (and this is its armed pass)."""
+    """SIGKILL this process (or raise InjectedFailure) if `name` is the armed point and this is
+    its armed pass."""
     global _passes
     if _ARMED is None or _ARMED[0] != name:
         return
     _passes += 1
-    if _passes == _ARMED[1]:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _passes != _ARMED[1]:
+        return
+    if _ARMED[2] == FAIL_ENV:
+        raise InjectedFailure(f"{FAIL_ENV}={name}@{_passes}")
+    os.kill(os.getpid(), signal.SIGKILL)

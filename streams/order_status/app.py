@@ -32,7 +32,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,7 @@ class Metrics:
     republished: int = 0
     sla_exceeded: int = 0
     dead_lettered: int = 0
+    fold_retries: int = 0
     started: float = field(default_factory=time.time)
 
     def prometheus(self) -> str:
@@ -151,6 +152,8 @@ class Metrics:
             ("sla_exceeded_total", "Orders found unfinished after the SLA (alerts raised).", self.sla_exceeded),
             ("dead_lettered_total", "Order steps that reached a dead-letter topic (alerts raised).",
              self.dead_lettered),
+            ("fold_retries_total", "Inputs folded again after a failure (each is retried until it succeeds).",
+             self.fold_retries),
         ):
             lines += [f"# HELP orderpipe_order_status_{name} {help_text}",
                       f"# TYPE orderpipe_order_status_{name} counter",
@@ -276,16 +279,22 @@ def create_app(
     table = app.Table(TABLE_NAME, partitions=DEFAULT_PARTITIONS, key_type=bytes, value_type=None,
                       options=ROCKSDB_OPTIONS)  # the memory:// store ignores them
 
+    async def fold_one(event: EventT) -> None:
+        applied = apply_event(event, codec, table, failures, sla_topic.get_topic_name())
+        if applied is None:
+            return
+        count_and_alert(applied, metrics, webhook)
+        status = applied.status
+        sla_watch.note(status)
+        await status_topic.send(key=status.order_id.encode(), value=codec.encode(
+            STATUS_EVENT_TYPE, status.to_avro()), headers=status_headers(status, event))
+
+    def still_owned(event: EventT) -> bool:
+        return event.message.tp in app.consumer.assignment()
+
     async def fold(stream: Any) -> None:
         async for event in stream.events():
-            applied = apply_event(event, codec, table, failures, sla_topic.get_topic_name())
-            if applied is None:
-                continue
-            count_and_alert(applied, metrics, webhook)
-            status = applied.status
-            sla_watch.note(status)
-            await status_topic.send(key=status.order_id.encode(), value=codec.encode(
-                STATUS_EVENT_TYPE, status.to_avro()), headers=status_headers(status, event))
+            await fold_until_done(fold_one, event, still_owned, metrics)
 
     app.agent(inputs, name="fold-order-events")(fold)
     app.agent(sla_topic, name="fold-sla")(fold)
@@ -510,6 +519,7 @@ def apply_event(event: EventT, codec: Codec, table: Any, failures: dict | None =
         return None
     # The broker timestamp of the input (producer create time), so a replay gives the same times.
     at = datetime.fromtimestamp(message.timestamp, UTC) if (message.timestamp or 0) > 0 else datetime.now(UTC)
+    crash_point("status.before_fold")
     stored = table.get(order_id.encode())
     current = OrderStatus.from_json(stored) if stored is not None else None
     try:
@@ -527,6 +537,36 @@ def apply_event(event: EventT, codec: Codec, table: Any, failures: dict | None =
     table[order_id.encode()] = applied.status.to_json()
     crash_point("status.after_fold")
     return applied
+
+
+async def fold_until_done(fold_one: Callable[[EventT], Awaitable[None]], event: EventT,
+                          still_owned: Callable[[EventT], bool], metrics: Metrics,
+                          first_delay_s: float = 0.1, max_delay_s: float = 5.0) -> None:
+    """Fold one event, retrying it in place until it succeeds or its partition moves away.
+
+    An exception must not reach Faust: its stream acknowledges the event being processed even
+    when the agent crashes, and the supervisor restarts the agent on the *next* event, so the
+    failed one was lost and its order stayed PENDING for good. Seen on Apache Kafka: the first
+    table write found the changelog topic just created, with 0 partitions in the consumer's
+    metadata (PartitionsMismatch until the next metadata refresh). Folding again is safe: event
+    ids make a re-applied input a no-op that only writes the status again."""
+    delay = first_delay_s
+    while True:
+        try:
+            await fold_one(event)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the event, never skip it
+            message = event.message
+            if not still_owned(event):
+                # Its new owner reads it again: this worker's offset for it was never committed.
+                _warn("order_status.fold_abandoned_after_revoke", topic=message.topic,
+                      partition=message.partition, offset=message.offset, reason=repr(exc))
+                return
+            metrics.fold_retries += 1
+            _warn("order_status.fold_retry", topic=message.topic, partition=message.partition,
+                  offset=message.offset, reason=repr(exc), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
 
 
 def count_and_alert(applied: Applied, metrics: Metrics, webhook: Alerter | None = None) -> None:

@@ -107,7 +107,7 @@ def test_kafka_compacts_status_topics_and_a_worker_restores_from_the_compacted_c
 
     orders = make_orders(per_kind=PER_KIND)
     produce(bootstrap, messages_of(orders))
-    check_final(orders, wait_final(writer, list(orders)))
+    check_final(orders, wait_final(writer, orders))
     changes_before = metric(writer, "events_folded_total")
     phases["orders final"] = time.monotonic() - started
 

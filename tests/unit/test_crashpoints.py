@@ -37,3 +37,25 @@ def test_an_armed_point_kills_on_its_nth_pass_only() -> None:
                             env={"ORDERPIPE_CRASH_AT": "relay.after_produce@3", "PATH": "/usr/bin:/bin"})
     assert result.returncode == -9
     assert result.stdout.split() == ["0", "1"]
+
+
+def test_a_failure_point_raises_once_on_its_nth_pass_and_the_process_goes_on() -> None:
+    code = ("from services.runtime.crashpoints import InjectedFailure, crash_point\n"
+            "for i in range(4):\n"
+            "    try:\n"
+            "        crash_point('status.after_fold'); print(i, flush=True)\n"
+            "    except InjectedFailure as exc:\n"
+            "        print('failed', exc, flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env={"ORDERPIPE_FAIL_AT": "status.after_fold@2", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["0", "failed ORDERPIPE_FAIL_AT=status.after_fold@2", "2", "3"]
+
+
+def test_crash_and_failure_points_together_are_refused() -> None:
+    result = subprocess.run([sys.executable, "-c", "import services.runtime.crashpoints"], cwd=REPO,
+                            capture_output=True, text=True,
+                            env={"ORDERPIPE_CRASH_AT": "relay.after_ack", "ORDERPIPE_FAIL_AT": "relay.after_ack",
+                                 "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "set one of ORDERPIPE_CRASH_AT and ORDERPIPE_FAIL_AT, not both" in result.stderr

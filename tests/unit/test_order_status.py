@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -9,6 +10,7 @@ from decimal import Decimal
 import pytest
 
 from services.runtime.codec import Codec, EmbeddedRegistry
+from streams.order_status.app import Metrics, fold_until_done
 from streams.order_status.status import (
     MAX_APPLIED_EVENT_IDS,
     STEP_DEAD_LETTERED,
@@ -353,3 +355,39 @@ def test_sla_watch_offers_only_open_orders_past_their_deadline() -> None:
     asyncio.run(watch.rebuild(iter(stored), {0, 1}))
     assert watch.partitions == {0, 1}
     assert watch.due(t0 + timedelta(hours=1)) == [b"c"]
+
+
+# -- an event whose fold fails is kept, never skipped -------------------------------------------
+
+class _Message:
+    topic, partition, offset = "stock.reserved", 3, 41
+
+
+class _Event:
+    message = _Message()
+
+
+def test_a_failed_fold_is_retried_until_it_succeeds() -> None:
+    calls = []
+
+    async def fold_one(event) -> None:
+        calls.append(event)
+        if len(calls) < 3:
+            raise RuntimeError("changelog topic has 0 partitions")
+
+    metrics = Metrics()
+    asyncio.run(fold_until_done(fold_one, _Event(), lambda e: True, metrics, first_delay_s=0.001))
+    assert len(calls) == 3 and metrics.fold_retries == 2
+    assert "orderpipe_order_status_fold_retries_total 2" in metrics.prometheus()
+
+
+def test_a_failed_fold_of_a_partition_this_worker_lost_is_left_to_its_new_owner() -> None:
+    calls = []
+
+    async def fold_one(event) -> None:
+        calls.append(event)
+        raise RuntimeError("boom")
+
+    metrics = Metrics()
+    asyncio.run(fold_until_done(fold_one, _Event(), lambda e: False, metrics, first_delay_s=0.001))
+    assert len(calls) == 1 and metrics.fold_retries == 0

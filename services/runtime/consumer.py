@@ -36,6 +36,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from sqlalchemy import MetaData, Table, delete, select
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.runtime import alerts, metrics
 from services.runtime import envelope as env
@@ -572,9 +573,15 @@ class ServiceConsumer:
 
     def _run_handlers(self, p: Prepared, uow: UnitOfWork) -> None:
         for handler in p.handlers:
-            for out in handler(p.event, uow) or ():
-                add_event(uow.conn, self.service.outbox, self.codec, out,
-                          p.envelope.child(out.event_type(), out.schema_version))
+            for out in list(handler(p.event, uow) or ()):
+                try:
+                    add_event(uow.conn, self.service.outbox, self.codec, out,
+                              p.envelope.child(out.event_type(), out.schema_version))
+                except SQLAlchemyError as exc:
+                    # The runtime's own write failed: the database's failure, not the handler's.
+                    # The lane is rewound as in the one-transaction path; counted as the handler's,
+                    # a database outage longer than the retry chain dead-lettered every event.
+                    raise _DatabaseUnavailable(str(exc)) from exc
 
     def _inbox_row(self, msg: Message, p: Prepared, now: datetime | None = None) -> dict:
         return {"group_name": self.group.name, "event_id": p.envelope.event_id, "event_type": p.envelope.event_type,

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from conftest import settings_for, unique_name
 from services.runtime import consumer as runtime
 from services.runtime.codec import Codec, EmbeddedRegistry
+from services.runtime.controls import WorkerControls
 from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
 from services.runtime.envelope import CAUSATION_ID, CORRELATION_ID, EVENT_ID, Envelope, headers_to_dict, new_event_id
 from services.runtime.errors import PermanentError, RetryableError
@@ -96,6 +97,7 @@ class Harness:
     group: ConsumerGroup
     engine: Engine
     script: Script
+    controls: WorkerControls | None = None  # None: the Service default (one lane)
     service: Service = field(init=False)
     consumer: ServiceConsumer = field(init=False)
     producer: Producer = field(init=False)
@@ -105,6 +107,8 @@ class Harness:
 
     def __post_init__(self):
         self.service = make_test_service(self.group, self.script)
+        if self.controls is not None:
+            self.service = replace(self.service, controls=self.controls)
         self.service.metadata.create_all(self.engine)
         settings = settings_for(self.bootstrap)
         self.consumer = ServiceConsumer(self.service, self.engine, make_consumer(settings, self.group.name),

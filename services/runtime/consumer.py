@@ -22,6 +22,7 @@ and do nothing, failed ones run again. Nothing is skipped and no effect happens 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -309,6 +310,12 @@ class ServiceConsumer:
         # rights on the topic, too large, expired) leaves the producer's queue, so flush() alone
         # reports it as done, and the offsets went past a message neither handled nor routed.
         self._copy_errors: list[KafkaError] = []
+        # Each failed message whose offset is not stored yet and whose copy is on its way or acked:
+        # True for a retry copy, False for a dead letter. A flush that timed out leaves a copy queued in the producer while its
+        # batch is rewound; when the message runs and fails again it must not get a second copy
+        # (both were delivered once the broker was back). Entries go when their offset is stored
+        # (or their partition is revoked), or when the broker refuses the copy: then it is made again.
+        self._copies: dict[tuple[str, int, int], bool] = {}
         self._paused: set[tuple[str, int]] = set()        # what we asked librdkafka to pause
         # Only copies in our retry topics carry a due time; the inputs' messages skip that check.
         self._retry_topics = frozenset(t for source in self.group.inputs for t in self.group.retry_topics(source))
@@ -640,14 +647,18 @@ class ServiceConsumer:
     def _retryable(self, exc: BaseException) -> bool:
         return not isinstance(exc, DecodeError) and is_retryable(exc, self.service.retryable, self.service.permanent)
 
-    def _copy_delivered(self, err: KafkaError | None, _msg: Message) -> None:
+    def _copy_delivered(self, coordinates: tuple[str, int, int], err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
             self._copy_errors.append(err)
+            self._copies.pop(coordinates, None)
 
     def _route_failure(self, failure: Failure) -> bool:
-        """Produce the failed message to its next retry tier or the dead-letter topic.
-        Returns True when it was retried."""
+        """Produce the failed message to its next retry tier or the dead-letter topic, unless a
+        copy of it is already on its way or acked. Returns True when it was retried."""
         msg, exc = failure.message, failure.exc
+        coordinates = (msg.topic(), msg.partition(), msg.offset())
+        if coordinates in self._copies:
+            return self._copies[coordinates]
         source = _header(msg, H_ORIGINAL_TOPIC) or msg.topic()
         attempt = int(_number_header(msg, H_ATTEMPT, int) or 0) + 1
         now = datetime.now(UTC)
@@ -677,7 +688,8 @@ class ServiceConsumer:
         kept = [(k, v) for k, v in msg.headers() or () if k not in RUNTIME_HEADERS]
         self.producer.produce(target, key=msg.key(), value=msg.value(),
                               headers=kept + [(k, v.encode()) for k, v in headers.items()],
-                              on_delivery=self._copy_delivered)
+                              on_delivery=functools.partial(self._copy_delivered, coordinates))
+        self._copies[coordinates] = retry
         self.producer.poll(0)
         details = {"topic": target, "source": source, "attempt": attempt,
                    "order_id": msg.key().decode("utf-8", "replace") if msg.key() else None,
@@ -749,6 +761,8 @@ class ServiceConsumer:
         store, rewind = done_prefix(ready, done)
         if store:
             self.consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in store.items()])
+            for coordinates in [c for c in self._copies if c[2] < store.get(c[:2], -1)]:
+                del self._copies[coordinates]
         for (topic, partition), offset in rewind.items():
             self._seek(topic, partition, offset)
 
@@ -772,9 +786,12 @@ class ServiceConsumer:
             self._paused.discard((p.topic, p.partition))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for p in partitions:
-            self.not_due.pop((p.topic, p.partition), None)
-            self._paused.discard((p.topic, p.partition))
+        revoked = {(p.topic, p.partition) for p in partitions}
+        for tp in revoked:
+            self.not_due.pop(tp, None)
+            self._paused.discard(tp)
+        for coordinates in [c for c in self._copies if c[:2] in revoked]:
+            del self._copies[coordinates]
 
     def _check_error(self, msg: Message) -> bool:
         err = msg.error()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import struct
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from reading import read_all, wait_until
 from services.cli.tail_cmd import app as tail_app
 from services.cli.tail_cmd import run_tail
 from services.runtime.admin import ensure_topics
-from services.runtime.brokers import free_port
+from services.runtime.brokers import free_port, quirks
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
 from services.runtime.db import make_engine
@@ -201,7 +200,7 @@ def consumed(scenario: Scenario, tmp_path_factory) -> Outcome:
         alive = thread.is_alive() and not crashed
     finally:
         stop.set()
-        thread.join(15)
+        thread.join(WAIT_S)
     assert not thread.is_alive() and not crashed, crashed
 
     check = Consumer({"bootstrap.servers": scenario.bootstrap, "group.id": scenario.group.name, "log_level": 0})
@@ -316,18 +315,31 @@ def test_tail_human_format_and_nothing_new(scenario: Scenario):
     assert "no new messages" in result.stderr
 
 
-def test_tail_follow_prints_new_messages(scenario: Scenario):
+def test_tail_follow_prints_new_messages(scenario: Scenario, monkeypatch: pytest.MonkeyPatch):
+    # tail starts at the end offsets it sees at start: produce once it has seen them
+    seen_ends: dict = {}
+    ends_read = threading.Event()
+
+    def end_offsets(*args, **kwargs):
+        marks = real_end_offsets(*args, **kwargs)
+        seen_ends.update(marks)
+        ends_read.set()
+        return marks
+
+    real_end_offsets = quirks.end_offsets
+    monkeypatch.setattr(quirks, "end_offsets", end_offsets)
     out = StringIO()
     printed: list[int] = []
     settings = settings_for(scenario.bootstrap)
     thread = threading.Thread(target=lambda: printed.append(
         run_tail(settings, scenario.source, follow=True, as_json=True, max_messages=1, out=out)), daemon=True)
     thread.start()
-    time.sleep(2.0)  # tail assigns at the end offsets it sees at start
+    assert ends_read.wait(WAIT_S), "tail did not read the end offsets"
     sent = produce(make_producer(settings), scenario.source, 1, "good")
     thread.join(WAIT_S)
 
     assert not thread.is_alive() and printed == [1]
+    assert sent.offset >= seen_ends[(scenario.source, 1)][1], "produced before the end tail started at"
     [line] = json_lines(out.getvalue())
     assert (line["partition"], line["offset"], line["key"]) == (1, sent.offset, sent.order_id)
 

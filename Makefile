@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up test test-unit test-integration test-e2e test-brokers chaos chaos-kafka mutate clean
+.PHONY: install demo up test test-unit test-integration test-e2e test-brokers test-under-load chaos chaos-kafka mutate clean
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ test: install
 # after the other, output live); see tests/broker_passes.sh.
 test-brokers: install
 	@bash tests/broker_passes.sh $(PY) $(BROKERS)
+
+# The integration and e2e tiers on each of BROKERS, UNDER_LOAD_RUNS times in a row, while a busy
+# loop keeps every core busy (tests/under_load.sh): no test may depend on the machine's speed.
+# TEST_PATHS picks files (e.g. TEST_PATHS=tests/integration/test_retries.py).
+UNDER_LOAD_RUNS ?= 5
+UNDER_LOAD_MAX_SECONDS ?= 14400
+test-under-load: install
+	@bash tests/under_load.sh $(UNDER_LOAD_RUNS) $(UNDER_LOAD_MAX_SECONDS) bash tests/broker_passes.sh $(PY) $(BROKERS)
 
 test-unit: install
 	$(PY) -m pytest tests/unit
@@ -82,7 +90,7 @@ $(MUTATE_VENV)/.installed: pyproject.toml
 clean:
 	rm -rf .data build *.egg-info .pytest_cache mutants
 
-# `make bench`: the benchmark on the embedded broker (~20 min; BENCH_ARGS=--quick for ~10,
+# `make bench`: the benchmark on the embedded broker (~20 min; BENCH_ARGS=--quick for ~4,
 # BENCH_ARGS='--soak 300' for the 5-minute memory check), BENCH_ARGS='--broker kafka' on a local
 # Apache Kafka (Java 17+ and Maven). Writes bench/results/ (latest.json, latest-kafka.json).
 .PHONY: bench

@@ -220,7 +220,7 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_const", const="quick", dest="profile", help="smaller sizes (~10 min)")
+    group.add_argument("--quick", action="store_const", const="quick", dest="profile", help="smaller sizes (~4 min on a 2-core machine)")
     group.add_argument("--smoke", action="store_const", const="smoke", dest="profile", help="tiny sizes (tests)")
     parser.add_argument("--broker", choices=BROKERS, default="embedded",
                         help="the local broker every section runs on: embedded (Tansu, in memory; results "

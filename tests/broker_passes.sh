@@ -6,12 +6,14 @@
 # Most of a pass is spent waiting on child processes, brokers and timeouts, not on the CPU, so
 # running the passes at once takes about as long as the longest of them. Each pass writes to
 # .test-logs/<broker>.log; a line every minute says how far each has got, and each log is shown
-# whole when its pass ends. TEST_PARALLEL=0 runs them one after the other with live output.
+# whole when its pass ends. TEST_PARALLEL=0 runs them one after the other with live output;
+# TEST_PATHS (default: the two tiers) names other test files or folders.
 set -u
 python=$1
 shift
 brokers=("$@")
-pytest_args=(tests/integration tests/e2e --durations=15)
+read -r -a test_paths <<< "${TEST_PATHS:-tests/integration tests/e2e}"
+pytest_args=("${test_paths[@]}" --durations=15)
 
 if [ "${TEST_PARALLEL:-1}" = 0 ] || [ ${#brokers[@]} -lt 2 ]; then
     status=0

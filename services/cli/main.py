@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from services.cli import bench_cmd, db_cmd, deploy_cmd, dlt_cmd, ops_cmd, orders_cmd, schemas_cmd, tail_cmd
 from services.runtime.brokers import BROKER_KINDS
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, invalid_settings
 
 app = typer.Typer(help="orderpipe: a Kafka-based, event-sourced order processing pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -307,6 +308,12 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except ValidationError as error:
+        if error.title != Settings.__name__:
+            raise  # not the operator's settings: a bug, keep its trace
+        for line in invalid_settings(error):
+            print(f"orderpipe: {line}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

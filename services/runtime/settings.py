@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("orders", "inventory", "email", "invoice", "analytics")
@@ -75,14 +75,14 @@ class Settings(BaseSettings):
     # sets 10 s there (services/runtime/brokers/quirks.py: EMBEDDED_CLIENT_ENV).
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 6_000
-    consumer_batch_size: int = 500
+    consumer_batch_size: int = Field(default=500, ge=1)  # 0 would pause every partition for good
     # How long a fetch may wait for data on the broker. Apache Kafka answers a waiting fetch as
     # soon as data arrives, so this only sets how often an idle consumer asks (librdkafka's
     # default; Faust's worker hard-codes 1,500 ms, streams/order_status/transport.py applies this
     # one). The embedded broker waits it out on every hop, so `orderpipe up` sets 100 ms there
     # (quirks.py: EMBEDDED_CLIENT_ENV; on Tansu that about doubles the broker's CPU per order).
     fetch_wait_max_ms: int = 500
-    relay_batch_size: int = 500
+    relay_batch_size: int = Field(default=500, ge=1)
     relay_poll_interval_s: float = 0.05
     # Published outbox rows are deleted after this (they are in Kafka by then).
     outbox_retention_hours: float = 24.0
@@ -114,3 +114,16 @@ class Settings(BaseSettings):
             raise RuntimeError("KAFKA_BOOTSTRAP_SERVERS is not set: start the pipeline with `orderpipe up`, "
                                "or export KAFKA_BOOTSTRAP_SERVERS=host:port of your Kafka cluster")
         return self.kafka_bootstrap_servers
+
+
+def invalid_settings(error: ValidationError) -> list[str]:
+    """One line per rejected setting, named as the environment variable to fix, for a
+    ValidationError of Settings (a bad ORDERPIPE_* value ends a command with these, not a trace)."""
+    lines = []
+    for problem in error.errors():
+        field, *nested = [str(part) for part in problem["loc"]]
+        info = Settings.model_fields.get(field)
+        alias = getattr(info.validation_alias, "choices", None) if info else None
+        name = alias[0] if alias else "__".join(["ORDERPIPE_" + field, *nested]).upper()
+        lines.append(f"invalid setting {name}={problem.get('input')!r}: {problem['msg']}")
+    return lines

@@ -1,0 +1,37 @@
+"""A bad setting ends any `orderpipe` command with one line per setting, named as the environment
+variable to fix, and exit status 2: never a traceback, never a process that starts and stalls
+(a batch size of 0 would pause every partition for good)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from services.cli.main import main
+
+
+def run_cli(monkeypatch, capsys, env: dict[str, str], *args: str) -> tuple[int, str]:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["orderpipe", *args])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    return stopped.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ORDERPIPE_CONSUMER_BATCH_SIZE", "ORDERPIPE_RELAY_BATCH_SIZE"])
+def test_a_batch_size_below_one_is_refused_naming_the_variable(monkeypatch, capsys, name):
+    code, err = run_cli(monkeypatch, capsys, {name: "0"}, "lag")
+    assert code == 2
+    assert err == f"orderpipe: invalid setting {name}='0': Input should be greater than or equal to 1\n"
+
+
+def test_every_bad_setting_is_named_nested_ones_by_their_full_variable(monkeypatch, capsys):
+    code, err = run_cli(monkeypatch, capsys, {"ORDERPIPE_EMAIL_FAIL_RATE": "2",
+                                               "ORDERPIPE_WORKERS__EMAIL__CONCURRENCY": "eight"}, "up")
+    assert code == 2
+    lines = sorted(err.splitlines())
+    assert len(lines) == 2 and "Traceback" not in err
+    assert lines[0] == "orderpipe: invalid setting ORDERPIPE_EMAIL_FAIL_RATE='2': Input should be less than or equal to 1"
+    assert lines[1].startswith("orderpipe: invalid setting ORDERPIPE_WORKERS__EMAIL__CONCURRENCY='eight': ")

@@ -9,6 +9,7 @@ consumers' inbox absorbs.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import zlib
@@ -91,9 +92,9 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.retention = retention
         self.on_published = on_published
-        self._last_cleanup = 0.0
+        self._last_cleanup = -math.inf  # never: the first round cleans up (monotonic may read < 60 s)
         self.name = name  # the `service` label of the backlog gauge
-        self._last_backlog = 0.0
+        self._last_backlog = -math.inf
         self._acked: list[int] = []  # seqs the broker acknowledged, not yet marked published
         self._failed: list[KafkaError] = []
         self._in_flight = 0  # rows produced whose delivery report has not come yet

@@ -39,6 +39,7 @@ from services.runtime.bulk import BulkInsert
 from services.runtime.consumer import INBOX_ROW_COLUMNS
 from services.runtime.db import inbox_table, make_engine, outbox_table
 from services.runtime.envelope import Envelope, new_event_id
+from services.runtime.lag import OUTBOX_BACKLOG
 from services.runtime.outbox import DeliveryFailed, LeadershipLost, OutboxRelay, add_rows, outbox_row
 from streams.order_status.status import OrderStatus, next_status
 from test_injected_failures import order_recorded, stage_outbox_row
@@ -234,10 +235,22 @@ def test_the_first_round_samples_the_backlog_gauge_without_waiting_5_s(engine, o
         stage_outbox_row(engine, outbox, order)
     relay = OutboxRelay(engine, outbox, AckingBroker(), batch_size=1, name="details-first-sample")
     relay.cleanup = lambda: 0
+    OUTBOX_BACKLOG.labels("details-first-sample").set(-1)  # the registry outlives a test
 
     relay.run(Stop(rounds=2))  # one round: one batch of one row
 
     assert backlog_gauge("details-first-sample") == 1
+
+
+def test_a_relay_without_a_name_reports_its_backlog_as_the_outbox(engine, outbox, fake_time):
+    stage_outbox_row(engine, outbox, "o-1")
+    relay = OutboxRelay(engine, outbox, AckingBroker())
+    relay.cleanup = lambda: 0
+    OUTBOX_BACKLOG.labels("outbox").set(-1)  # the registry outlives a test
+
+    relay.run(Stop(rounds=2))
+
+    assert backlog_gauge("outbox") == 0
 
 
 def test_the_first_round_cleans_up_without_waiting_a_minute(engine, outbox, fake_time):

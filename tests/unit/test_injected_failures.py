@@ -36,8 +36,7 @@ What is injected, and what each test proves:
    - `test_a_copy_refused_with_a_delivery_error_is_not_taken_for_acked`: the
      broker refuses the copy; librdkafka reports the error to `on_delivery` and leaves the
      queue empty, so `flush` returns 0. The same promises must hold;
-   - `test_a_copy_still_queued_after_a_timed_out_flush_is_not_sent_twice` (xfail, a known
-     duplication, not a loss):
+   - `test_a_copy_still_queued_after_a_timed_out_flush_is_not_sent_twice`:
      `flush` times out with the copy still queued and the broker comes back before it
      expires; the message must still end up with exactly one copy.
 4. `test_relay_delivery_errors_leave_those_rows_unpublished_and_the_next_batch_sends_only_them`:

@@ -9,6 +9,8 @@ consumer writes.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,22 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _switch_to_wal(cursor: Any, timeout_s: float = 30.0) -> None:
+    """`PRAGMA journal_mode=WAL`, asked again while the database is locked. When connections
+    open a new database together (the orders API and relay start at once), SQLite answers the
+    switch with "database is locked" at once, without waiting out the busy timeout: 6 in 60
+    fresh databases failed so with three connections, and one CI run with it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def make_engine(url: str, **kwargs) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -35,7 +53,7 @@ def make_engine(url: str, **kwargs) -> Engine:
         def _sqlite_connect(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # let SQLAlchemy emit BEGIN itself (savepoints work)
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; fine for the embedded mode
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()

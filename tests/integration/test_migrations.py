@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import inspect
 from typer.testing import CliRunner
 
+from services.runtime.db import make_engine
 from services.runtime.migrate import (
     SchemaOutOfDate, current_revision, head_revision, prepare_database, schema_diff, service_metadata, upgrade_database,
 )
@@ -82,3 +83,33 @@ def test_cli_db_upgrade_all(tmp_path, monkeypatch, test_engine):
         assert {"alembic_version", "outbox"} <= set(inspect(engine).get_table_names())
     assert runner.invoke(app, ["db", "current"]).exit_code == 0
     assert runner.invoke(app, ["db", "upgrade", "nope"]).exit_code == 1
+
+
+def test_connections_opening_a_new_sqlite_database_together_all_get_in(tmp_path):
+    """Three engines opening one new SQLite database at the same moment all switch it to WAL and
+    work (before services/runtime/db.py asked again, about one database in ten answered one of
+    them "database is locked" at once, failing the concurrent migration above in CI)."""
+    for i in range(60):
+        url = f"sqlite:///{tmp_path / f'fresh-{i}.db'}"
+        engines = [make_engine(url) for _ in range(3)]
+        together = threading.Barrier(len(engines), timeout=30)
+        modes: list[str] = []
+        errors: list[BaseException] = []
+
+        def open_and_read(engine):
+            try:
+                together.wait()
+                with engine.connect() as conn:
+                    modes.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar_one())
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_read, args=(e,)) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for engine in engines:
+            engine.dispose()
+        assert errors == [], f"database {i}: {errors}"
+        assert modes == ["wal"] * 3

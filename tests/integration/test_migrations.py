@@ -31,22 +31,28 @@ def test_migrations_match_metadata(service: str, database_url: str, test_engine)
     assert current_revision(engine) == head_revision(service)
 
 
-def test_concurrent_starts_migrate_once(database_url: str, test_engine):
-    """The orders API and relay start together on one database: both upgrade, one waits."""
-    engines = [test_engine(database_url) for _ in range(3)]
+def _errors_running_at_once(work, engines) -> list[BaseException]:
+    """`work(engine)` for every engine, each on its own thread at once; what they raised."""
     errors: list[BaseException] = []
 
-    def upgrade(engine):
+    def run(engine):
         try:
-            upgrade_database(engine, "orders")
-        except BaseException as exc:  # noqa: BLE001 - reported below
+            work(engine)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=upgrade, args=(e,)) for e in engines]
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    return errors
+
+
+def test_concurrent_starts_migrate_once(database_url: str, test_engine):
+    """The orders API and relay start together on one database: both upgrade, one waits."""
+    engines = [test_engine(database_url) for _ in range(3)]
+    errors = _errors_running_at_once(lambda engine: upgrade_database(engine, "orders"), engines)
     assert errors == []
     assert current_revision(engines[0]) == head_revision("orders")
 
@@ -94,21 +100,13 @@ def test_connections_opening_a_new_sqlite_database_together_all_get_in(tmp_path)
         engines = [make_engine(url) for _ in range(3)]
         together = threading.Barrier(len(engines), timeout=30)
         modes: list[str] = []
-        errors: list[BaseException] = []
 
         def open_and_read(engine):
-            try:
-                together.wait()
-                with engine.connect() as conn:
-                    modes.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar_one())
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            together.wait()
+            with engine.connect() as conn:
+                modes.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar_one())
 
-        threads = [threading.Thread(target=open_and_read, args=(e,)) for e in engines]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        errors = _errors_running_at_once(open_and_read, engines)
         for engine in engines:
             engine.dispose()
         assert errors == [], f"database {i}: {errors}"

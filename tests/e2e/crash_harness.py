@@ -483,12 +483,31 @@ def check_outcomes(report: ChaosReport, settings: Settings, info: StackInfo) -> 
 
     wrong = {oid: (placed[oid].expected, view.get("state")) for oid, view in report.final.items()
              if view.get("state") != placed[oid].expected}
-    steps = {oid: report.final[oid].get("steps") for oid in list(wrong)[:3]}
-    assert not wrong, (f"{len(wrong)} orders did not reach their final state in the view, although every "
-                       f"effect and event is there (expected, got): {list(wrong.items())[:5]}; their steps: {steps}")
+    if wrong:
+        steps = {oid: report.final[oid].get("steps") for oid in list(wrong)[:3]}
+        raise AssertionError(
+            f"{len(wrong)} orders did not reach their final state in the view, although every effect and event "
+            f"is there (expected, got): {list(wrong.items())[:5]}; their steps: {steps}; "
+            + _view_diagnosis(info, list(wrong)[:3]))
     for oid in rejected:
         assert "SKU-OUT" in report.final[oid]["reason"]
         assert report.final[oid]["steps"]["invoice"]["state"] == "skipped"
+
+
+def _view_diagnosis(info: StackInfo, order_ids: list[str]) -> str:
+    """What tells a stuck order-status worker (behind: lag) from one that skipped an input (not
+    behind): its lag now, each order's partition, and its log lines about folds, commits and
+    rebalances."""
+    from streams.order_status.app import partition_of
+
+    lag = committed_lag(info.bootstrap_servers).get(STATUS_GROUP, {})
+    partitions = {oid: partition_of(oid.encode()) for oid in order_ids}
+    log_file = info.log_dir / "order-status.log"
+    notable = re.compile(r"fold_|not committing|commit refused|rebalanc|[Rr]evok|[Aa]ssign|Traceback|ERROR")
+    lines = [line.rstrip() for line in log_file.read_text(errors="replace").splitlines() if notable.search(line)] \
+        if log_file.exists() else ["(no order-status.log)"]
+    return (f"order-status lag now: {lag or 'none'}; partitions of those orders: {partitions}; "
+            f"order-status log ({len(lines)} notable lines, last 40):\n" + "\n".join(lines[-40:]))
 
 
 def _check_orders(engine: Engine, placed) -> None:

@@ -27,12 +27,13 @@ from sqlalchemy import MetaData, func, select
 
 from bench.common import CODEC, encoded_order_created, figure
 from services.runtime.admin import ensure_topics
-from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
+from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine
 from services.runtime.events import OrderCreated, OrderRecorded
+from services.runtime.handler import Service, UnitOfWork
+from services.runtime.heap import tune_gc
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.outbox import OutboxRelay
-from services.runtime.heap import tune_gc
 from services.runtime.settings import Settings
 from services.runtime.topology import ConsumerGroup, TopicSpec
 

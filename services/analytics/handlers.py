@@ -5,9 +5,9 @@ from __future__ import annotations
 from decimal import Decimal
 
 from services.analytics.tables import per_minute, per_sku
-from services.runtime.consumer import UnitOfWork
 from services.runtime.db import upsert_add
 from services.runtime.events import Event, OrderCreated, OrderRecorded
+from services.runtime.handler import UnitOfWork
 
 
 def record_order(event: OrderCreated, uow: UnitOfWork) -> list[Event]:

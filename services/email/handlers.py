@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from services.email.mailer import OutgoingMail, message_id_for
 from services.email.tables import sent_emails
-from services.runtime.consumer import UnitOfWork
 from services.runtime.events import ConfirmationEmailSent, Event, OrderCreated
+from services.runtime.handler import UnitOfWork
 
 
 @dataclass(frozen=True)

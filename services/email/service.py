@@ -4,8 +4,8 @@ from services.email.faults import FlakyMailer
 from services.email.handlers import HANDLERS, EmailDeps
 from services.email.mailer import MailDeliveryError, MailRejected, SmtpMailer
 from services.email.tables import metadata
-from services.runtime.consumer import Service
 from services.runtime.controls import WorkerControls
+from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
 from services.runtime.topology import group
 

@@ -7,8 +7,8 @@ from collections import Counter
 from sqlalchemy import bindparam, select, update
 
 from services.inventory.tables import reservations, stock
-from services.runtime.consumer import UnitOfWork
 from services.runtime.events import Event, MissingStock, OrderCreated, ReservedLine, StockRejected, StockReserved
+from services.runtime.handler import UnitOfWork
 
 
 # Built once and executed with parameters: building statements per call cost more than running them.

@@ -8,7 +8,7 @@ from sqlalchemy.engine import Engine
 from services.inventory.handlers import HANDLERS
 from services.inventory.tables import metadata, stock
 from services.runtime.catalog import CATALOG
-from services.runtime.consumer import Service
+from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
 from services.runtime.topology import group
 

@@ -10,9 +10,9 @@ from sqlalchemy.engine import Connection
 
 from services.invoice.pdf import InvoiceDocument, InvoiceLine, render_invoice
 from services.invoice.tables import invoice_counter, invoices, orders
-from services.runtime.consumer import UnitOfWork
 from services.runtime.db import insert_ignore
 from services.runtime.events import Event, InvoiceIssued, OrderCreated, StockRejected, StockReserved
+from services.runtime.handler import UnitOfWork
 
 
 @dataclass(frozen=True)

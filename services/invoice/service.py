@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from services.invoice.handlers import HANDLERS, InvoiceDeps
 from services.invoice.tables import metadata
-from services.runtime.consumer import Service
+from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
 from services.runtime.topology import group
 

@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.ops.errors import OpsError
-from services.runtime import consumer as rt
 from services.runtime import envelope as env
+from services.runtime import failure_headers as fh
 from services.runtime.topology import ConsumerGroup
 
 # Added by `orderpipe dlt replay` to every copy; the consumer runtime carries `x-replay-*` headers
@@ -111,7 +111,7 @@ class DeadLetter:
 
     @property
     def source(self) -> str:
-        return self.header(rt.H_ORIGINAL_TOPIC) or self.topic.source
+        return self.header(fh.H_ORIGINAL_TOPIC) or self.topic.source
 
     @property
     def key_text(self) -> str:
@@ -132,19 +132,19 @@ class DeadLetter:
 
     @property
     def exception_type(self) -> str:
-        return self.header(rt.H_EXC_TYPE) or "?"
+        return self.header(fh.H_EXC_TYPE) or "?"
 
     @property
     def exception_message(self) -> str:
-        return self.header(rt.H_EXC_MESSAGE) or ""
+        return self.header(fh.H_EXC_MESSAGE) or ""
 
     @property
     def traceback(self) -> str:
-        return self.header(rt.H_EXC_TRACEBACK) or ""
+        return self.header(fh.H_EXC_TRACEBACK) or ""
 
     @property
     def attempt(self) -> int | None:
-        return _int(self.header(rt.H_ATTEMPT))
+        return _int(self.header(fh.H_ATTEMPT))
 
     @property
     def replay_count(self) -> int:
@@ -158,7 +158,7 @@ class DeadLetter:
             "group": self.group, "source": self.source, "dead_lettered_at": at.isoformat() if at else None,
             "key": self.key_text, "event_type": self.event_type, "event_id": self.event_id,
             "exception_type": self.exception_type, "exception_message": self.exception_message,
-            "reason": self.header(rt.H_REASON), "attempt": self.attempt, "replay_count": self.replay_count,
+            "reason": self.header(fh.H_REASON), "attempt": self.attempt, "replay_count": self.replay_count,
         }
         if handled is not None:
             out["handled"] = handled

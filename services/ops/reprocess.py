@@ -29,7 +29,7 @@ from services.ops.deadletters import (H_PARKED_AT, H_REPLAY_COUNT, H_REPLAY_OF, 
                                       Filter)
 from services.ops.errors import OpsError
 from services.ops.handled import HandledState
-from services.runtime import consumer as rt
+from services.runtime import failure_headers as fh
 
 REPLAY_TO = ("retry", "original")
 
@@ -166,11 +166,11 @@ def copy_headers(item: Item, run_id: str, now: float) -> list[tuple[str, bytes]]
     if item.destination == dl.topic.retry_topic:
         # Into the first retry tier, as if the first attempt had just failed: due now, and on a
         # new failure it goes on to the next tier and, after the last, back to the dead letters.
-        dropped = {rt.H_ATTEMPT, rt.H_DUE_AT, rt.H_REASON, H_REPLAY_OF, H_REPLAY_COUNT, H_REPLAY_RUN}
+        dropped = {fh.H_ATTEMPT, fh.H_DUE_AT, fh.H_REASON, H_REPLAY_OF, H_REPLAY_COUNT, H_REPLAY_RUN}
         kept = [(k, v) for k, v in dl.headers if k not in dropped]
-        if not dl.header(rt.H_ORIGINAL_TOPIC):
-            kept.append((rt.H_ORIGINAL_TOPIC, dl.source.encode()))
-        return [*kept, (rt.H_ATTEMPT, b"1"), (rt.H_DUE_AT, f"{now:.3f}".encode()), *replay]
+        if not dl.header(fh.H_ORIGINAL_TOPIC):
+            kept.append((fh.H_ORIGINAL_TOPIC, dl.source.encode()))
+        return [*kept, (fh.H_ATTEMPT, b"1"), (fh.H_DUE_AT, f"{now:.3f}".encode()), *replay]
     # To the original topic: a fresh delivery for every group, so no runtime headers at all.
     return [*((k, v) for k, v in dl.headers if not k.startswith("x-")), *replay]
 

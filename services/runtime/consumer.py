@@ -27,62 +27,56 @@ import logging
 import math
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from sqlalchemy import MetaData, Table, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.runtime import alerts, metrics
 from services.runtime import envelope as env
 from services.runtime.alerts import Alerter
-from services.runtime.bulk import BulkInsert
 from services.runtime.circuit import HALF_OPEN, OPEN, CircuitBreaker
 from services.runtime.codec import Codec, DecodeError
 from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
-from services.runtime.controls import WorkerControls
 from services.runtime.crashpoints import crash_point
-from services.runtime.db import inbox_table, insert_ignore, outbox_table, utcnow
+from services.runtime.db import insert_ignore, utcnow
 from services.runtime.errors import ConsumerMisconfigured, MissingHandler, PermanentError, is_retryable
 from services.runtime.events import EVENT_TYPES, Event
+from services.runtime.failure_headers import (
+    H_ATTEMPT,
+    H_DUE_AT,
+    H_EXC_MESSAGE,
+    H_EXC_TRACEBACK,
+    H_EXC_TYPE,
+    H_FIRST_FAILURE,
+    H_GROUP,
+    H_LAST_FAILURE,
+    H_ORIGINAL_OFFSET,
+    H_ORIGINAL_PARTITION,
+    H_ORIGINAL_TIMESTAMP,
+    H_ORIGINAL_TOPIC,
+    H_REASON,
+    MESSAGE_LIMIT,
+    RUNTIME_HEADERS,
+    format_traceback,
+    header,
+    header_texts,
+    number_header,
+)
+from services.runtime.handler import Handler, Service, UnitOfWork
 from services.runtime.outbox import add_event, add_rows, outbox_row
 from services.runtime.ratelimit import RateLimiter
-from services.runtime.topology import ConsumerGroup
 
 log = logging.getLogger(__name__)
-
-# Headers the runtime sets on retry and dead-letter copies. They are replaced on every hop
-# (never piled up); key, value, the envelope headers and any other header travel unchanged.
-H_ORIGINAL_TOPIC = "x-original-topic"
-H_ORIGINAL_PARTITION = "x-original-partition"
-H_ORIGINAL_OFFSET = "x-original-offset"
-H_ORIGINAL_TIMESTAMP = "x-original-timestamp"
-H_GROUP = "x-group"
-H_ATTEMPT = "x-attempt"
-H_FIRST_FAILURE = "x-first-failure-at"
-H_LAST_FAILURE = "x-last-failure-at"
-H_DUE_AT = "x-due-at"
-H_EXC_TYPE = "x-exception-type"
-H_EXC_MESSAGE = "x-exception-message"
-H_EXC_TRACEBACK = "x-exception-traceback"
-H_REASON = "x-reason"
-RUNTIME_HEADERS = frozenset({
-    H_ORIGINAL_TOPIC, H_ORIGINAL_PARTITION, H_ORIGINAL_OFFSET, H_ORIGINAL_TIMESTAMP, H_GROUP, H_ATTEMPT,
-    H_FIRST_FAILURE, H_LAST_FAILURE, H_DUE_AT, H_EXC_TYPE, H_EXC_MESSAGE, H_EXC_TRACEBACK, H_REASON,
-})
-MESSAGE_LIMIT = 1000
-TRACEBACK_LIMIT = 4000
 
 # Consumers read every event as the schema version their model was built on (Avro resolution),
 # so a producer moving to a newer compatible version does not break them.
 READER_VERSIONS = {name: cls.schema_version for name, cls in EVENT_TYPES.items()}
-INBOX_ROW_COLUMNS = ("group_name", "event_id", "event_type", "topic", "partition", "offset", "processed_at")
 
 
 # Refusals that asking again cannot change, and what to fix.
@@ -90,58 +84,6 @@ _MISCONFIGURED = {
     KafkaError.INVALID_SESSION_TIMEOUT: "set ORDERPIPE_SESSION_TIMEOUT_MS within the broker's "
                                         "group.min.session.timeout.ms and group.max.session.timeout.ms",
 }
-
-
-class UnitOfWork:
-    """What a handler gets: the open transaction (`conn`), the incoming envelope, the group and
-    the service's deps. With concurrent lanes the transaction begins at the handler's first use
-    of `conn`: do slow I/O (an SMTP send) before touching the database."""
-
-    def __init__(self, conn: Connection | None, envelope: env.Envelope, group: str, deps: Any = None,
-                 now: datetime | None = None, *, begin: Callable[[], Connection] | None = None):
-        self._conn, self._begin = conn, begin
-        self.envelope, self.group, self.deps = envelope, group, deps
-        self.now = now or utcnow()
-
-    @property
-    def conn(self) -> Connection:
-        if self._conn is None:
-            self._conn = self._begin()
-        return self._conn
-
-    @property
-    def began(self) -> bool:
-        return self._conn is not None
-
-
-Handler = Callable[[Event, UnitOfWork], Iterable[Event] | None]
-
-
-@dataclass
-class Service:
-    """A consumer service: its group, its tables, its handlers and its dependencies."""
-
-    group: ConsumerGroup
-    metadata: MetaData
-    handlers: Mapping[type[Event], list[Handler]]
-    deps: Any = None
-    retryable: tuple[type[BaseException], ...] = ()
-    permanent: tuple[type[BaseException], ...] = ()
-    batch_size: int = 500
-    controls: WorkerControls = field(default_factory=WorkerControls)
-    outbox: Table = field(init=False)
-    inbox: Table = field(init=False)
-    inbox_claims: BulkInsert = field(init=False)  # a batch's inbox rows; returns the new event ids
-
-    def __post_init__(self):
-        tables = self.metadata.tables  # reuse them when build() runs twice on one MetaData
-        self.outbox = tables["outbox"] if "outbox" in tables else outbox_table(self.metadata)
-        self.inbox = tables["inbox"] if "inbox" in tables else inbox_table(self.metadata)
-        self.inbox_claims = BulkInsert(self.inbox, INBOX_ROW_COLUMNS, on_conflict_ignore=True, returning="event_id")
-
-    @property
-    def name(self) -> str:
-        return self.group.name
 
 
 @dataclass
@@ -227,52 +169,12 @@ class _LazyTransaction:
         self._connection.close()
 
 
-def _header(msg: Message, name: str) -> str | None:
-    for key, value in msg.headers() or ():
-        if key == name and value is not None:
-            return value.decode("utf-8", "replace")
-    return None
-
-
-def _number_header(msg: Message, name: str, parse: Callable[[str], float]) -> float | None:
-    """A header we set ourselves, parsed; a malformed one reads as absent rather than raising
-    (raising would fail the whole batch and block the partition forever)."""
-    raw = _header(msg, name)
-    try:
-        value = parse(raw) if raw is not None else None
-    except ValueError:
-        return None
-    return value if value is not None and math.isfinite(value) else None
-
-
-def format_traceback(exc: BaseException) -> str:
-    """The frames (innermost last) and the exception line, within TRACEBACK_LIMIT characters. The
-    message is cut to MESSAGE_LIMIT first, so a long message cannot push the frames out."""
-    last = f"{type(exc).__module__}.{type(exc).__qualname__}: {str(exc)[:MESSAGE_LIMIT]}\n"
-    if exc.__cause__ is not None:
-        cause = exc.__cause__
-        last += f"caused by {type(cause).__qualname__}: {str(cause)[:300]}\n"
-    frames = "".join(traceback.format_tb(exc.__traceback__))
-    head = "Traceback (most recent call last):\n"
-    budget = TRACEBACK_LIMIT - len(head) - len(last)
-    return (head + frames[-budget:] + last)[-TRACEBACK_LIMIT:]
-
-
 def _position(msg: Message) -> tuple[str, int, int]:
     return msg.topic(), msg.partition(), msg.offset()
 
 
-def _header_texts(msg: Message) -> dict[str, str]:
-    """Every header as text, the first value of a name winning (as `_header` reads them)."""
-    out: dict[str, str] = {}
-    for key, value in msg.headers() or ():
-        if value is not None and key not in out:
-            out[key] = value.decode("utf-8", "replace")
-    return out
-
-
 def incoming_envelope(msg: Message, event_type: str, schema_version: int) -> env.Envelope:
-    headers = _header_texts(msg)  # once per message: the hot path reads four of them
+    headers = header_texts(msg)  # once per message: the hot path reads four of them
     event_id = headers.get(env.EVENT_ID)
     if not event_id:
         raise PermanentError("message has no event_id header (the dedup key)")
@@ -632,7 +534,7 @@ class ServiceConsumer:
             self._metrics["handler_s"].observe(time.monotonic() - started)
 
     def _started(self, msg: Message) -> float:
-        due = _number_header(msg, H_DUE_AT, float) if msg.topic() in self._retry_topics else None
+        due = number_header(msg, H_DUE_AT, float) if msg.topic() in self._retry_topics else None
         if due is not None:
             self._metrics["lateness_s"].observe(max(0.0, self.clock() - due))
         return time.monotonic()
@@ -659,20 +561,20 @@ class ServiceConsumer:
         coordinates = (msg.topic(), msg.partition(), msg.offset())
         if coordinates in self._copies:
             return self._copies[coordinates]
-        source = _header(msg, H_ORIGINAL_TOPIC) or msg.topic()
-        attempt = int(_number_header(msg, H_ATTEMPT, int) or 0) + 1
+        source = header(msg, H_ORIGINAL_TOPIC) or msg.topic()
+        attempt = int(number_header(msg, H_ATTEMPT, int) or 0) + 1
         now = datetime.now(UTC)
         retryable = self._retryable(exc)
         tiers = len(self.group.retry_delays_s)
         retry = retryable and tiers > 0 and attempt < self.retry_policy.attempts
         headers = {
             H_ORIGINAL_TOPIC: source,
-            H_ORIGINAL_PARTITION: _header(msg, H_ORIGINAL_PARTITION) or str(msg.partition()),
-            H_ORIGINAL_OFFSET: _header(msg, H_ORIGINAL_OFFSET) or str(msg.offset()),
-            H_ORIGINAL_TIMESTAMP: _header(msg, H_ORIGINAL_TIMESTAMP) or str(msg.timestamp()[1]),
+            H_ORIGINAL_PARTITION: header(msg, H_ORIGINAL_PARTITION) or str(msg.partition()),
+            H_ORIGINAL_OFFSET: header(msg, H_ORIGINAL_OFFSET) or str(msg.offset()),
+            H_ORIGINAL_TIMESTAMP: header(msg, H_ORIGINAL_TIMESTAMP) or str(msg.timestamp()[1]),
             H_GROUP: self.group.name,
             H_ATTEMPT: str(attempt),
-            H_FIRST_FAILURE: _header(msg, H_FIRST_FAILURE) or now.isoformat(),
+            H_FIRST_FAILURE: header(msg, H_FIRST_FAILURE) or now.isoformat(),
             H_LAST_FAILURE: now.isoformat(),
             H_EXC_TYPE: f"{type(exc).__module__}.{type(exc).__qualname__}",
             H_EXC_MESSAGE: str(exc)[:MESSAGE_LIMIT],
@@ -693,7 +595,7 @@ class ServiceConsumer:
         self.producer.poll(0)
         details = {"topic": target, "source": source, "attempt": attempt,
                    "order_id": msg.key().decode("utf-8", "replace") if msg.key() else None,
-                   "event_id": _header(msg, env.EVENT_ID), "exception_type": headers[H_EXC_TYPE],
+                   "event_id": header(msg, env.EVENT_ID), "exception_type": headers[H_EXC_TYPE],
                    "error": headers[H_EXC_MESSAGE][:300]}
         if retry:
             log.info("message retried", extra={"group": self.group.name, **details})
@@ -719,7 +621,7 @@ class ServiceConsumer:
             if tp in self.not_due:
                 held += 1
                 continue
-            due = _number_header(msg, H_DUE_AT, float) if tp[0] in self._retry_topics else None
+            due = number_header(msg, H_DUE_AT, float) if tp[0] in self._retry_topics else None
             if due is not None and due > now:
                 self.not_due[tp] = due
                 part = TopicPartition(msg.topic(), msg.partition(), msg.offset())

@@ -18,10 +18,11 @@ from sqlalchemy.engine import Engine
 
 from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, codec_from_settings
-from services.runtime.consumer import Service, ServiceConsumer
+from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine
-from services.runtime.heap import tune_gc
+from services.runtime.handler import Service
 from services.runtime.health import start_health_server, thread_check
+from services.runtime.heap import tune_gc
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.lag import ConsumerStats
 from services.runtime.migrate import prepare_database

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from services.runtime.consumer import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.envelope import EVENT_ID
+from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.topology import GROUPS, ConsumerGroup
 from streams.order_status.status import (
     GROUP_STEPS,

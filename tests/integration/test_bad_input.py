@@ -34,10 +34,11 @@ from services.cli.tail_cmd import run_tail
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import free_port, quirks
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
+from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine
 from services.runtime.envelope import EVENT_ID, Envelope, new_event_id
 from services.runtime.events import OrderCreated
+from services.runtime.handler import Service, UnitOfWork
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.topology import ConsumerGroup, TopicSpec
 

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import MetaData, select
 
 from services.runtime.bulk import BulkInsert
-from services.runtime.consumer import INBOX_ROW_COLUMNS
 from services.runtime.db import inbox_table, outbox_table
+from services.runtime.handler import INBOX_ROW_COLUMNS
 from services.runtime.outbox import OUTBOX_ROW_COLUMNS
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)

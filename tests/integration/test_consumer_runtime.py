@@ -27,11 +27,12 @@ from sqlalchemy.engine import Engine
 from conftest import settings_for, unique_name
 from services.runtime import consumer as runtime
 from services.runtime.codec import Codec, EmbeddedRegistry
+from services.runtime.consumer import ServiceConsumer
 from services.runtime.controls import WorkerControls
-from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
 from services.runtime.envelope import CAUSATION_ID, CORRELATION_ID, EVENT_ID, Envelope, headers_to_dict, new_event_id
 from services.runtime.errors import PermanentError, RetryableError
 from services.runtime.events import OrderCreated, OrderLine, OrderRecorded
+from services.runtime.handler import Service, UnitOfWork
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.outbox import DeliveryFailed, OutboxRelay, add_event
 from services.runtime.topology import ANALYTICS_RECORDED, ConsumerGroup

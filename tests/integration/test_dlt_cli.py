@@ -31,7 +31,7 @@ from services.ops.audit import AuditLog
 from services.ops.broker import OPS_GROUP, OpsKafka
 from services.ops.deadletters import H_REPLAY_COUNT, H_REPLAY_OF, DltTopic
 from services.ops.reprocess import Reprocessor, Selection, collect, plan_replay
-from services.runtime import consumer as rt
+from services.runtime import failure_headers as fh
 from services.runtime import topology
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import free_port
@@ -120,11 +120,11 @@ def order_value(order_id: str) -> bytes:
 def dead_letter_headers(s: Scenario, letter: Letter, exc_type: str, replays: int | None) -> list[tuple[str, bytes]]:
     envelope = [] if exc_type == DECODE else Envelope(letter.event_id, "OrderCreated", 1, letter.order_id).to_headers()
     runtime = {
-        rt.H_ORIGINAL_TOPIC: s.source, rt.H_ORIGINAL_PARTITION: str(letter.partition), rt.H_ORIGINAL_OFFSET: "0",
-        rt.H_GROUP: s.group.name, rt.H_ATTEMPT: "1" if exc_type != DELIVERY else "2",
-        rt.H_EXC_TYPE: exc_type, rt.H_EXC_MESSAGE: f"{exc_type.rsplit('.', 1)[-1]} for {letter.order_id}",
-        rt.H_EXC_TRACEBACK: f"Traceback (most recent call last):\n  File \"handlers.py\", line 1\n{exc_type}: boom",
-        rt.H_REASON: "not retryable" if exc_type != DELIVERY else "retries exhausted after 2 attempts",
+        fh.H_ORIGINAL_TOPIC: s.source, fh.H_ORIGINAL_PARTITION: str(letter.partition), fh.H_ORIGINAL_OFFSET: "0",
+        fh.H_GROUP: s.group.name, fh.H_ATTEMPT: "1" if exc_type != DELIVERY else "2",
+        fh.H_EXC_TYPE: exc_type, fh.H_EXC_MESSAGE: f"{exc_type.rsplit('.', 1)[-1]} for {letter.order_id}",
+        fh.H_EXC_TRACEBACK: f"Traceback (most recent call last):\n  File \"handlers.py\", line 1\n{exc_type}: boom",
+        fh.H_REASON: "not retryable" if exc_type != DELIVERY else "retries exhausted after 2 attempts",
     }
     if replays is not None:
         runtime[H_REPLAY_COUNT] = str(replays)
@@ -229,7 +229,7 @@ def test_show_decodes_the_value_and_prints_every_header_and_the_traceback(scenar
 
     [record] = s.json("dlt", "show", s.ref("D"))
     assert record["value"] is None and "not in the Confluent wire format" in record["value_error"]
-    assert record["headers"][rt.H_EXC_TYPE] == DECODE and record["handled"] is False
+    assert record["headers"][fh.H_EXC_TYPE] == DECODE and record["handled"] is False
 
 
 # -- replay ---------------------------------------------------------------------------------------
@@ -270,9 +270,9 @@ def test_replay_goes_to_the_groups_retry_chain_and_resumes_without_duplicates(sc
     for partition, _, key, value, headers in copies:
         letter = next(l for l in s.letters.values() if l.order_id == key)
         assert (value, partition, headers[EVENT_ID]) == (letter.value, letter.partition, letter.event_id)
-        assert headers[H_REPLAY_COUNT] == "1" and headers[rt.H_ATTEMPT] == "1"
-        assert float(headers[rt.H_DUE_AT]) <= now and rt.H_REASON not in headers
-        assert headers[rt.H_ORIGINAL_TOPIC] == s.source
+        assert headers[H_REPLAY_COUNT] == "1" and headers[fh.H_ATTEMPT] == "1"
+        assert float(headers[fh.H_DUE_AT]) <= now and fh.H_REASON not in headers
+        assert headers[fh.H_ORIGINAL_TOPIC] == s.source
 
     # The unselected B and E come before C and F: the offsets cannot move past them.
     assert committed(s) == {0: s.letters["B"].offset, 1: s.letters["E"].offset}

@@ -22,10 +22,10 @@ from conftest import settings_for
 from reading import read_all
 from services.runtime.brokers import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import Service, UnitOfWork
 from services.runtime.envelope import Envelope, new_event_id
 from services.runtime.errors import PermanentError
 from services.runtime.events import OrderCreated, OrderLine
+from services.runtime.handler import Service, UnitOfWork
 from services.runtime.health import Health, HealthServer, database_check, kafka_check
 from services.runtime.kafka import make_producer
 from services.runtime.logs import JsonFormatter

@@ -34,9 +34,9 @@ from services.orders.api import StatusClient
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import LocalBroker, local_broker
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.crashpoints import POINTS
 from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_event_id
+from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.kafka import PARTITIONER
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, TOPIC_FOR_EVENT, group
 from streams.order_status.app import partition_of

@@ -39,9 +39,9 @@ from services.orders.tables import outbox
 from services.runtime import topology
 from services.runtime.admin import ensure_topics
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP
 from services.runtime.db import make_engine
 from services.runtime.envelope import Envelope, new_event_id
+from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP
 from services.runtime.kafka import make_producer
 from services.runtime.migrate import upgrade_database
 from services.runtime.outbox import OutboxRelay

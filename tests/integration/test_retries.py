@@ -31,11 +31,12 @@ from services.runtime import metrics
 from services.runtime.alerts import BREAKER_CLOSED, BREAKER_OPENED, DEAD_LETTERED, RETRYING, Alerter
 from services.runtime.circuit import CLOSED, BreakerConfig
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import Service, ServiceConsumer, UnitOfWork
+from services.runtime.consumer import ServiceConsumer
 from services.runtime.controls import WorkerControls
 from services.runtime.envelope import EVENT_ID, Envelope, new_event_id
 from services.runtime.errors import PermanentError, RetryableError
 from services.runtime.events import OrderCreated, OrderLine, OrderRecorded
+from services.runtime.handler import Service, UnitOfWork
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.ratelimit import RateLimit
 from services.runtime.topology import ConsumerGroup

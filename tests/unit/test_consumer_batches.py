@@ -44,11 +44,11 @@ from kafka_fakes import FakeMessage
 from services.runtime import envelope as env
 from services.runtime.circuit import BreakerConfig, CircuitBreaker
 from services.runtime.codec import SCHEMAS_DIR, Codec, EmbeddedRegistry
-from services.runtime.consumer import UnitOfWork
 from services.runtime.controls import WorkerControls
 from services.runtime.envelope import Envelope
 from services.runtime.errors import RetryableError
 from services.runtime.events import Event, OrderCreated, StockReserved
+from services.runtime.handler import UnitOfWork
 from services.runtime.logs import JsonFormatter
 from services.runtime.ratelimit import RateLimit, RateLimiter
 from test_consumer_routing_details import Clock, fails_with, on_partition, with_kafka

@@ -34,10 +34,12 @@ from prometheus_client import REGISTRY
 from kafka_fakes import FakeConsumer, FakeMessage
 from services.runtime import envelope as env
 from services.runtime.circuit import CLOSED, HALF_OPEN, OPEN, BreakerConfig, CircuitBreaker
-from services.runtime.consumer import BatchResult, Service, format_traceback, incoming_envelope
+from services.runtime.consumer import BatchResult, incoming_envelope
 from services.runtime.controls import WorkerControls
 from services.runtime.errors import ConsumerMisconfigured, PermanentError, RetryableError
 from services.runtime.events import Event, OrderCreated
+from services.runtime.failure_headers import format_traceback
+from services.runtime.handler import Service
 from services.runtime.ratelimit import RateLimit, RateLimiter
 from services.runtime.retry_policy import RetryPolicy
 from test_routing_promises import NOW, consumed_copy, header, make_rig, message, order_created  # noqa: F401

@@ -22,10 +22,12 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 
 from kafka_fakes import FakeConsumer, FakeMessage, FakeProducer
 from services.runtime.codec import Codec, Decoded, DecodeError, EmbeddedRegistry
-from services.runtime.consumer import H_REASON, Service, ServiceConsumer
+from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine
 from services.runtime.envelope import EVENT_ID
 from services.runtime.events import EVENT_TYPES
+from services.runtime.failure_headers import H_REASON
+from services.runtime.handler import Service
 from services.runtime.topology import ConsumerGroup
 
 REGISTRY = EmbeddedRegistry()

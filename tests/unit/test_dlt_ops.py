@@ -17,13 +17,14 @@ from services.ops.deadletters import (H_REPLAY_COUNT, H_REPLAY_OF, DeadLetter, D
 from services.ops.errors import OpsError
 from services.ops.handled import HandledState, from_ranges, to_ranges
 from services.ops.reprocess import Item, Selection, Snapshot, copy_headers, plan_replay
-from services.runtime import consumer as rt
+from services.runtime import failure_headers as fh
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import Service, ServiceConsumer
+from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine
 from services.runtime.envelope import EVENT_ID, EVENT_TYPE
 from services.runtime.errors import RetryableError
 from services.runtime.events import OrderCreated
+from services.runtime.handler import Service
 from services.runtime.topology import GROUPS, ConsumerGroup
 
 GROUP = ConsumerGroup("email", inputs=("orders.created",))
@@ -33,9 +34,9 @@ AT = datetime(2026, 3, 14, 9, 0, tzinfo=UTC)
 
 def dead_letter(offset: int = 5, *, key: bytes | None = b"order-1", exc: str = "services.email.mailer.MailRejected",
                 at: datetime = AT, replays: int | None = None, partition: int = 0) -> DeadLetter:
-    headers = [(EVENT_ID, b"ev-1"), (EVENT_TYPE, b"OrderCreated"), (rt.H_ORIGINAL_TOPIC, b"orders.created"),
-               (rt.H_ATTEMPT, b"4"), (rt.H_REASON, b"retries exhausted after 4 attempts"), (rt.H_EXC_TYPE, exc.encode()),
-               (rt.H_EXC_MESSAGE, b"550 relaying denied"), (rt.H_EXC_TRACEBACK, b"Traceback ...")]
+    headers = [(EVENT_ID, b"ev-1"), (EVENT_TYPE, b"OrderCreated"), (fh.H_ORIGINAL_TOPIC, b"orders.created"),
+               (fh.H_ATTEMPT, b"4"), (fh.H_REASON, b"retries exhausted after 4 attempts"), (fh.H_EXC_TYPE, exc.encode()),
+               (fh.H_EXC_MESSAGE, b"550 relaying denied"), (fh.H_EXC_TRACEBACK, b"Traceback ...")]
     if replays is not None:
         headers += [(H_REPLAY_COUNT, str(replays).encode()), (H_REPLAY_OF, b"x:0:1")]
     return DeadLetter(Ref(DLT.name, partition, offset), DLT, key, b"\x00value", tuple(headers),
@@ -137,9 +138,9 @@ def test_replay_to_the_retry_chain_is_due_now_and_keeps_key_value_and_envelope()
     headers = copy_headers(Item(dl, "replay", DLT.retry_topic), "run-1", 1000.0)
     names = [k for k, _ in headers]
     as_dict = dict(headers)
-    assert as_dict[EVENT_ID] == b"ev-1" and as_dict[rt.H_ORIGINAL_TOPIC] == b"orders.created"
-    assert as_dict[rt.H_ATTEMPT] == b"1" and as_dict[rt.H_DUE_AT] == b"1000.000"
-    assert rt.H_REASON not in as_dict
+    assert as_dict[EVENT_ID] == b"ev-1" and as_dict[fh.H_ORIGINAL_TOPIC] == b"orders.created"
+    assert as_dict[fh.H_ATTEMPT] == b"1" and as_dict[fh.H_DUE_AT] == b"1000.000"
+    assert fh.H_REASON not in as_dict
     assert as_dict[H_REPLAY_OF] == b"orders.created.email.dlt:0:5" and as_dict[H_REPLAY_COUNT] == b"2"
     assert len(names) == len(set(names)), "no header twice"
 
@@ -184,7 +185,7 @@ def test_the_runtime_keeps_replay_headers_when_a_replayed_message_fails_again(tm
     value = codec.encode("OrderCreated", {
         "order_id": "o-1", "customer_id": "c", "customer_email": "a@example.com", "currency": "EUR",
         "lines": [{"sku": "S", "quantity": 1, "unit_price": b"\x01"}], "total": b"\x01", "created_at": AT}, version=1)
-    replayed = [(EVENT_ID, b"e-1"), (rt.H_ORIGINAL_TOPIC, b"in"), (rt.H_ATTEMPT, b"1"), (rt.H_DUE_AT, b"0"),
+    replayed = [(EVENT_ID, b"e-1"), (fh.H_ORIGINAL_TOPIC, b"in"), (fh.H_ATTEMPT, b"1"), (fh.H_DUE_AT, b"0"),
                 (H_REPLAY_OF, b"in.g.dlt:0:3"), (H_REPLAY_COUNT, b"2")]
     producer = FakeProducer()
     ServiceConsumer(service, engine, FakeConsumer(), producer, codec).handle_batch(

@@ -27,7 +27,6 @@ from services.inventory.tables import reservations, stock
 from services.invoice import handlers as invoice
 from services.invoice.tables import invoices
 from services.invoice.tables import metadata as invoice_metadata
-from services.runtime.consumer import UnitOfWork
 from services.runtime.db import make_engine
 from services.runtime.envelope import Envelope, new_event_id
 from services.runtime.events import (
@@ -41,6 +40,7 @@ from services.runtime.events import (
     StockRejected,
     StockReserved,
 )
+from services.runtime.handler import UnitOfWork
 
 NOW = datetime(2026, 3, 14, 9, 26, 53, tzinfo=UTC)
 

@@ -63,12 +63,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from kafka_fakes import FakeConsumer, FakeMessage, FakeProducer
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import BatchResult, Handler, Service, ServiceConsumer, UnitOfWork
+from services.runtime.consumer import BatchResult, ServiceConsumer
 from services.runtime.controls import WorkerControls
 from services.runtime.db import make_engine, outbox_table
 from services.runtime.envelope import CAUSATION_ID, EVENT_ID, Envelope, new_event_id
 from services.runtime.errors import PermanentError, RetryableError, is_retryable
 from services.runtime.events import Event, OrderCreated, OrderLine, OrderRecorded
+from services.runtime.handler import Handler, Service, UnitOfWork
 from services.runtime.outbox import DeliveryFailed, OutboxRelay, add_event
 from services.runtime.topology import ConsumerGroup
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.envelope import Envelope
+from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.topology import GROUPS
 from streams.order_status.app import Metrics, apply_event, count_and_alert, merge_listings, partition_of
 from streams.order_status.inputs import FailureTopic, NotAnInput, failure_input, failure_topics, sla_input, sla_message

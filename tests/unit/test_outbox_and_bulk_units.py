@@ -36,10 +36,10 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from kafka_fakes import FakeProducer
 from services.runtime.bulk import BulkInsert
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import INBOX_ROW_COLUMNS
 from services.runtime.db import inbox_table, make_engine, outbox_table, utcnow
 from services.runtime.envelope import Envelope, new_event_id
 from services.runtime.events import OrderCreated
+from services.runtime.handler import INBOX_ROW_COLUMNS
 from services.runtime.outbox import OUTBOX_ROW_COLUMNS, DeliveryFailed, OutboxRelay, outbox_row
 from test_injected_failures import order_created, order_recorded, stage_outbox_row
 

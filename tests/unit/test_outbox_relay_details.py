@@ -36,9 +36,9 @@ from sqlalchemy.dialects.postgresql import psycopg
 from sqlalchemy.exc import OperationalError
 
 from services.runtime.bulk import BulkInsert
-from services.runtime.consumer import INBOX_ROW_COLUMNS
 from services.runtime.db import inbox_table, make_engine, outbox_table
 from services.runtime.envelope import Envelope, new_event_id
+from services.runtime.handler import INBOX_ROW_COLUMNS
 from services.runtime.lag import OUTBOX_BACKLOG
 from services.runtime.outbox import DeliveryFailed, LeadershipLost, OutboxRelay, add_rows, outbox_row
 from streams.order_status.status import OrderStatus, next_status

@@ -31,12 +31,13 @@ from sqlalchemy.engine import Engine
 
 from kafka_fakes import FakeConsumer, FakeMessage, FakeProducer
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.consumer import BatchResult, Service, ServiceConsumer, UnitOfWork
+from services.runtime.consumer import BatchResult, ServiceConsumer
 from services.runtime.controls import WorkerControls
 from services.runtime.db import make_engine
 from services.runtime.envelope import EVENT_ID, Envelope
 from services.runtime.errors import PermanentError, RetryableError, is_retryable
 from services.runtime.events import Event, OrderCreated, OrderLine, ReservedLine, StockReserved
+from services.runtime.handler import Service, UnitOfWork
 from services.runtime.retry_policy import RetryPolicy
 from services.runtime.topology import ConsumerGroup
 

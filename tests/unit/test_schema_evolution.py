@@ -27,10 +27,11 @@ from services.runtime.codec import SCHEMAS_DIR, Codec, EmbeddedRegistry
 from services.runtime.compatibility import (
     Entry, Problem, check_against_baseline, check_all, check_compatibility, check_manifest, load_entries, parse_avro,
 )
-from services.runtime.consumer import Service, ServiceConsumer
+from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine
 from services.runtime.envelope import Envelope
 from services.runtime.events import OrderCreated
+from services.runtime.handler import Service
 from services.runtime.topology import ConsumerGroup
 
 REGISTRY = EmbeddedRegistry()

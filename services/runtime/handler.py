@@ -1,0 +1,75 @@
+"""The handler contract: what a service's handlers get (`UnitOfWork`), what they are (`Handler`)
+and what a consumer service is (`Service`). Handlers import this, never the loop that runs them
+(services/runtime/consumer.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import MetaData, Table
+from sqlalchemy.engine import Connection
+
+from services.runtime import envelope as env
+from services.runtime.bulk import BulkInsert
+from services.runtime.controls import WorkerControls
+from services.runtime.db import inbox_table, outbox_table, utcnow
+from services.runtime.events import Event
+from services.runtime.topology import ConsumerGroup
+
+# The columns of a batch's inbox claims (one row per handled event: the dedup key and where it came from).
+INBOX_ROW_COLUMNS = ("group_name", "event_id", "event_type", "topic", "partition", "offset", "processed_at")
+
+
+class UnitOfWork:
+    """What a handler gets: the open transaction (`conn`), the incoming envelope, the group and
+    the service's deps. With concurrent lanes the transaction begins at the handler's first use
+    of `conn`: do slow I/O (an SMTP send) before touching the database."""
+
+    def __init__(self, conn: Connection | None, envelope: env.Envelope, group: str, deps: Any = None,
+                 now: datetime | None = None, *, begin: Callable[[], Connection] | None = None):
+        self._conn, self._begin = conn, begin
+        self.envelope, self.group, self.deps = envelope, group, deps
+        self.now = now or utcnow()
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._begin()
+        return self._conn
+
+    @property
+    def began(self) -> bool:
+        return self._conn is not None
+
+
+Handler = Callable[[Event, UnitOfWork], Iterable[Event] | None]
+
+
+@dataclass
+class Service:
+    """A consumer service: its group, its tables, its handlers and its dependencies."""
+
+    group: ConsumerGroup
+    metadata: MetaData
+    handlers: Mapping[type[Event], list[Handler]]
+    deps: Any = None
+    retryable: tuple[type[BaseException], ...] = ()
+    permanent: tuple[type[BaseException], ...] = ()
+    batch_size: int = 500
+    controls: WorkerControls = field(default_factory=WorkerControls)
+    outbox: Table = field(init=False)
+    inbox: Table = field(init=False)
+    inbox_claims: BulkInsert = field(init=False)  # a batch's inbox rows; returns the new event ids
+
+    def __post_init__(self):
+        tables = self.metadata.tables  # reuse them when build() runs twice on one MetaData
+        self.outbox = tables["outbox"] if "outbox" in tables else outbox_table(self.metadata)
+        self.inbox = tables["inbox"] if "inbox" in tables else inbox_table(self.metadata)
+        self.inbox_claims = BulkInsert(self.inbox, INBOX_ROW_COLUMNS, on_conflict_ignore=True, returning="event_id")
+
+    @property
+    def name(self) -> str:
+        return self.group.name

@@ -21,6 +21,7 @@ import httpx
 
 from bench import consumers
 from bench.common import environment
+from services import registry
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import local_broker
 from services.runtime.settings import Settings
@@ -55,7 +56,7 @@ def run(orders: int, workdir: Path, log=print, timeout: float = 1200.0, broker: 
     try:
         with environment(dict(getattr(broker, "client_env", None) or {})):
             bootstrap = broker.bootstrap_servers
-            ensure_topics({"bootstrap.servers": bootstrap})
+            ensure_topics({"bootstrap.servers": bootstrap}, registry.all_topics())
             consumers.produce_orders(Settings(KAFKA_BOOTSTRAP_SERVERS=bootstrap), ORDERS_CREATED, orders)
             log(f"recovery: folding {orders:,} orders into the order-status table")
             # A day's SLA: these orders never get past OrderCreated, and the section measures

@@ -33,6 +33,7 @@ import pytest
 from sqlalchemy import MetaData, Table, text
 from sqlalchemy.engine import Engine
 
+from services import registry
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import BROKER_KINDS
 from services.runtime.db import make_engine, outbox_table
@@ -137,7 +138,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         bootstrap, stop = broker.bootstrap_servers, broker.stop
     _chosen.update(kind=plan.kind, bootstrap=bootstrap)
     try:
-        ensure_topics({"bootstrap.servers": bootstrap})
+        ensure_topics({"bootstrap.servers": bootstrap}, registry.all_topics())
         yield bootstrap
     finally:
         gc.collect()  # destroy the tests' leftover clients first: no reconnect noise from them
@@ -171,7 +172,7 @@ def kafka_cluster(tmp_path: Path, apache_kafka_only) -> Iterator[Callable[..., o
         cluster = LocalKafka(tmp_path / f"kafka-{len(clusters)}", nodes=nodes, settings=settings)
         clusters.append(cluster)
         cluster.start()
-        ensure_topics({"bootstrap.servers": cluster.bootstrap_servers})
+        ensure_topics({"bootstrap.servers": cluster.bootstrap_servers}, registry.all_topics())
         return cluster
 
     yield make

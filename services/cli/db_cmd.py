@@ -12,22 +12,27 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.runtime.settings import SERVICES, Settings
+from services.runtime.declaration import ServiceDeclaration
+
+from services import registry
+from services.runtime.settings import Settings
 
 app = typer.Typer(help="Schema migrations of the service databases (Alembic).", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
-Target = Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}, or all.")]
+_NAMES = ", ".join(s.name for s in registry.SERVICES)
+Target = Annotated[str, typer.Argument(help=f"One of: {_NAMES}, or all.")]
 
 
-def _services(target: str) -> list[str]:
+def _services(target: str) -> list[ServiceDeclaration]:
     if target == "all":
-        return list(SERVICES)
-    if target not in SERVICES:
-        err.print(f"[bold red]error:[/] unknown service {target!r}; choose one of: {', '.join(SERVICES)}, all")
-        raise typer.Exit(1)
-    return [target]
+        return list(registry.SERVICES)
+    try:
+        return [registry.service(target)]
+    except registry.UnknownService:
+        err.print(f"[bold red]error:[/] unknown service {target!r}; choose one of: {_NAMES}, all")
+        raise typer.Exit(1) from None
 
 
 def _redacted(url: str) -> str:
@@ -47,19 +52,19 @@ def upgrade(
 
     settings = Settings()
     for service in _services(target):
-        url = settings.database_url(service)
+        url = settings.database_url(service.name)
         engine = make_engine(url)
         try:
             before = current_revision(engine)
             upgrade_database(engine, service, revision)
             after = current_revision(engine)
         except Exception as exc:
-            err.print(f"[bold red]error:[/] {service} ({_redacted(url)}): {type(exc).__name__}: {exc}")
+            err.print(f"[bold red]error:[/] {service.name} ({_redacted(url)}): {type(exc).__name__}: {exc}")
             raise typer.Exit(1) from None
         finally:
             engine.dispose()
         change = "up to date" if before == after else f"{before or 'empty'} -> {after}"
-        console.print(f"{service:<10} {after}  ({change})  {_redacted(url)}")
+        console.print(f"{service.name:<10} {after}  ({change})  {_redacted(url)}")
 
 
 @app.command()
@@ -72,7 +77,7 @@ def current(target: Target = "all") -> None:
     table = Table("service", "database", "current", "head", "state")
     behind = False
     for service in _services(target):
-        url = settings.database_url(service)
+        url = settings.database_url(service.name)
         engine = make_engine(url)
         try:
             now = current_revision(engine)
@@ -83,23 +88,23 @@ def current(target: Target = "all") -> None:
         finally:
             engine.dispose()
         behind |= state != "up to date"
-        table.add_row(service, _redacted(url), now or "-", head_revision(service) or "-", state)
+        table.add_row(service.name, _redacted(url), now or "-", head_revision(service) or "-", state)
     console.print(table)
     raise typer.Exit(1 if behind else 0)
 
 
 @app.command()
 def revision(
-    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
+    service: Annotated[str, typer.Argument(help=f"One of: {_NAMES}.")],
     message: Annotated[str, typer.Option("--message", "-m", help="What the revision changes.")],
     empty: Annotated[bool, typer.Option(help="Write an empty revision instead of autogenerating it.")] = False,
 ) -> None:
     """Write SERVICE's next revision from the difference between its tables.py and its migrations."""
     from services.runtime.migrate import NothingToGenerate, new_revision
 
-    (name,) = _services(service)
+    (declaration,) = _services(service)
     try:
-        path = new_revision(name, message, autogenerate=not empty)
+        path = new_revision(declaration, message, autogenerate=not empty)
     except NothingToGenerate as exc:
         err.print(f"nothing to do: {exc}")
         raise typer.Exit(1) from None

@@ -14,12 +14,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from services import registry
 from services.runtime.catalog import CATALOG
 from services.runtime.settings import Settings
-from services.runtime.topology import GROUPS, all_topics
 
 FINAL_STATES = {"COMPLETED", "FAILED"}
-STEPS = ("inventory", "email", "invoice", "analytics")
 # With --fail-rate, one order in REFUSED_EVERY has an address the SMTP server refuses for good
 # (the sink refuses the reserved .invalid domain): its e-mail is dead-lettered, so the order is
 # expected to end STALLED, never COMPLETED. Never the same order as a sold-out one (i % 20 == 19).
@@ -70,7 +69,7 @@ class FailureTopics:
 
     def __init__(self, bootstrap_servers: str, client_config: dict[str, str]):
         self.config = {"bootstrap.servers": bootstrap_servers, **client_config}
-        self.specs = [t for t in all_topics() if ".retry." in t.name or t.name.endswith(".dlt")]
+        self.specs = [t for t in registry.all_topics() if ".retry." in t.name or t.name.endswith(".dlt")]
         self.dead: dict[str, set[str]] = defaultdict(set)  # group -> dead-lettered order ids
         self.reader = Consumer({**self.config, "group.id": f"demo-{uuid.uuid4().hex[:8]}", "log_level": 0,
                                 "enable.auto.commit": False, "isolation.level": "read_committed"})
@@ -91,7 +90,7 @@ class FailureTopics:
 
     def _counts(self) -> dict[str, tuple[int, int]]:
         return {g.name: (self._messages([t for s in g.inputs for t in g.retry_topics(s)]),
-                         self._messages([g.dlt_topic(s) for s in g.inputs])) for g in GROUPS}
+                         self._messages([g.dlt_topic(s) for s in g.inputs])) for g in registry.GROUPS}
 
     def _messages(self, topics: list[str]) -> int:
         partitions = {t.name: t.partitions for t in self.specs}
@@ -182,7 +181,7 @@ def run_demo(info, *, orders: int, timeout: float, seed: int, console: Console, 
     state_names = sorted({s for v in step_states.values() for s in v.values()})
     for name in state_names:
         steps.add_column(name, justify="right")
-    for step in STEPS:
+    for step in (g.name for g in registry.GROUPS):
         counts = Counter(v.get(step, "missing") for v in step_states.values())
         steps.add_row(step, *(str(counts.get(n, 0)) for n in state_names))
     console.print(steps)

@@ -92,10 +92,10 @@ def clients(timeout: float = 10.0):
 def selection(group: str | None, source: str | None, since: str | None, until: str | None, exception: str | None,
               key: str | None, event_type: str | None, include_handled: bool = False, limit: int | None = None):
     from services.ops.deadletters import Filter, dlt_topics, parse_time, resolve_groups
+    from services import registry
     from services.ops.reprocess import Selection
-    from services.runtime import topology
 
-    groups = resolve_groups(topology.GROUPS, group)
+    groups = resolve_groups(registry.GROUPS, group)
     targets = dlt_topics(groups, source)
     if not targets:
         inputs = sorted({s for g in groups for s in g.inputs})
@@ -200,6 +200,7 @@ def show(
     from services.cli.tail_cmd import json_default
     from services.ops.broker import read_one, watermarks
     from services.ops.deadletters import DeadLetter, DltTopic, Ref, find_dlt_topic
+    from services import registry
     from services.ops.reprocess import load_state
     from services.runtime import topology
     from services.runtime.codec import codec_from_settings
@@ -221,7 +222,7 @@ def show(
             msg = read_one(consumer, where.topic, where.partition, where.offset, kafka.timeout)
             if msg is None:
                 raise OpsError(f"no message at {where} (past the end, or already deleted by retention)")
-            dlt = find_dlt_topic(topology.GROUPS, where.topic)
+            dlt = find_dlt_topic(registry.GROUPS, where.topic)
             handled = None
             if dlt is not None and audit.topic in metadata:
                 state = load_state(kafka, audit, [(where.topic, where.partition)], audit.read(metadata))
@@ -397,9 +398,10 @@ def replay(
         per_second = parse_rate(rate)
         sel = selection(group, topic, since, until, exception, key, event_type, include_handled, limit)
         if to == "original":
+            from services import registry
             from services.runtime import topology
 
-            readers = sorted({g.name for g in topology.GROUPS for t in sel.targets if t.source in g.inputs}
+            readers = sorted({g.name for g in registry.GROUPS for t in sel.targets if t.source in g.inputs}
                              | ({"order-status"} if any(t.source in topology.STATUS_INPUTS for t in sel.targets)
                                 else set()))
             err.print(f"[yellow]warning:[/] --to original puts the messages back on "

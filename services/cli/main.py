@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from services import registry
 from services.cli import bench_cmd, db_cmd, deploy_cmd, dlt_cmd, ops_cmd, orders_cmd, schemas_cmd, tail_cmd
 from services.runtime.brokers import BROKER_KINDS
 from services.runtime.settings import Settings, invalid_settings
@@ -38,9 +39,6 @@ app.add_typer(bench_cmd.app)  # `orderpipe bench`
 topics_app.command("describe")(ops_cmd.topics_describe)
 console = Console()
 err = Console(stderr=True)
-
-SERVICE_PROCESSES = ("orders-api", "orders-relay", "inventory", "email", "invoice", "analytics")
-
 
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}")
@@ -159,88 +157,25 @@ def demo(
 
 
 @app.command()
-def run(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE_PROCESSES)}.")]) -> None:
-    """Run one service process in the foreground (what `up` supervises; use it to run your own)."""
+def run(process: Annotated[str, typer.Argument(
+        help=f"One of: {', '.join(registry.processes())}.", metavar="PROCESS")]) -> None:
+    """Run one service process in the foreground (what `up` supervises; use it to run your own).
+    The process builds itself from the environment's settings (its composition root is
+    `run` of its Process in services/<service>/service.py)."""
+    from services.runtime.errors import ConsumerMisconfigured
     from services.runtime.logs import setup_logging
 
-    if service not in SERVICE_PROCESSES:
-        fail(f"unknown service {service!r}; choose one of: {', '.join(SERVICE_PROCESSES)}")
+    known = registry.processes()
+    if process not in known:
+        fail(f"unknown service {process!r}; choose one of: {', '.join(known)}")
     settings = Settings()
-    setup_logging(service, settings.log_level, settings.log_json)
+    setup_logging(process, settings.log_level, settings.log_json)
     if not settings.kafka_bootstrap_servers:
         fail("KAFKA_BOOTSTRAP_SERVERS is not set: start everything with `orderpipe up`, or export it")
-    if service == "orders-api":
-        _run_orders_api(settings)
-    elif service == "orders-relay":
-        _run_orders_relay(settings)
-    else:
-        import importlib
-
-        from services.runtime.errors import ConsumerMisconfigured
-        from services.runtime.service_main import install_stop_signals, run_service
-
-        module = importlib.import_module(f"services.{service}.service")
-        # SIGTERM (the supervisor's, Kubernetes') ends the loop after its batch, so the consumer
-        # commits and closes; without the handler it killed the process mid-batch.
-        stop = threading.Event()
-        install_stop_signals(stop)
-        try:
-            run_service(module.build, service, settings, stop=stop)
-        except ConsumerMisconfigured as exc:
-            fail(str(exc))
-
-
-def _run_orders_api(settings: Settings) -> None:
-    import uvicorn
-
-    from services.orders.api import StatusClient, create_app
-    from services.runtime.codec import codec_from_settings
-    from services.runtime.db import make_engine
-    from services.runtime.heap import tune_gc
-    from services.runtime.migrate import prepare_database
-
-    engine = make_engine(settings.database_url("orders"))
-    prepare_database(engine, "orders", settings.db_upgrade_on_start)
-    api = create_app(engine, codec_from_settings(settings.schema_registry_url), StatusClient(settings.status_url))
-    tune_gc()
-    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
-    # handler that was there before it. This one ends the process with exit code 0, like every
-    # other service, instead of by the signal after a clean stop (and at once before uvicorn
-    # serves: nothing to finish yet).
-    def exit_cleanly(*_: object) -> None:
-        raise SystemExit(0)
-
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, exit_cleanly)
-    uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="warning")
-
-
-def _run_orders_relay(settings: Settings) -> None:
-    from datetime import timedelta
-
-    from services.orders.tables import outbox
-    from services.runtime.db import make_engine
-    from services.runtime.health import start_health_server
-    from services.runtime.heap import tune_gc
-    from services.runtime.kafka import make_producer
-    from services.runtime.migrate import prepare_database
-    from services.runtime.outbox import OutboxRelay
-    from services.runtime.service_main import install_stop_signals
-
-    engine = make_engine(settings.database_url("orders"))
-    prepare_database(engine, "orders", settings.db_upgrade_on_start)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    relay = OutboxRelay(engine, outbox, make_producer(settings, **{"client.id": "orders-relay"}),
-                        batch_size=settings.relay_batch_size,
-                        retention=timedelta(hours=settings.outbox_retention_hours), name="orders")
-    health = start_health_server(settings, settings.database_url("orders"))
-    tune_gc()
     try:
-        relay.run(stop, settings.relay_poll_interval_s)
-    finally:
-        if health:
-            health.stop()
+        known[process].run(settings)
+    except ConsumerMisconfigured as exc:
+        fail(str(exc))
 
 
 # -- operating it -----------------------------------------------------------------------------
@@ -285,7 +220,8 @@ def topics_create() -> None:
         wait_for_broker(settings.kafka_bootstrap_servers, timeout=10)
     except BrokerUnavailable as exc:
         fail(str(exc))
-    results = ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers, **settings.extra_client_config})
+    results = ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers, **settings.extra_client_config},
+                            registry.all_topics())
     for r in results:
         console.print(f"{'created' if r.created else 'exists '}  {r.name}")
     console.print(f"{sum(r.created for r in results)} created, {sum(not r.created for r in results)} already existed")
@@ -294,10 +230,8 @@ def topics_create() -> None:
 @topics_app.command("list")
 def topics_list() -> None:
     """List the declared topics with partitions, cleanup policy and writer."""
-    from services.runtime.topology import all_topics
-
     table = Table("topic", "partitions", "cleanup", "retention (days)", "written by")
-    for t in all_topics():
+    for t in registry.all_topics():
         days = "" if t.cleanup_policy == "compact" else f"{t.retention_ms / 86_400_000:g}"
         table.add_row(t.name, str(t.partitions), t.cleanup_policy, days, t.writer)
     console.print(table)

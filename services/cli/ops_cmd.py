@@ -70,11 +70,11 @@ def topics_describe(
 ) -> None:
     """The declared topics as the broker has them: partitions and message counts."""
     from services.ops.lag import topic_counts
-    from services.runtime.topology import all_topics
+    from services import registry
 
     with ops_errors():
         with clients(timeout) as (kafka, _):
-            counts = topic_counts(kafka, all_topics())
+            counts = topic_counts(kafka, registry.all_topics())
     if as_json:
         for c in counts:
             typer.echo(json.dumps({"topic": c.spec.name, "declared_partitions": c.spec.partitions,

@@ -2,7 +2,8 @@
 
 Broker (a local one of the chosen kind, embedded Tansu or Apache Kafka, unless
 KAFKA_BOOTSTRAP_SERVERS points at a cluster), topics, SMTP sink, the orders API and
-relay, the four consumer services and the Faust order-status worker. Every child dies with us
+relay, the consumer services (every process services/registry.py declares) and the Faust
+order-status worker. Every child dies with us
 (PR_SET_PDEATHSIG), and `stop()` ends them gracefully.
 """
 
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import httpx
 
+from services import registry
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import LocalBroker, free_port, local_broker, wait_for_broker
 from services.runtime.settings import Settings
 from services.runtime.supervisor import ProcessSpec, Supervisor
 
-CONSUMER_SERVICES = ("inventory", "email", "invoice", "analytics")
 MARKER = "cluster.json"
 
 
@@ -118,7 +119,7 @@ class Stack:
             bootstrap, cluster_id = self.broker.bootstrap_servers, self.broker.cluster_id
         check_data_dir(self.data_dir, cluster_id, embedded, fresh=False)
         log_dir.mkdir(parents=True, exist_ok=True)
-        ensure_topics({"bootstrap.servers": bootstrap, **self.settings.extra_client_config})
+        ensure_topics({"bootstrap.servers": bootstrap, **self.settings.extra_client_config}, registry.all_topics())
 
         api_url = f"http://127.0.0.1:{self.api_port}"
         status_url = f"http://127.0.0.1:{self.status_port}"
@@ -142,9 +143,9 @@ class Stack:
                                                             str(maildir), "--port", str(smtp_port)], env,
                                               stop_last=True))
         health: dict[str, str] = {}
-        for name in ("orders-api", "orders-relay", *CONSUMER_SERVICES):
+        for name, process in registry.processes().items():  # every service's processes, as declared
             process_env = env
-            if name != "orders-api":  # one machine, several processes: each its own health port
+            if process.health_port:  # one machine, several processes: each its own health port
                 health_port = free_port()
                 health[name] = f"http://127.0.0.1:{health_port}"
                 process_env = {**env, "ORDERPIPE_HEALTH_HOST": "127.0.0.1", "ORDERPIPE_HEALTH_PORT": str(health_port)}

@@ -1,3 +1,5 @@
+"""The e-mail service, declared: one confirmation mail per order, over SMTP."""
+
 from __future__ import annotations
 
 from services.email.faults import FlakyMailer
@@ -5,9 +7,10 @@ from services.email.handlers import HANDLERS, EmailDeps
 from services.email.mailer import MailDeliveryError, MailRejected, SmtpMailer
 from services.email.tables import metadata
 from services.runtime.controls import WorkerControls
+from services.runtime.declaration import StatusStep, consumer_service
+from services.runtime.events import ConfirmationEmailSent
 from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
-from services.runtime.topology import group
 
 
 def build(runtime: Runtime) -> Service:
@@ -19,6 +22,11 @@ def build(runtime: Runtime) -> Service:
     # SMTP sends are slow and each one is an external effect: small batches bound the resends
     # a crash can cause. Sends are I/O-bound, so 8 lanes send for different orders at once
     # (ORDERPIPE_WORKERS__EMAIL__CONCURRENCY; ..._RATE_LIMIT_MAX for the provider's limit).
-    return Service(group("email"), metadata, HANDLERS, deps=EmailDeps(mailer, s.mail_from),
+    return Service(runtime.group, metadata, HANDLERS, deps=EmailDeps(mailer, s.mail_from),
                    retryable=(MailDeliveryError,), permanent=(MailRejected,),
                    batch_size=min(50, s.consumer_batch_size), controls=WorkerControls(concurrency=8))
+
+
+SERVICE = consumer_service(
+    "email", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(ConfirmationEmailSent,),
+    build=build, step=StatusStep(done={"ConfirmationEmailSent": "message_id"}))

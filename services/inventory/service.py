@@ -1,4 +1,4 @@
-"""Wires the inventory service: its group, tables, handlers and initial stock."""
+"""The inventory service, declared: it reserves stock for every order or rejects it whole."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from sqlalchemy.engine import Engine
 from services.inventory.handlers import HANDLERS
 from services.inventory.tables import metadata, stock
 from services.runtime.catalog import CATALOG
+from services.runtime.declaration import StatusStep, consumer_service
+from services.runtime.events import StockRejected, StockReserved
 from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
-from services.runtime.topology import group
 
 
 def seed_stock(engine: Engine, levels: dict[str, int]) -> None:
@@ -24,4 +25,11 @@ def seed_stock(engine: Engine, levels: dict[str, int]) -> None:
 def build(runtime: Runtime) -> Service:
     levels = {item.sku: (runtime.settings.initial_stock if item.stocked else 0) for item in CATALOG}
     seed_stock(runtime.engine, levels)
-    return Service(group("inventory"), metadata, HANDLERS, batch_size=runtime.settings.consumer_batch_size)
+    return Service(runtime.group, metadata, HANDLERS, batch_size=runtime.settings.consumer_batch_size)
+
+
+SERVICE = consumer_service(
+    "inventory", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(StockReserved, StockRejected),
+    build=build,
+    # A rejected order fails as a whole: no step after it can make it succeed.
+    step=StatusStep(done={"StockReserved": None}, failed={"StockRejected": "reason"}))

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from services.ops.audit import AuditLog
 from services.ops.broker import OPS_GROUP, OpsKafka, TopicPart, watermarks
-from services.ops.handled import HandledState
 from services.ops.errors import OpsError
+from services.ops.handled import HandledState
+from services import registry
 from services.runtime import topology
 from services.runtime.topology import ConsumerGroup, TopicSpec
 from streams.order_status.inputs import failure_topics
@@ -51,7 +52,7 @@ class LagRow:
 
 @dataclass(frozen=True)
 class StreamGroup:
-    """A consumer group outside `topology.GROUPS` (the order-status worker): every topic it reads
+    """A consumer group outside `registry.GROUPS` (the order-status worker): every topic it reads
     is an input; `internal` ones are created by the worker itself and skipped until they exist."""
 
     name: str
@@ -61,14 +62,14 @@ class StreamGroup:
 
 def order_status_group(app_id: str = ORDER_STATUS_GROUP) -> StreamGroup:
     """What the order-status worker subscribes to (streams/order_status/app.py, `create_app`)."""
-    failures = tuple(failure_topics(topology.GROUPS))  # read now: the topology may be replaced (tests)
+    failures = tuple(failure_topics(registry.GROUPS))  # read now: the groups may be replaced (tests)
     # app.sla_topic_name(app_id); not imported from there, which would import Faust
     return StreamGroup(app_id, (*topology.STATUS_INPUTS, *failures), internal=(f"{app_id}-sla-exceeded",))
 
 
 def lag_groups(name: str | None = None) -> list[ConsumerGroup | StreamGroup]:
     """Every consumer group `orderpipe lag` knows (the services' and the order-status worker's), or one."""
-    known: list[ConsumerGroup | StreamGroup] = [*topology.GROUPS, order_status_group()]
+    known: list[ConsumerGroup | StreamGroup] = [*registry.GROUPS, order_status_group()]
     if name is None:
         return known
     for g in known:

@@ -1,4 +1,4 @@
-"""Topic administration from the topology declaration."""
+"""Topic administration: create the topics the caller declares (`registry.all_topics()` for the pipeline's)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from services.runtime.topology import TopicSpec, all_topics
+from services.runtime.topology import TopicSpec
 
 
 @dataclass(frozen=True)
@@ -16,10 +16,8 @@ class TopicResult:
     created: bool  # False: it already existed
 
 
-def ensure_topics(bootstrap_config: dict, specs: list[TopicSpec] | None = None,
-                  timeout: float = 30.0) -> list[TopicResult]:
-    """Create the declared topics; existing ones are left as they are (idempotent)."""
-    specs = all_topics() if specs is None else specs
+def ensure_topics(bootstrap_config: dict, specs: list[TopicSpec], timeout: float = 30.0) -> list[TopicResult]:
+    """Create these topics; existing ones are left as they are (idempotent)."""
     admin = AdminClient(bootstrap_config)
     futures = admin.create_topics(
         [NewTopic(s.name, num_partitions=s.partitions, replication_factor=-1, config=s.config()) for s in specs],

@@ -4,8 +4,10 @@ Layout (nothing to install besides the repository, which is installed editable):
 - `services/runtime/migrations/`: the shared Alembic environment (`env.py`, the revision
   template). It migrates one service's database at a time, against that service's MetaData.
 - `services/<service>/migrations/`: the service's own revisions (`0001_initial.py`, ...), next
-  to the `tables.py` they describe. Each service database holds only its own history in its
-  own `alembic_version` table.
+  to the `tables.py` they describe (its declaration's `migrations`). Each service database holds
+  only its own history in its own `alembic_version` table.
+
+Every function here takes the service's declaration (`services/registry.py: service(name)`).
 
 Every service runs `upgrade_database` on start, before it touches its tables; `orderpipe db
 upgrade` does the same from the command line (for deployments that migrate as a separate step).
@@ -13,7 +15,6 @@ upgrade` does the same from the command line (for deployments that migrate as a 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import tempfile
 import zlib
@@ -28,24 +29,21 @@ from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from services.runtime.db import inbox_table, make_engine, outbox_table
-from services.runtime.settings import SERVICES
+from services.runtime.declaration import ServiceDeclaration
 
 log = logging.getLogger(__name__)
 
-SERVICES_DIR = Path(__file__).resolve().parent.parent
 ENVIRONMENT_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def service_metadata(service: str) -> MetaData:
+def service_metadata(service: ServiceDeclaration) -> MetaData:
     """The complete schema of a service's database: its own tables plus the runtime's.
 
     Consumer services get the inbox and the outbox (what `Service` adds at build time); the
     orders service declares its outbox itself and has no inbox (it consumes nothing).
     """
-    if service not in SERVICES:
-        raise KeyError(f"unknown service {service!r}; known: {', '.join(SERVICES)}")
-    metadata: MetaData = importlib.import_module(f"services.{service}.tables").metadata
-    if service != "orders":
+    metadata = service.metadata
+    if service.group is not None:
         if "outbox" not in metadata.tables:
             outbox_table(metadata)
         if "inbox" not in metadata.tables:
@@ -53,14 +51,13 @@ def service_metadata(service: str) -> MetaData:
     return metadata
 
 
-def versions_dir(service: str) -> Path:
-    return SERVICES_DIR / service / "migrations"
+def versions_dir(service: ServiceDeclaration) -> Path:
+    return service.migrations
 
 
-def alembic_config(service: str, connection: Connection | None = None, url: str | None = None) -> Config:
+def alembic_config(service: ServiceDeclaration, connection: Connection | None = None, url: str | None = None) -> Config:
     """An Alembic Config for one service, without an alembic.ini: the environment is shared,
     the version location is the service's own."""
-    service_metadata(service)  # fail early on an unknown name
     cfg = Config()
     cfg.set_main_option("script_location", str(ENVIRONMENT_DIR))
     cfg.set_main_option("version_locations", str(versions_dir(service)))
@@ -73,7 +70,7 @@ def alembic_config(service: str, connection: Connection | None = None, url: str 
     return cfg
 
 
-def head_revision(service: str) -> str | None:
+def head_revision(service: ServiceDeclaration) -> str | None:
     return ScriptDirectory.from_config(alembic_config(service)).get_current_head()
 
 
@@ -82,7 +79,7 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade_database(engine: Engine, service: str, revision: str = "head") -> None:
+def upgrade_database(engine: Engine, service: ServiceDeclaration, revision: str = "head") -> None:
     """Bring the service's database to `revision`; a no-op when it is there already.
 
     Safe when several processes start at once (the orders API and relay share a database; a
@@ -93,14 +90,14 @@ def upgrade_database(engine: Engine, service: str, revision: str = "head") -> No
     """
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            key = zlib.crc32(f"orderpipe-migrate:{service}".encode()) & 0x7FFFFFFF
+            key = zlib.crc32(f"orderpipe-migrate:{service.name}".encode()) & 0x7FFFFFFF
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
         cfg = alembic_config(service, connection=conn)
         _adopt_unversioned(conn, cfg, service)
         command.upgrade(cfg, revision)
 
 
-def _adopt_unversioned(conn: Connection, cfg: Config, service: str) -> None:
+def _adopt_unversioned(conn: Connection, cfg: Config, service: ServiceDeclaration) -> None:
     """A database made by `metadata.create_all` before migrations existed has the baseline
     tables but no `alembic_version`: record it as the baseline instead of failing on
     CREATE TABLE, so the later revisions apply to it."""
@@ -109,11 +106,11 @@ def _adopt_unversioned(conn: Connection, cfg: Config, service: str) -> None:
         return
     base = ScriptDirectory.from_config(cfg).get_base()
     log.warning("database has tables but no migration history; recording it as the baseline",
-                extra={"service": service, "revision": base})
+                extra={"service": service.name, "revision": base})
     command.stamp(cfg, base)
 
 
-def schema_diff(engine: Engine, service: str) -> list:
+def schema_diff(engine: Engine, service: ServiceDeclaration) -> list:
     """What Alembic's autogenerate would change to make the database match the code (empty when
     the migrations and the MetaData agree)."""
     with engine.connect() as conn:
@@ -125,7 +122,7 @@ class NothingToGenerate(ValueError):
     pass
 
 
-def new_revision(service: str, message: str, autogenerate: bool = True) -> Path:
+def new_revision(service: ServiceDeclaration, message: str, autogenerate: bool = True) -> Path:
     """Write the service's next revision file (`NNNN_<message>.py`) and return its path.
 
     Autogenerate compares the MetaData with a scratch SQLite database migrated to head, so it
@@ -136,7 +133,7 @@ def new_revision(service: str, message: str, autogenerate: bool = True) -> Path:
         try:
             upgrade_database(engine, service)
             if autogenerate and not schema_diff(engine, service):
-                raise NothingToGenerate(f"the {service} migrations already match services/{service}/tables.py")
+                raise NothingToGenerate(f"the {service.name} migrations already match its tables ({service.migrations})")
             with engine.begin() as conn:
                 cfg = alembic_config(service, connection=conn)
                 count = sum(1 for _ in ScriptDirectory.from_config(cfg).walk_revisions())
@@ -150,7 +147,7 @@ class SchemaOutOfDate(RuntimeError):
     """The database is not at the code's head revision and upgrading on start is off."""
 
 
-def prepare_database(engine: Engine, service: str, upgrade_on_start: bool = True) -> None:
+def prepare_database(engine: Engine, service: ServiceDeclaration, upgrade_on_start: bool = True) -> None:
     """What every process does before it touches its database: migrate it (the default), or,
     with upgrading on start turned off, refuse to run on a schema the code does not expect."""
     if upgrade_on_start:
@@ -158,5 +155,6 @@ def prepare_database(engine: Engine, service: str, upgrade_on_start: bool = True
         return
     current, head = current_revision(engine), head_revision(service)
     if current != head:
-        raise SchemaOutOfDate(f"the {service} database is at revision {current or 'none'}, the code expects {head}: "
-                              f"run `orderpipe db upgrade {service}` (or set ORDERPIPE_DB_UPGRADE_ON_START=true)")
+        raise SchemaOutOfDate(f"the {service.name} database is at revision {current or 'none'}, the code expects "
+                              f"{head}: run `orderpipe db upgrade {service.name}` (or set "
+                              "ORDERPIPE_DB_UPGRADE_ON_START=true)")

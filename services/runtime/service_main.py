@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,7 +19,7 @@ from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, codec_from_settings
 from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine
-from services.runtime.handler import Service
+from services.runtime.declaration import ServiceDeclaration
 from services.runtime.health import start_health_server, thread_check
 from services.runtime.heap import tune_gc
 from services.runtime.kafka import make_consumer, make_producer
@@ -28,15 +27,20 @@ from services.runtime.lag import ConsumerStats
 from services.runtime.migrate import prepare_database
 from services.runtime.outbox import OutboxRelay
 from services.runtime.settings import Settings
+from services.runtime.topology import ConsumerGroup
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Runtime:
+    """What a consumer service's `build` gets: its settings, its migrated database, the codec and
+    its consumer group (derived from its declaration)."""
+
     settings: Settings
     engine: Engine
     codec: Codec
+    group: ConsumerGroup
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -58,14 +62,16 @@ def start_relay(runtime: Runtime, service_name: str, outbox, stop: threading.Eve
     return thread
 
 
-def run_service(build: Callable[[Runtime], Service], service_name: str, settings: Settings | None = None,
+def run_service(declaration: ServiceDeclaration, settings: Settings | None = None,
                 stop: threading.Event | None = None) -> None:
+    """A consumer service's process: built here from its declaration and the settings."""
     settings = settings or Settings()
     stop = stop or threading.Event()
+    service_name = declaration.name
     engine = make_engine(settings.database_url(service_name))
-    prepare_database(engine, service_name, settings.db_upgrade_on_start)  # before build(): it may seed tables
-    runtime = Runtime(settings, engine, codec_from_settings(settings.schema_registry_url))
-    service = build(runtime)
+    prepare_database(engine, declaration, settings.db_upgrade_on_start)  # before build(): it may seed tables
+    runtime = Runtime(settings, engine, codec_from_settings(settings.schema_registry_url), declaration.group)
+    service = declaration.build(runtime)
     # the environment's worker controls for this service (ORDERPIPE_WORKERS__<NAME>__...) win
     service.controls = service.controls.with_settings(settings.workers.get(service_name),
                                                       service.group.retry_delays_s)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-SERVICES = ("orders", "inventory", "email", "invoice", "analytics")
-
 
 class WorkerSettings(BaseModel):
     """One consumer service's worker controls, e.g. ORDERPIPE_WORKERS__EMAIL__CONCURRENCY=8 or
@@ -46,7 +44,8 @@ class Settings(BaseSettings):
     kafka_client_config: str = ""
 
     data_dir: Path = Path(".data")
-    # Per-service database URL; default: sqlite:///<data_dir>/<service>.db
+    # Per-service database URL; default: sqlite:///<data_dir>/<service>.db. A service added with
+    # ORDERPIPE_EXTRA_SERVICES reads ORDERPIPE_<NAME>_DATABASE_URL the same way (database_url()).
     orders_database_url: str | None = None
     inventory_database_url: str | None = None
     email_database_url: str | None = None
@@ -98,9 +97,8 @@ class Settings(BaseSettings):
     email_fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
 
     def database_url(self, service: str) -> str:
-        if service not in SERVICES:
-            raise KeyError(f"unknown service {service!r}")
-        url = getattr(self, f"{service}_database_url")
+        url = getattr(self, f"{service}_database_url", None) or os.environ.get(
+            f"ORDERPIPE_{service.upper()}_DATABASE_URL")
         return url or f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
 
     @cached_property

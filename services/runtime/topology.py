@@ -1,13 +1,16 @@
-"""Every topic, declared once.
+"""Every event topic, declared once, and the shape of a consumer group's topics.
 
-Services, tests, `orderpipe topics create` and the deploy manifests all read this module, so a
-topic's name, partition count and policies cannot drift between them. Each consumer group gets
-its own retry chain and dead-letter topic per input topic (`<topic>.<group>.retry.<n>`,
-`<topic>.<group>.dlt`), so a failure in one group never replays the event to the others.
+The event topics are contracts, like the schemas: services, tests, `orderpipe topics create`
+and the deploy manifests all read them here, so a topic's name, partition count and policies
+cannot drift. The consumer groups are not listed here but derived from the services'
+declarations (services/registry.py: `GROUPS`, `all_topics()`). Each group gets its own retry
+chain and dead-letter topic per input topic (`<topic>.<group>.retry.<n>`, `<topic>.<group>.dlt`),
+so a failure in one group never replays the event to the others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 DAY_MS = 24 * 60 * 60 * 1000
@@ -84,14 +87,6 @@ EVENT_TOPICS: tuple[TopicSpec, ...] = (
               doc="The latest status of every order (compacted, keyed by order id)."),
 )
 
-GROUPS: tuple[ConsumerGroup, ...] = (
-    ConsumerGroup("inventory", inputs=(ORDERS_CREATED,), outputs=(STOCK_RESERVED, STOCK_REJECTED)),
-    ConsumerGroup("email", inputs=(ORDERS_CREATED,), outputs=(EMAIL_SENT,)),
-    # invoice waits for the stock decision: it remembers the order, then issues on StockReserved
-    ConsumerGroup("invoice", inputs=(ORDERS_CREATED, STOCK_RESERVED, STOCK_REJECTED), outputs=(INVOICES_ISSUED,)),
-    ConsumerGroup("analytics", inputs=(ORDERS_CREATED,), outputs=(ANALYTICS_RECORDED,)),
-)
-
 # Read and written by the operators' CLI (`orderpipe dlt`), never by the services. Its retention
 # outlives the dead-letter topics': the replay/purge records there also say which dead letters
 # were handled (see services/ops/handled.py).
@@ -103,24 +98,16 @@ OPS_TOPICS: tuple[TopicSpec, ...] = (
 
 # The Faust order-status view reads every event topic, plus every group's retry and dead-letter
 # topics (streams/order_status/inputs.py: failure_topics); its changelog and SLA topics are Faust's own.
-STATUS_INPUTS: tuple[str, ...] = (ORDERS_CREATED, STOCK_RESERVED, STOCK_REJECTED, EMAIL_SENT, INVOICES_ISSUED,
-                                  ANALYTICS_RECORDED)
+STATUS_INPUTS: tuple[str, ...] = tuple(t.name for t in EVENT_TOPICS if t.name != ORDERS_STATUS)
 
 # Which topic each event type is published to (one event type per topic).
 TOPIC_FOR_EVENT: dict[str, str] = {t: spec.name for spec in EVENT_TOPICS for t in spec.event_types}
 
 
-def group(name: str) -> ConsumerGroup:
-    for g in GROUPS:
-        if g.name == name:
-            return g
-    raise KeyError(f"unknown consumer group {name!r}; known: {', '.join(g.name for g in GROUPS)}")
-
-
-def all_topics() -> list[TopicSpec]:
-    """Event topics, every group's retry, dead-letter and parking topics, and the operators' audit topic."""
+def topics_for(groups: Iterable[ConsumerGroup]) -> list[TopicSpec]:
+    """Event topics, the retry, dead-letter and parking topics of `groups`, and the operators' audit topic."""
     topics = list(EVENT_TOPICS)
-    for g in GROUPS:
+    for g in groups:
         for source in g.inputs:
             partitions = next(t.partitions for t in EVENT_TOPICS if t.name == source)
             topics += [TopicSpec(name, partitions=partitions, writer=f"{g.name} (retry)",

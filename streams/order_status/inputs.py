@@ -16,15 +16,17 @@ Pure functions only; the Faust agent in app.py does the I/O.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from services.runtime.envelope import EVENT_ID
 from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
-from services.runtime.topology import GROUPS, ConsumerGroup
+from services import registry
+from services.runtime.topology import ConsumerGroup
 from streams.order_status.status import (
-    GROUP_STEPS,
+    STEPS,
     SLA_EXCEEDED,
     STEP_DEAD_LETTERED,
     STEP_RETRYING,
@@ -43,10 +45,10 @@ class FailureTopic:
     kind: Literal["retry", "dlt"]
 
 
-def failure_topics(groups: tuple[ConsumerGroup, ...] = GROUPS) -> dict[str, FailureTopic]:
-    """Every group's retry and dead-letter topics, as declared in the topology."""
+def failure_topics(groups: Iterable[ConsumerGroup] | None = None) -> dict[str, FailureTopic]:
+    """Every group's retry and dead-letter topics (default: the registry's groups)."""
     out: dict[str, FailureTopic] = {}
-    for g in groups:
+    for g in registry.GROUPS if groups is None else groups:
         for source in g.inputs:
             out.update({t: FailureTopic(g.name, source, "retry") for t in g.retry_topics(source)})
             out[g.dlt_topic(source)] = FailureTopic(g.name, source, "dlt")
@@ -63,7 +65,7 @@ class FoldInput:
 def failure_input(topic: str, where: FailureTopic, headers: dict[str, str], order_id: str) -> FoldInput:
     """A retry or dead-letter copy of an event, as a StepRetrying / StepDeadLettered input."""
     group = headers.get(H_GROUP) or where.group
-    step = GROUP_STEPS.get(group)
+    step = group if group in STEPS else None  # a consumer group's step has its name
     if step is None:
         raise NotAnInput(f"x-group {group!r} is not a step of the order status")
     try:

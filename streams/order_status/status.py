@@ -4,7 +4,9 @@ The Faust agent only decodes, calls `next_status` and stores the result; everyth
 decides what a status *is* lives here and is unit-tested without Kafka.
 
 What the fold reads (`FOLDED_EVENTS`):
-- the business events: OrderCreated and the step events (StockReserved, ...);
+- the business events: OrderCreated and the step events. Which event finishes or fails which
+  step is declared by each consumer service (`StatusStep` in its services/<name>/service.py:
+  inventory is done on StockReserved and failed on StockRejected, invoice skipped on it, ...);
 - the failure path: a copy of an event in `<topic>.<group>.retry.<n>` means the group's step
   failed and will be retried (`StepRetrying`), a copy in `<topic>.<group>.dlt` means it was
   dead-lettered (`StepDeadLettered`); the step comes from the `x-group` header, not from the
@@ -22,7 +24,8 @@ caused it, and a retry copy after the success of the retried attempt.
 
 Overall state, first match wins:
 - COMPLETED: every step done;
-- FAILED (reason = the rejection): the order was rejected; final, no operator can change it;
+- FAILED (reason = the failed step's detail): a step failed, i.e. the order was rejected (stock);
+  final, no operator can change it;
 - STALLED (reason names the step): a step is dead-lettered, or the SLA passed with a step not
   finished. The order can still complete (an operator replays the dead letter, a slow step
   finishes), and then becomes COMPLETED. A dead-lettered step is STALLED rather than FAILED
@@ -39,14 +42,18 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services import registry
+from services.runtime.declaration import StatusStep
+
 StepState = Literal["pending", "retrying", "dead_lettered", "skipped", "failed", "done"]
 OrderState = Literal["PENDING", "COMPLETED", "FAILED", "STALLED"]
 ORDER_STATES: tuple[str, ...] = ("PENDING", "COMPLETED", "FAILED", "STALLED")
 
-STEPS: tuple[str, ...] = ("inventory", "email", "invoice", "analytics")
-# Which step a consumer group's failures belong to (the x-group header of a retry/DLT copy).
-GROUP_STEPS: dict[str, str] = {"inventory": "inventory", "email": "email", "invoice": "invoice",
-                               "analytics": "analytics"}
+# The steps of an order: every consumer service that declares one (services/registry.py), in
+# declaration order, named as the service and its consumer group (so a retry or dead-letter
+# copy's x-group header names its step).
+STEP_DECLARATIONS: dict[str, StatusStep] = {s.name: s.step for s in registry.SERVICES if s.step is not None}
+STEPS: tuple[str, ...] = tuple(STEP_DECLARATIONS)
 MAX_APPLIED_EVENT_IDS = 64
 
 # A step only ever moves to a higher rank. Outcomes outrank progress reports, and "done"
@@ -138,26 +145,31 @@ class StepChange(NamedTuple):
     error: str | None = None
 
 
-def _stock_reserved(record: dict[str, Any]) -> list[StepChange]:
-    return [StepChange("inventory", "done")]
+def _in_words(event_type: str) -> str:
+    """`StockRejected` -> "stock rejected": the detail of a failed step whose event gave none."""
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", event_type).lower()
 
 
-def _stock_rejected(record: dict[str, Any]) -> list[StepChange]:
-    # The order is rejected whole, so no invoice will ever be issued for it.
-    return [StepChange("inventory", "failed", record.get("reason") or "stock rejected"),
-            StepChange("invoice", "skipped")]
+def _outcomes(steps: Mapping[str, StatusStep]) -> dict[str, Callable[[dict[str, Any]], list[StepChange]]]:
+    """For each event type a step declares, what it does to the steps: done or failed (with the
+    declared record field as the detail), or skipped for the steps that list it in `skipped_on`."""
+    declared: dict[str, list[tuple[str, StepState, str | None]]] = {}
+    for name, step in steps.items():
+        for event_type, detail in step.done.items():
+            declared.setdefault(event_type, []).append((name, "done", detail))
+        for event_type, detail in step.failed.items():
+            declared.setdefault(event_type, []).append((name, "failed", detail))
+        for event_type in step.skipped_on:
+            declared.setdefault(event_type, []).append((name, "skipped", None))
 
+    def translator(event_type: str, changes: list[tuple[str, StepState, str | None]]):
+        def change(record: dict[str, Any]) -> list[StepChange]:
+            return [StepChange(name, state, (record.get(detail) if detail else None)
+                               or (_in_words(event_type) if state == "failed" else None))
+                    for name, state, detail in changes]
+        return change
 
-def _email_sent(record: dict[str, Any]) -> list[StepChange]:
-    return [StepChange("email", "done", record.get("message_id"))]
-
-
-def _invoice_issued(record: dict[str, Any]) -> list[StepChange]:
-    return [StepChange("invoice", "done", record["invoice_number"])]
-
-
-def _order_recorded(record: dict[str, Any]) -> list[StepChange]:
-    return [StepChange("analytics", "done")]
+    return {event_type: translator(event_type, changes) for event_type, changes in declared.items()}
 
 
 def _failure(state: StepState) -> Callable[[dict[str, Any]], list[StepChange]]:
@@ -208,9 +220,9 @@ def _derive(steps: Mapping[str, StepStatus], sla_deadline: datetime | None) -> t
     """The order's state and reason: a function of its steps and SLA flag only (hence order-independent)."""
     if all(s.state == "done" for s in steps.values()):
         return "COMPLETED", None
-    inventory = steps["inventory"]
-    if inventory.state == "failed":
-        return "FAILED", inventory.detail
+    failed = [name for name in STEPS if steps[name].state == "failed"]
+    if failed:  # a step that failed (a rejection, not an error) fails the order for good
+        return "FAILED", steps[failed[0]].detail
     dead = [name for name in STEPS if steps[name].state == "dead_lettered"]
     if dead:
         return "STALLED", "; ".join(
@@ -315,11 +327,7 @@ def matches(stored: Mapping[str, Any], states: frozenset[str] | None, since: dat
 # The events the view folds, and what each one does to the steps. OrderCreated only creates,
 # SlaExceeded only sets the SLA flag.
 STEP_EVENTS: dict[str, Callable[[dict[str, Any]], list[StepChange]]] = {
-    "StockReserved": _stock_reserved,
-    "StockRejected": _stock_rejected,
-    "ConfirmationEmailSent": _email_sent,
-    "InvoiceIssued": _invoice_issued,
-    "OrderRecorded": _order_recorded,
+    **_outcomes(STEP_DECLARATIONS),
     STEP_RETRYING: _failure("retrying"),
     STEP_DEAD_LETTERED: _failure("dead_lettered"),
 }

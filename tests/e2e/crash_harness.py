@@ -57,6 +57,7 @@ from confluent_kafka.admin import AdminClient
 from sqlalchemy import MetaData, create_engine, func, select, text
 from sqlalchemy.engine import Engine
 
+from services import registry
 from services.analytics.tables import per_minute, per_sku
 from services.cli.demo import FINAL_STATES, SampleOrder, sample_orders
 from services.cli.stack import Stack, StackInfo
@@ -69,11 +70,13 @@ from services.orders.tables import outbox as orders_outbox
 from services.runtime.brokers import LocalKafka
 from services.runtime.brokers.quirks import end_offsets
 from services.runtime.db import inbox_table, make_engine
-from services.runtime.settings import SERVICES, Settings
+from services.runtime.settings import Settings
 from services.runtime.topology import (
-    ANALYTICS_RECORDED, EMAIL_SENT, GROUPS, INVOICES_ISSUED, ORDERS_CREATED, STATUS_INPUTS, STOCK_REJECTED,
+    ANALYTICS_RECORDED, EMAIL_SENT, INVOICES_ISSUED, ORDERS_CREATED, STATUS_INPUTS, STOCK_REJECTED,
     STOCK_RESERVED,
 )
+
+SERVICE_NAMES = tuple(s.name for s in registry.SERVICES)
 
 VICTIMS = ("orders-relay", "inventory", "email", "invoice", "analytics")
 CONSUMERS = ("inventory", "email", "invoice", "analytics")
@@ -188,7 +191,7 @@ def service_databases(kind: str, postgres_url: str | None = None) -> Iterator[di
         yield {}
         return
     admin = make_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    names = {s: f"orderpipe_crash_{s}_{uuid.uuid4().hex[:8]}" for s in SERVICES}
+    names = {s: f"orderpipe_crash_{s}_{uuid.uuid4().hex[:8]}" for s in SERVICE_NAMES}
     try:
         with admin.connect() as conn:
             for name in names.values():
@@ -224,7 +227,7 @@ class Observer:
     """Reads the services' databases and the SMTP sink's maildir."""
 
     def __init__(self, settings: Settings, maildir: Path):
-        self.engines = {s: reader_engine(settings.database_url(s)) for s in SERVICES}
+        self.engines = {s: reader_engine(settings.database_url(s)) for s in SERVICE_NAMES}
         self.maildir = maildir
         self._mail_ids: dict[str, str] = {}  # .eml file name -> Message-ID (files never change)
         self._parser = BytesParser(policy=default_policy)
@@ -466,7 +469,7 @@ def check_outcomes(report: ChaosReport, settings: Settings, info: StackInfo) -> 
 
     # The effects and the events first: when they hold and the view is wrong, the fault is the
     # order-status worker's, and the message below shows what the view says of each step.
-    engines = {s: reader_engine(settings.database_url(s)) for s in SERVICES}
+    engines = {s: reader_engine(settings.database_url(s)) for s in SERVICE_NAMES}
     try:
         _check_orders(engines["orders"], placed)
         _check_stock(engines["inventory"], settings, placed, reserved)
@@ -887,7 +890,7 @@ def group_topics() -> dict[str, list[str]]:
     from streams.order_status.app import sla_topic_name
     from streams.order_status.inputs import failure_topics
 
-    out = {g.name: [t for source in g.inputs for t in (source, *g.retry_topics(source))] for g in GROUPS}
+    out = {g.name: [t for source in g.inputs for t in (source, *g.retry_topics(source))] for g in registry.GROUPS}
     out[STATUS_GROUP] = [*STATUS_INPUTS, *failure_topics(), sla_topic_name(STATUS_GROUP)]
     return out
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services import registry
 from services.cli.demo import sample_orders
 from services.cli.stack import Stack
 from services.email.smtp_sink import SmtpSink, read_maildir
@@ -36,7 +37,6 @@ from services.ops.lag import consumer_lag
 from services.ops.reprocess import Selection, collect
 from services.runtime.brokers import free_port
 from services.runtime.settings import Settings
-from services.runtime.topology import group
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -89,7 +89,7 @@ def test_dead_letters_are_replayed_once_the_fault_is_fixed(tmp_path: Path, stack
 
             kafka = OpsKafka(Settings(KAFKA_BOOTSTRAP_SERVERS=info.bootstrap_servers))
             audit = AuditLog(kafka)
-            email_dlt = Selection(dlt_topics([group("email")]))
+            email_dlt = Selection(dlt_topics([registry.group("email")]))
 
             # 1. the SMTP server works
             first = place(client, samples[:FIRST])
@@ -124,7 +124,7 @@ def test_dead_letters_are_replayed_once_the_fault_is_fixed(tmp_path: Path, stack
             assert f"replayed {SECOND} of {SECOND}" in out
 
             def settled():
-                rows = consumer_lag(kafka, audit, [group(g) for g in ("inventory", "email", "invoice", "analytics")])
+                rows = consumer_lag(kafka, audit, [registry.group(g) for g in ("inventory", "email", "invoice", "analytics")])
                 return all(r.lag == 0 for r in rows)
 
             wait_until(settled, "every group to read the replayed events")

@@ -11,10 +11,10 @@ come from the environment (`ORDERPIPE_CRASH_AT` among them), as for `orderpipe r
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import sys
 import threading
 
+from services import registry
 from services.runtime.logs import setup_logging
 from services.runtime.service_main import install_stop_signals, run_service
 from services.runtime.settings import Settings
@@ -24,17 +24,17 @@ from services.runtime.topology import ConsumerGroup
 def main(service_name: str, group_name: str, retry_delay_s: str) -> None:
     settings = Settings()
     setup_logging(service_name, settings.log_level, settings.log_json)
-    build = importlib.import_module(f"services.{service_name}.service").build
+    declaration = registry.service(service_name)
     group = ConsumerGroup(group_name, inputs=(f"{group_name}.in",), retry_delays_s=(float(retry_delay_s),))
 
     def build_on_private_group(runtime):
-        service = build(runtime)
+        service = declaration.build(runtime)
         service.group = dataclasses.replace(group, outputs=service.group.outputs)
         return service
 
     stop = threading.Event()
     install_stop_signals(stop)
-    run_service(build_on_private_group, service_name, settings, stop=stop)
+    run_service(dataclasses.replace(declaration, build=build_on_private_group), settings, stop=stop)
 
 
 if __name__ == "__main__":

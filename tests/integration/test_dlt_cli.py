@@ -1,6 +1,6 @@
 """`orderpipe dlt ...`, `orderpipe lag` and `orderpipe topics describe` on a real broker.
 
-Each test gets its own consumer group (known to the CLI by patching `topology.GROUPS`) with its
+Each test gets its own consumer group (known to the CLI by patching `registry.GROUPS`) with its
 own input, retry, dead-letter and parking topics, and a dead-letter topic filled the way the
 consumer runtime fills it (key, value, envelope and `x-` headers). The dead letters are
 produced in one flush, so each partition's last batch holds several records: the case where
@@ -32,6 +32,7 @@ from services.ops.broker import OPS_GROUP, OpsKafka
 from services.ops.deadletters import H_REPLAY_COUNT, H_REPLAY_OF, DltTopic
 from services.ops.reprocess import Reprocessor, Selection, collect, plan_replay
 from services.runtime import failure_headers as fh
+from services import registry
 from services.runtime import topology
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import free_port
@@ -144,7 +145,7 @@ def make_scenario(bootstrap: str, monkeypatch, replays: dict[str, int] | None = 
     s = Scenario(bootstrap, group)
     ensure_topics({"bootstrap.servers": bootstrap},
                   [TopicSpec(t, partitions=2) for t in (s.source, s.retry, s.dlt, s.parking)])
-    monkeypatch.setattr(topology, "GROUPS", (group,))
+    monkeypatch.setattr(registry, "GROUPS", (group,))
     monkeypatch.setattr(topology, "EVENT_TOPICS", (*topology.EVENT_TOPICS, TopicSpec(s.source, partitions=2)))
     producer = make_producer(settings_for(bootstrap), **{"linger.ms": 100})
     acked = {}

@@ -4,6 +4,7 @@ group, its health server on a free port."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -20,6 +21,7 @@ from sqlalchemy import MetaData
 
 from conftest import settings_for
 from reading import read_all
+from services import registry
 from services.runtime.brokers import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import Envelope, new_event_id
@@ -88,7 +90,7 @@ def running_service(kafka_bootstrap: str, private_group, tmp_path) -> Iterator[t
 
     def run() -> None:
         try:
-            run_service(build, "analytics", settings, stop)
+            run_service(dataclasses.replace(registry.service("analytics"), build=build), settings, stop)
         except BaseException as exc:
             failed.append(exc)
 

@@ -14,7 +14,7 @@ How the crash is made, with the real runner:
   environment names a gate folder, writes a marker file and blocks reading a FIFO that nobody
   ever writes: the step is in progress, its DDL executed and not committed.
 - Each run is a child process (`python -c`) that calls the project's entry point
-  `services.runtime.migrate.upgrade_database(make_engine(url), "orders", revision)`: the real
+  `services.runtime.migrate.upgrade_database(make_engine(url), <the orders service>, revision)`: the real
   lock, the real Alembic environment (services/runtime/migrations/env.py), the real Alembic. The
   only thing redirected is where the revision files are read from (`migrate.versions_dir`, in
   the child), so no product file is touched.
@@ -47,6 +47,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
+from services import registry
 from services.runtime.db import make_engine
 from services.runtime.migrate import versions_dir
 from services.runtime.supervisor import die_with_parent
@@ -54,7 +55,7 @@ from services.runtime.supervisor import die_with_parent
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICE = "orders"
+SERVICE = registry.service("orders")
 APPLICATION_NAME = "orderpipe-migration-crash-test"
 WAIT_S = 120.0  # a fail-safe against hanging forever, never a bound on how fast anything must be
 
@@ -111,13 +112,14 @@ CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
 
+    from services import registry
     from services.runtime import migrate
 
     url, versions, revision = sys.argv[1:4]
     migrate.versions_dir = lambda service: Path(versions)
     engine = migrate.make_engine(url)
     try:
-        migrate.upgrade_database(engine, "orders", revision)
+        migrate.upgrade_database(engine, registry.service("orders"), revision)
     finally:
         engine.dispose()
 """)

@@ -12,16 +12,16 @@ import pytest
 from sqlalchemy import inspect
 from typer.testing import CliRunner
 
+from services import registry
 from services.runtime.db import make_engine
 from services.runtime.migrate import (
     SchemaOutOfDate, current_revision, head_revision, prepare_database, schema_diff, service_metadata, upgrade_database,
 )
-from services.runtime.settings import SERVICES
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", registry.SERVICES, ids=lambda s: s.name)
 def test_migrations_match_metadata(service: str, database_url: str, test_engine):
     engine = test_engine(database_url)
     upgrade_database(engine, service)
@@ -52,40 +52,40 @@ def _errors_running_at_once(work, engines) -> list[BaseException]:
 def test_concurrent_starts_migrate_once(database_url: str, test_engine):
     """The orders API and relay start together on one database: both upgrade, one waits."""
     engines = [test_engine(database_url) for _ in range(3)]
-    errors = _errors_running_at_once(lambda engine: upgrade_database(engine, "orders"), engines)
+    errors = _errors_running_at_once(lambda engine: upgrade_database(engine, registry.service("orders")), engines)
     assert errors == []
-    assert current_revision(engines[0]) == head_revision("orders")
+    assert current_revision(engines[0]) == head_revision(registry.service("orders"))
 
 
 def test_database_made_by_create_all_is_adopted(database_url: str, test_engine):
     """Databases created before migrations existed (metadata.create_all) are stamped, not broken."""
     engine = test_engine(database_url)
-    service_metadata("invoice").create_all(engine)
-    upgrade_database(engine, "invoice")
-    assert current_revision(engine) == head_revision("invoice")
-    assert schema_diff(engine, "invoice") == []
+    service_metadata(registry.service("invoice")).create_all(engine)
+    upgrade_database(engine, registry.service("invoice"))
+    assert current_revision(engine) == head_revision(registry.service("invoice"))
+    assert schema_diff(engine, registry.service("invoice")) == []
 
 
 def test_upgrade_on_start_off_refuses_an_old_schema(tmp_path, test_engine):
     engine = test_engine(f"sqlite:///{tmp_path / 'email.db'}")
     with pytest.raises(SchemaOutOfDate, match="orderpipe db upgrade email"):
-        prepare_database(engine, "email", upgrade_on_start=False)
-    prepare_database(engine, "email")
-    prepare_database(engine, "email", upgrade_on_start=False)  # at head now: accepted
+        prepare_database(engine, registry.service("email"), upgrade_on_start=False)
+    prepare_database(engine, registry.service("email"))
+    prepare_database(engine, registry.service("email"), upgrade_on_start=False)  # at head now: accepted
 
 
 def test_cli_db_upgrade_all(tmp_path, monkeypatch, test_engine):
     from services.cli.main import app
 
     monkeypatch.setenv("ORDERPIPE_DATA_DIR", str(tmp_path))
-    for name in SERVICES:
-        monkeypatch.delenv(f"ORDERPIPE_{name.upper()}_DATABASE_URL", raising=False)
+    for service in registry.SERVICES:
+        monkeypatch.delenv(f"ORDERPIPE_{service.name.upper()}_DATABASE_URL", raising=False)
     runner = CliRunner()
     result = runner.invoke(app, ["db", "upgrade", "all"])
     assert result.exit_code == 0, result.output
-    for name in SERVICES:
-        engine = test_engine(f"sqlite:///{tmp_path / f'{name}.db'}")
-        assert current_revision(engine) == head_revision(name)
+    for service in registry.SERVICES:
+        engine = test_engine(f"sqlite:///{tmp_path / f'{service.name}.db'}")
+        assert current_revision(engine) == head_revision(service)
         assert {"alembic_version", "outbox"} <= set(inspect(engine).get_table_names())
     assert runner.invoke(app, ["db", "current"]).exit_code == 0
     assert runner.invoke(app, ["db", "upgrade", "nope"]).exit_code == 1

@@ -30,6 +30,7 @@ from aiokafka.structs import TopicPartition as AioTopicPartition
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from services import registry
 from services.orders.api import StatusClient
 from services.runtime.admin import ensure_topics
 from services.runtime.brokers import LocalBroker, local_broker
@@ -38,7 +39,7 @@ from services.runtime.crashpoints import POINTS
 from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_event_id
 from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.kafka import PARTITIONER
-from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, TOPIC_FOR_EVENT, group
+from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, TOPIC_FOR_EVENT
 from streams.order_status.app import partition_of
 from streams.order_status.process import WorkerProcess, measure_recovery
 from streams.order_status.status import OrderStatus
@@ -56,7 +57,7 @@ def broker(tmp_path: Path, stack_broker: str) -> Iterator[LocalBroker]:
     start empty, and a test may kill and restart workers as it likes."""
     b = local_broker(stack_broker, tmp_path / "broker").start()
     try:
-        ensure_topics({"bootstrap.servers": b.bootstrap_servers})
+        ensure_topics({"bootstrap.servers": b.bootstrap_servers}, registry.all_topics())
         yield b
     finally:
         b.stop()
@@ -120,7 +121,7 @@ def order_messages(order_id: str, kind: str) -> list[Message]:
         headers = Envelope(new_event_id(), event_type, 1, order_id).to_headers()
         out.append((TOPIC_FOR_EVENT[event_type], order_id, CODEC.encode(event_type, record), headers))
     created = out[0]
-    email = group("email")
+    email = registry.group("email")
     attempts = {"retried": [1], "dead": [1, 2, 3, 4]}.get(kind, [])
     for attempt in attempts:
         dead = attempt == 4

@@ -20,6 +20,7 @@ from sqlalchemy import Table, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
+from services import registry
 from services.orders import place
 from services.orders.api import StatusClient, create_app
 from services.orders.model import LineItem, PlaceOrder
@@ -53,7 +54,7 @@ def count(engine: Engine, table: Table) -> int:
 def orders_engine(database_url: str, test_engine) -> Engine:
     """The orders database, migrated as `orders-api` migrates it on start."""
     engine = test_engine(database_url)
-    upgrade_database(engine, "orders")
+    upgrade_database(engine, registry.service("orders"))
     return engine
 
 

@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from sqlalchemy import func, select
 
 from conftest import settings_for, unique_name
+from services import registry
 from services.orders.tables import outbox
 from services.runtime.admin import ensure_topics
 from services.runtime.kafka import make_producer
@@ -74,7 +75,7 @@ def test_two_relays_publish_every_row_once_in_order(kafka_bootstrap, database_ur
     topic = unique_name("relays")
     ensure_topics({"bootstrap.servers": kafka_bootstrap}, [TopicSpec(topic, partitions=PARTITIONS)])
     engine = test_engine(database_url)
-    upgrade_database(engine, "orders")
+    upgrade_database(engine, registry.service("orders"))
     settings = settings_for(kafka_bootstrap)
     relays = [WatchedRelay(engine, outbox, make_producer(settings, **{"client.id": f"relay-{i}"}), batch_size=40)
               for i in range(2)]
@@ -197,7 +198,7 @@ def test_relay_that_loses_its_session_stops_and_starts_over(kafka_bootstrap, dat
     topic = unique_name("relay-session")
     ensure_topics({"bootstrap.servers": kafka_bootstrap}, [TopicSpec(topic, partitions=PARTITIONS)])
     engine = test_engine(database_url)
-    upgrade_database(engine, "orders")
+    upgrade_database(engine, registry.service("orders"))
     settings = settings_for(kafka_bootstrap)
     relays = [WatchedRelay(engine, outbox, make_producer(settings), batch_size=10) for _ in range(2)]
     stop = threading.Event()

@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 
 from conftest import in_ci, settings_for, unique_name
 from reading import read_all, wait_until
+from services import registry
 from services.cli.main import app
 from services.ops.lag import ORDER_STATUS_GROUP, order_status_group
 from services.orders.model import LineItem, PlaceOrder
@@ -115,7 +116,7 @@ def test_kcat_reads_every_order_the_relay_published(kafka_bootstrap: str, apache
     engine = make_engine(f"sqlite:///{tmp_path / 'orders.db'}")
     producer = make_producer(settings_for(kafka_bootstrap))
     try:
-        upgrade_database(engine, "orders")
+        upgrade_database(engine, registry.service("orders"))
         request = PlaceOrder(customer_id="c-1", customer_email="ada@example.com", currency="EUR",
                              lines=[LineItem(sku="SKU-1", quantity=2, unit_price=Decimal("24.90"))])
         placed = [place_order(engine, CODEC, request).order_id for _ in range(n)]

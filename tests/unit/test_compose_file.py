@@ -13,9 +13,11 @@ import jsonschema
 import pytest
 import yaml
 
-from services.cli.main import SERVICE_PROCESSES
+from services import registry
 from services.runtime.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
-from services.runtime.settings import SERVICES, Settings
+from services.runtime.settings import Settings
+
+SERVICE_NAMES = tuple(s.name for s in registry.SERVICES)
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())  # resolves the <<: merge keys
@@ -49,7 +51,7 @@ def test_the_schema_check_would_catch_a_mistake():
 
 def test_every_process_runs_in_its_own_container():
     commands = {tuple(_command(s)) for s in LONG_RUNNING.values()}
-    for process in SERVICE_PROCESSES:
+    for process in registry.processes():
         assert ("run", process) in commands, f"no container runs `orderpipe run {process}`"
     assert any(c[:3] == ("python", "-m", "streams.order_status") for c in commands), "no order-status worker"
     assert ("topics", "create") in {tuple(_command(s)) for s in ONE_SHOT.values()}
@@ -114,7 +116,7 @@ def test_depends_on_names_existing_services():
 
 def test_database_urls_match_the_postgres_init_script():
     init = (REPO / "deploy/compose/postgres-init.sql").read_text()
-    for service in SERVICES:
+    for service in SERVICE_NAMES:
         assert f"CREATE ROLE {service} " in init and f"CREATE DATABASE {service} " in init
         url = f"postgresql://{service}:{service}@postgres:5432/{service}"
         key = f"ORDERPIPE_{service.upper()}_DATABASE_URL"

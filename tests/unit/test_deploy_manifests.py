@@ -20,11 +20,12 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
+from services import registry
 from services.cli import deploy_cmd
-from services.cli.main import SERVICE_PROCESSES
 from services.runtime.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
-from services.runtime.settings import SERVICES, Settings
-from services.runtime.topology import GROUPS, all_topics
+from services.runtime.settings import Settings
+
+SERVICE_NAMES = tuple(s.name for s in registry.SERVICES)
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy/k8s/base"
@@ -53,18 +54,18 @@ def _by_kind(kind: str) -> dict[str, dict]:
 
 def test_committed_kafka_topics_match_the_topology():
     assert (BASE / "kafka-topics.yaml").read_text() == deploy_cmd.kafka_topics_yaml(), \
-        "deploy/k8s/base/kafka-topics.yaml drifted from services/runtime/topology.py: run `orderpipe deploy topics`"
+        "deploy/k8s/base/kafka-topics.yaml drifted from services/registry.py: run `orderpipe deploy topics`"
 
 
 def test_committed_scaled_objects_match_the_topology():
     assert (BASE / "keda-scaledobjects.yaml").read_text() == deploy_cmd.scaled_objects_yaml(), \
-        "deploy/k8s/base/keda-scaledobjects.yaml drifted from services/runtime/topology.py: run `orderpipe deploy scaling`"
+        "deploy/k8s/base/keda-scaledobjects.yaml drifted from services/registry.py: run `orderpipe deploy scaling`"
 
 
 def test_one_strimzi_kafka_topic_per_declared_topic():
     topics = _by_kind("KafkaTopic")
-    assert set(topics) == {t.name for t in all_topics()}
-    for spec in all_topics():
+    assert set(topics) == {t.name for t in registry.all_topics()}
+    for spec in registry.all_topics():
         resource = topics[spec.name]
         assert resource["apiVersion"] == "kafka.strimzi.io/v1beta2"
         assert resource["metadata"]["labels"]["strimzi.io/cluster"]
@@ -79,10 +80,10 @@ def test_one_strimzi_kafka_topic_per_declared_topic():
 def test_one_keda_scaled_object_per_consumer_group_on_its_lag():
     scaled = _by_kind("ScaledObject")
     auth = _by_kind("TriggerAuthentication")
-    assert set(scaled) == {g.name for g in GROUPS}
-    partitions = {t.name: t.partitions for t in all_topics()}
+    assert set(scaled) == {g.name for g in registry.GROUPS}
+    partitions = {t.name: t.partitions for t in registry.all_topics()}
     config = _by_kind("ConfigMap")["orderpipe-config"]["data"]
-    for group in GROUPS:
+    for group in registry.GROUPS:
         spec = scaled[group.name]["spec"]
         target = WORKLOADS[spec["scaleTargetRef"]["name"]]
         assert target["kind"] == "Deployment" and "replicas" not in target["spec"]  # KEDA owns replicas
@@ -159,7 +160,7 @@ def _main_container(workload: dict) -> dict:
 
 def test_every_process_has_a_workload():
     runs = {tuple(_main_container(w).get("args", []))[:2]: name for name, w in WORKLOADS.items()}
-    for process in SERVICE_PROCESSES:
+    for process in registry.processes():
         assert ("run", process) in runs, f"no workload runs `orderpipe run {process}`"
     assert _main_container(WORKLOADS["order-status"])["command"] == ["python", "-m", "streams.order_status"]
     assert WORKLOADS["order-status"]["kind"] == "StatefulSet"  # a RocksDB volume per worker
@@ -203,7 +204,7 @@ def test_migration_job_upgrades_every_database():
     job = _by_kind("Job")["db-migrate"]
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["db", "upgrade", "all"]
-    assert {e["name"] for e in container["env"]} == {f"ORDERPIPE_{s.upper()}_DATABASE_URL" for s in SERVICES}
+    assert {e["name"] for e in container["env"]} == {f"ORDERPIPE_{s.upper()}_DATABASE_URL" for s in SERVICE_NAMES}
     assert _by_kind("ConfigMap")["orderpipe-config"]["data"]["ORDERPIPE_DB_UPGRADE_ON_START"] == "false"
 
 

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import MetaData
 
 from kafka_fakes import FakeConsumer, FakeMessage, FakeProducer
+from services import registry
 from services.cli.dlt_cmd import parse_rate
 from services.ops.audit import Run, runs
 from services.ops.deadletters import (H_REPLAY_COUNT, H_REPLAY_OF, DeadLetter, DltTopic, Filter, Ref, parse_time,
@@ -25,7 +26,7 @@ from services.runtime.envelope import EVENT_ID, EVENT_TYPE
 from services.runtime.errors import RetryableError
 from services.runtime.events import OrderCreated
 from services.runtime.handler import Service
-from services.runtime.topology import GROUPS, ConsumerGroup
+from services.runtime.topology import ConsumerGroup
 
 GROUP = ConsumerGroup("email", inputs=("orders.created",))
 DLT = DltTopic(GROUP, "orders.created")
@@ -83,9 +84,9 @@ def test_filters_match_on_time_exception_key_and_event_type():
 
 
 def test_unknown_group_names_the_known_ones():
-    assert resolve_groups(GROUPS, "email")[0].name == "email"
+    assert resolve_groups(registry.GROUPS, "email")[0].name == "email"
     with pytest.raises(OpsError, match="unknown group 'mail'; known groups: inventory, email, invoice, analytics"):
-        resolve_groups(GROUPS, "mail")
+        resolve_groups(registry.GROUPS, "mail")
 
 
 def test_ranges():

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from services import registry
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import Envelope
 from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
-from services.runtime.topology import GROUPS
 from streams.order_status.app import Metrics, apply_event, count_and_alert, merge_listings, partition_of
 from streams.order_status.inputs import FailureTopic, NotAnInput, failure_input, failure_topics, sla_input, sla_message
 
@@ -31,7 +31,7 @@ def failure_headers(group: str, attempt: int, **extra: str) -> dict[str, str]:
 
 def test_failure_topics_are_every_groups_retry_and_dead_letter_topics() -> None:
     topics = failure_topics()
-    expected = {t for g in GROUPS for s in g.inputs for t in [*g.retry_topics(s), g.dlt_topic(s)]}
+    expected = {t for g in registry.GROUPS for s in g.inputs for t in [*g.retry_topics(s), g.dlt_topic(s)]}
     assert set(topics) == expected
     assert topics["orders.created.email.retry.2"] == FailureTopic("email", "orders.created", "retry")
     assert topics["stock.rejected.invoice.dlt"] == FailureTopic("invoice", "stock.rejected", "dlt")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from services import registry
 from services.orders.api import StatusClient, create_app
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.db import make_engine
@@ -20,7 +21,7 @@ BODY = ('{"customer_id": "c-1", "customer_email": "c@example.com", "currency": "
 @pytest.fixture
 def client(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'orders.db'}")
-    upgrade_database(engine, "orders")
+    upgrade_database(engine, registry.service("orders"))
     with TestClient(create_app(engine, Codec(EmbeddedRegistry()), StatusClient("http://127.0.0.1:9", timeout=1)),
                     raise_server_exceptions=False) as c:
         yield c

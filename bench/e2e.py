@@ -1,5 +1,5 @@
 """(d) End to end: the whole pipeline as `orderpipe up --broker KIND` starts it
-(services/cli/stack.py), on a fresh local broker of the run's kind (embedded Tansu or Apache Kafka).
+(services/pipeline/stack.py), on a fresh local broker of the run's kind (embedded Tansu or Apache Kafka).
 
 Orders are POSTed to the orders API; an order is COMPLETED when the order-status worker
 publishes its COMPLETED status to `orders.status`. Latency = the broker timestamp of that
@@ -236,7 +236,7 @@ def run(sizes, workdir: Path, soak: float | None = None, log=print, profile_dir:
         broker: str = "embedded") -> dict:
     """`broker`: the kind of local broker the stack starts ("embedded" or "kafka"), as
     `orderpipe up --broker`; KAFKA_BOOTSTRAP_SERVERS is ignored, so the whole run is on one kind."""
-    from services.cli.stack import Stack
+    from services.pipeline.stack import Stack
 
     rng = random.Random(23)
     stack = Stack(Settings(KAFKA_BOOTSTRAP_SERVERS=None), data_dir=workdir / "e2e", broker=broker, fresh=True,

@@ -71,7 +71,7 @@ def up(
 
     With --broker kafka, stopping and starting again on the same --data-dir continues where it
     left off: orders accepted and not yet finished complete after the restart."""
-    from services.cli.stack import Stack
+    from services.pipeline.stack import Stack
 
     stack = Stack(Settings(), data_dir=data_dir, broker=broker.value, fresh=fresh, api_port=api_port,
                   status_port=status_port, progress=_progress)
@@ -103,7 +103,7 @@ def _progress(line: str) -> None:
 
 
 def _start_stack(stack):
-    from services.cli.stack import StackError
+    from services.pipeline.stack import StackError
     from services.runtime.brokers import BrokerUnavailable
 
     try:
@@ -141,8 +141,8 @@ def demo(
                                "has an address the SMTP server refuses (dead-lettered).")] = 0.0,
 ) -> None:
     """Start the pipeline on a fresh data folder, place sample orders, and check every outcome."""
-    from services.cli.demo import demo_env, run_demo
-    from services.cli.stack import Stack
+    from services.pipeline.demo import demo_env, run_demo
+    from services.pipeline.stack import Stack
 
     stack = Stack(Settings(), data_dir=data_dir, broker=broker.value, fresh=True, extra_env=demo_env(fail_rate),
                   progress=_progress)

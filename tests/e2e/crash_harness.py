@@ -10,7 +10,7 @@ Used by `tests/e2e/test_crash.py` (a few hundred orders in `make test`) and by `
 
 How a run goes (everything in the main thread: the supervisor's children get a parent-death
 signal tied to the thread that spawned them, so restarts must come from a long-lived thread):
-1. the stack starts (`services.cli.stack.Stack`: broker, SMTP sink, orders API and relay, the
+1. the stack starts (`services.pipeline.stack.Stack`: broker, SMTP sink, orders API and relay, the
    four consumer services, the order-status view), each on its own database;
 2. orders are placed through the HTTP API at a steady rate;
 3. the victims (orders relay, inventory, email, invoice, analytics) are SIGKILLed at random
@@ -59,8 +59,8 @@ from sqlalchemy.engine import Engine
 
 from services import registry
 from services.analytics.tables import per_minute, per_sku
-from services.cli.demo import FINAL_STATES, SampleOrder, sample_orders
-from services.cli.stack import Stack, StackInfo
+from services.pipeline.demo import FINAL_STATES, SampleOrder, sample_orders
+from services.pipeline.stack import Stack, StackInfo
 from services.email.mailer import message_id_for
 from services.email.tables import sent_emails
 from services.inventory.tables import reservations, stock

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from services.cli.demo import sample_orders
+from services.pipeline.demo import sample_orders
 from services.invoice.tables import invoices
 from services.runtime.brokers import free_port
 

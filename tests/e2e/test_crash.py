@@ -29,7 +29,7 @@ from crash_harness import (
     wait_for_zero_lag,
 )
 
-from services.cli.stack import Stack
+from services.pipeline.stack import Stack
 
 PLAN = ChaosPlan.from_env()
 

@@ -27,8 +27,8 @@ import httpx
 import pytest
 
 from services import registry
-from services.cli.demo import sample_orders
-from services.cli.stack import Stack
+from services.pipeline.demo import sample_orders
+from services.pipeline.stack import Stack
 from services.email.smtp_sink import SmtpSink, read_maildir
 from services.ops.audit import AuditLog
 from services.ops.broker import OpsKafka

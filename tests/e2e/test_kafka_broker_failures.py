@@ -32,7 +32,7 @@ from crash_harness import (
     wait_for_zero_lag,
 )
 
-from services.cli.stack import Stack
+from services.pipeline.stack import Stack
 
 # About 75 s of orders: long enough for three kills and a freeze, each followed by a recovery.
 PLAN = ChaosPlan.from_env(orders=150, kills_per_process=3, rate=2.0)

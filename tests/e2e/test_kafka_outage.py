@@ -38,7 +38,7 @@ from crash_harness import (
     wait_for_zero_lag,
 )
 
-from services.cli.stack import Stack
+from services.pipeline.stack import Stack
 
 OUTAGE_S = 60.0
 BEFORE_S = 15.0  # orders flow this long before the outage

@@ -22,8 +22,8 @@ from rich.progress import Progress
 from sqlalchemy import func, select, text
 
 from services.analytics.tables import per_minute, per_sku
-from services.cli.demo import place_all, sample_orders, wait_for_final
-from services.cli.stack import Stack
+from services.pipeline.demo import place_all, sample_orders, wait_for_final
+from services.pipeline.stack import Stack
 from services.email.smtp_sink import read_maildir
 from services.email.tables import sent_emails
 from services.inventory.tables import reservations, stock

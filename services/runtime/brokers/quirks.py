@@ -10,7 +10,7 @@ here is exercised on both. Everything else in orderpipe is plain Kafka protocol.
 | (the same, for the order-status worker: aiokafka takes its JoinGroup rebalance timeout from Faust's `broker_rebalance_timeout`) | `streams/order_status/app.py`: 10 s, on both brokers | members rejoin within seconds, so 10 s is ample there too |
 | every fetch is held for its whole `fetch.wait.max.ms`, even when data arrives | `EMBEDDED_CLIENT_ENV`: 100 ms (latency per hop ~ half of it) | a waiting fetch is answered when data arrives; the wait only sets how often an idle consumer asks: 500 ms |
 | `cleanup.policy=compact` is accepted and never run | nothing: the status fold is idempotent per key | compacts (`tests/integration/test_kafka_compaction.py`) |
-| memory only: a restart is an empty broker | `services/cli/stack.py: check_data_dir` refuses databases that outlived it | durable (`up --broker kafka` continues after a restart) |
+| memory only: a restart is an empty broker | `services/pipeline/stack.py: check_data_dir` refuses databases that outlived it | durable (`up --broker kafka` continues after a restart) |
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from services import registry
+from services.runtime.brokers.quirks import end_offsets
 from services.runtime.catalog import CATALOG
 from services.runtime.settings import Settings
 
@@ -62,10 +63,8 @@ def sample_orders(n: int, seed: int = 7, reject_every: int = 20, refuse_every: i
 
 class FailureTopics:
     """What the retry chains did, read from the topics: which orders each group dead-lettered
-    (read as the dead-letter topics fill), and how many retry and dead-letter copies exist.
-
-    The order-status view does not read the retry and dead-letter topics yet, so a dead-lettered
-    step stays "pending" there; the dead-letter topics are the record of what happened."""
+    (read as the dead-letter topics fill), and how many retry and dead-letter copies exist. The
+    demo checks the view's final states against this record of what happened."""
 
     def __init__(self, bootstrap_servers: str, client_config: dict[str, str]):
         self.config = {"bootstrap.servers": bootstrap_servers, **client_config}
@@ -89,17 +88,24 @@ class FailureTopics:
         return {g: (retried - self.baseline[g][0], dead - self.baseline[g][1]) for g, (retried, dead) in now.items()}
 
     def _counts(self) -> dict[str, tuple[int, int]]:
-        return {g.name: (self._messages([t for s in g.inputs for t in g.retry_topics(s)]),
-                         self._messages([g.dlt_topic(s) for s in g.inputs])) for g in registry.GROUPS}
+        sizes = self._sizes()
 
-    def _messages(self, topics: list[str]) -> int:
-        partitions = {t.name: t.partitions for t in self.specs}
-        total = 0
-        for topic in topics:
-            for p in range(partitions[topic]):
-                low, high = self.reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                total += high - low
-        return total
+        def messages(topics: list[str]) -> int:
+            return sum(count for (topic, _), count in sizes.items() if topic in topics)
+
+        return {g.name: (messages([t for s in g.inputs for t in g.retry_topics(s)]),
+                         messages([g.dlt_topic(s) for s in g.inputs])) for g in registry.GROUPS}
+
+    def _sizes(self) -> dict[tuple[str, int], int]:
+        """Messages in each partition of the retry and dead-letter topics, from end offsets that are
+        right on both brokers (a counter of its own: the reader keeps its assignment)."""
+        counter = Consumer({**self.config, "group.id": f"demo-count-{uuid.uuid4().hex[:8]}", "log_level": 0,
+                            "enable.auto.commit": False})
+        try:
+            ends = end_offsets(counter, [(t.name, p) for t in self.specs for p in range(t.partitions)])
+        finally:
+            counter.close()
+        return {part: end - low for part, (low, end) in ends.items()}
 
     def close(self) -> None:
         self.reader.close()

@@ -33,7 +33,7 @@ POINTS = {
     # the outbox relays (services/runtime/outbox.py)
     "relay.after_produce": "outbox rows produced, not acked yet",
     "relay.after_ack": "rows acked by the broker, not marked published",
-    # the order-status worker (streams/order_status/app.py)
+    # the order-status worker (streams/order_status/fold.py, transport.py)
     "status.before_fold": "an input read and decoded, not folded into the table yet",
     "status.after_fold": "an event folded into the table, its changelog record not sent",
     "status.after_changelog_flush": "changelog records sent, input offsets not committed",

@@ -59,14 +59,14 @@ from sqlalchemy.engine import Engine
 
 from services import registry
 from services.analytics.tables import per_minute, per_sku
-from services.pipeline.demo import FINAL_STATES, SampleOrder, sample_orders
-from services.pipeline.stack import Stack, StackInfo
 from services.email.mailer import message_id_for
 from services.email.tables import sent_emails
 from services.inventory.tables import reservations, stock
 from services.invoice.tables import invoices
 from services.orders.tables import orders as orders_table
 from services.orders.tables import outbox as orders_outbox
+from services.pipeline.demo import FINAL_STATES, SampleOrder, sample_orders
+from services.pipeline.stack import Stack, StackInfo
 from services.runtime.brokers import LocalKafka
 from services.runtime.brokers.quirks import end_offsets
 from services.runtime.db import inbox_table, make_engine
@@ -501,7 +501,7 @@ def _view_diagnosis(info: StackInfo, order_ids: list[str]) -> str:
     """What tells a stuck order-status worker (behind: lag) from one that skipped an input (not
     behind): its lag now, each order's partition, and its log lines about folds, commits and
     rebalances."""
-    from streams.order_status.app import partition_of
+    from streams.order_status.fold import partition_of
 
     lag = committed_lag(info.bootstrap_servers).get(STATUS_GROUP, {})
     partitions = {oid: partition_of(oid.encode()) for oid in order_ids}
@@ -887,7 +887,7 @@ class BrokerChaosRun(BrokerRun):
 def group_topics() -> dict[str, list[str]]:
     """What each consumer group reads: the services' inputs and their retry topics (see
     ServiceConsumer.topics), and the order-status worker's inputs (streams/order_status/app.py)."""
-    from streams.order_status.app import sla_topic_name
+    from streams.order_status.sla import sla_topic_name
     from streams.order_status.inputs import failure_topics
 
     out = {g.name: [t for source in g.inputs for t in (source, *g.retry_topics(source))] for g in registry.GROUPS}

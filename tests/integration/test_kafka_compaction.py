@@ -46,7 +46,7 @@ from conftest import unique_name
 from reading import read_all, wait_until
 from services.runtime.kafka import PARTITIONER
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS
-from streams.order_status.app import partition_of
+from streams.order_status.fold import partition_of
 from streams.order_status.process import WorkerProcess
 from test_order_status_stream import (
     CHANGELOG,

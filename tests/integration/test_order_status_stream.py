@@ -40,7 +40,7 @@ from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_e
 from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services.runtime.kafka import PARTITIONER
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, TOPIC_FOR_EVENT
-from streams.order_status.app import partition_of
+from streams.order_status.fold import partition_of
 from streams.order_status.process import WorkerProcess, measure_recovery
 from streams.order_status.status import OrderStatus
 

@@ -8,7 +8,7 @@ the view refuses (400) and a view that does not answer each end in one `error:` 
 code 1, never a traceback.
 
 The stand-in is a ThreadingHTTPServer on 127.0.0.1 that records every request and answers as
-the Faust worker's `/status/` page does (`streams/order_status/app.py`: unknown states are a
+the Faust worker's `/status/` page does (`streams/order_status/web.py`: unknown states are a
 400 with a JSON `detail`).
 """
 

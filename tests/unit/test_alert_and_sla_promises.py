@@ -24,7 +24,7 @@ from services.runtime import metrics
 from services.runtime.alerts import DEAD_LETTERED, Alerter
 from services.runtime.settings import Settings
 from streams.order_status.__main__ import parse_args
-from streams.order_status.app import DEFAULT_SLA_S, default_sla_check_interval
+from streams.order_status.sla import DEFAULT_SLA_S, default_sla_check_interval
 
 GUARD_S = 30.0  # only ever reached when a promise is broken (something blocks or never happens)
 QUEUE_FULL = "alert webhook queue full; alert not posted"

@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from services.runtime.codec import Codec, EmbeddedRegistry
-from streams.order_status.app import Metrics, fold_until_done
+from streams.order_status.fold import Metrics, fold_until_done
 from streams.order_status.status import (
     MAX_APPLIED_EVENT_IDS,
     STEP_DEAD_LETTERED,
@@ -337,7 +337,7 @@ def test_matches_filters_on_state_and_last_change() -> None:
 def test_sla_watch_offers_only_open_orders_past_their_deadline() -> None:
     import asyncio
 
-    from streams.order_status.app import SlaWatch
+    from streams.order_status.sla import SlaWatch
 
     watch = SlaWatch(sla_s=60)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)

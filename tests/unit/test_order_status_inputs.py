@@ -13,8 +13,9 @@ from services import registry
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import Envelope
 from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
-from streams.order_status.app import Metrics, apply_event, count_and_alert, merge_listings, partition_of
+from streams.order_status.fold import Metrics, apply_event, count_and_alert, partition_of
 from streams.order_status.inputs import FailureTopic, NotAnInput, failure_input, failure_topics, sla_input, sla_message
+from streams.order_status.web import merge_listings
 
 ORDER = "order-1"
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)

@@ -1,5 +1,5 @@
-"""Faust's Kafka transport with four fixes that table recovery and commits depend on, and one for
-latency.
+"""Faust's Kafka transport with five fixes that table recovery, commits and consumption depend on,
+and one for latency.
 
 1. Changelog end offsets checked against a fetch.
 
@@ -46,6 +46,22 @@ stayed one behind until its next event (seen in the broker-failure e2e test). A 
 only when it succeeded in the generation it started in; a failed one is tried again at the
 next commit while the generation lasts (a rebalance instead reads from the committed offset).
 
+5. Records dropped while the assignment changes are read again, on every partition.
+Faust hands its live set of active partitions to the consumer thread, which asks aiokafka for
+the records of those partitions; a recovery mutating that set meanwhile (clear, then update)
+can leave it empty, and aiokafka reads an empty set as "every partition". Records of the
+paused input partitions came back, their positions moved past them, and Faust dropped them as
+not active (it also drops a fetched batch when the flow stops in the middle of it). Faust's
+answer to such drops is the seek to the committed offsets at the end of every recovery; but
+aiokafka's `seek_to_committed` skips a partition with nothing committed yet, so on a partition
+that new, the dropped records were never read again: a second worker joining during a burst
+sat on its partitions without folding anything (test_two_workers_answer_every_order_from_
+either_worker, under load), and a stock.rejected partition with nothing committed yet lost the
+one rejection on it after a broker failure moved the group (the broker-failure e2e test). Now
+the thread gets a snapshot of the set, and the seek puts a partition with no committed offset
+back at its beginning (auto.offset.reset is "earliest" for this app), changelogs excepted:
+Faust positions those itself.
+
 Also (latency, not correctness): Faust creates its worker consumer with a hard-coded
 `fetch_max_wait_ms=1500`. The embedded broker holds a fetch for that long even when data
 arrives meanwhile, so every status update waited ~0.75 s on average. `install()` takes the
@@ -56,7 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -112,6 +128,29 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # aiokafka hands this to its Fetcher when the consumer starts, which is after this.
         consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms
         return consumer
+
+    async def getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
+        """Fix 5: the partitions as they are now, not the live set a recovery may empty meanwhile."""
+        snapshot = None if active_partitions is None else set(active_partitions)
+        return await super().getmany(snapshot, timeout)
+
+    async def seek_to_committed(self) -> Mapping[Any, int]:
+        """Fix 5: every input partition back at its committed offset, or at its beginning when
+        nothing is committed yet (aiokafka leaves those where the dropped records left them)."""
+        return await self.call_thread(self._seek_to_committed_or_beginning)
+
+    async def _seek_to_committed_or_beginning(self) -> Mapping[Any, int]:
+        return await seek_to_committed_or_beginning(self._ensure_consumer(), skip=self.consumer._is_changelog_tp)
+
+
+async def seek_to_committed_or_beginning(consumer: AIOKafkaConsumer, skip: Callable[[Any], bool]) -> dict[Any, int]:
+    """Every assigned partition at its committed offset, or at its beginning when nothing (or 0)
+    is committed, except those `skip` names; returns the committed offsets (None: none)."""
+    committed = await consumer.seek_to_committed()
+    uncommitted = [tp for tp, offset in committed.items() if not offset and not skip(tp)]
+    if uncommitted:
+        await consumer.seek_to_beginning(*uncommitted)
+    return committed
 
 
 class Consumer(faust_aiokafka.Consumer):

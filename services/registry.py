@@ -6,7 +6,7 @@ services/runtime/declaration.py); everything that needs "all the services" deriv
 `orderpipe run` and `up` start, the databases `orderpipe db` migrates, the deploy files, the
 demo's report and the order-status view's steps. Adding a service is its folder plus one line
 below; `ORDERPIPE_EXTRA_SERVICES` adds services from elsewhere without editing this file (a
-comma-separated list of modules, each with a `SERVICE`; `tests/extra_service/` is one).
+comma-separated list of modules, each with a `SERVICE`; tests/extra_service/loyalty/ is one).
 
 Read `SERVICES` / `GROUPS` as `registry.SERVICES` at call time: tests replace them.
 """

@@ -39,8 +39,7 @@ def test_injected_faults_are_retried_and_refused_recipients_dead_lettered(kafka_
     with SmtpSink(tmp_path / "mail") as sink:
         settings = settings_for(kafka_bootstrap, smtp_port=sink.port, email_fail_rate=0.4, data_dir=tmp_path)
         engine = make_engine(f"sqlite:///{tmp_path / 'email.db'}")
-        service = build(Runtime(settings, engine, CODEC))
-        service.group = group  # the real service, on a private group and topics
+        service = build(Runtime(settings, engine, CODEC, group))  # the real service, on a private group and topics
         service.metadata.create_all(engine)
         assert isinstance(service.deps.mailer, FlakyMailer) and service.controls.concurrency == 8
         consumer = ServiceConsumer(service, engine, make_consumer(settings, group.name), make_producer(settings),

@@ -242,7 +242,7 @@ def test_lag_covers_the_order_status_group(kafka_bootstrap: str, tmp_path: Path)
 
     # Orders for the worker to fold: OrderCreated, StockReserved, and an e-mail retry copy.
     orders = [unique_name("order") for _ in range(8)]
-    retry_topic = topology.group("email").retry_topic(ORDERS_CREATED, 1)
+    retry_topic = registry.group("email").retry_topic(ORDERS_CREATED, 1)
     messages = []
     for order_id in orders:
         created = Envelope(new_event_id(), "OrderCreated", 2, order_id).to_headers()

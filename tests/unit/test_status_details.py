@@ -165,3 +165,37 @@ def test_parse_since_keeps_an_explicit_offset():
     now = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
     assert parse_since("2025-03-01T10:00:00+02:00", now) == datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
     assert parse_since("2025-03-01T10:00:00+02:00", now).utcoffset() == timezone(timedelta(hours=2)).utcoffset(None)
+
+
+# -- step events, as the services declare them ----------------------------------------------------
+# `STEP_EVENTS` is built from the declarations at import; these build it afresh, so that the
+# translation itself (not only the fold around it) is what they check.
+
+def test_each_declared_step_event_becomes_its_changes():
+    outcomes = status_module._outcomes(status_module.STEP_DECLARATIONS)
+    assert set(outcomes) == {"StockReserved", "StockRejected", "ConfirmationEmailSent", "InvoiceIssued",
+                             "OrderRecorded"}
+    assert outcomes["StockReserved"]({"order_id": ORDER}) == [StepChange("inventory", "done", None)]
+    assert outcomes["StockRejected"]({"order_id": ORDER, "reason": "out of stock: SKU-1"}) == [
+        StepChange("inventory", "failed", "out of stock: SKU-1"), StepChange("invoice", "skipped", None)]
+    assert outcomes["ConfirmationEmailSent"]({"order_id": ORDER, "message_id": "<m-1>"}) == [
+        StepChange("email", "done", "<m-1>")]
+    assert outcomes["InvoiceIssued"]({"order_id": ORDER, "invoice_number": "INV-000001"}) == [
+        StepChange("invoice", "done", "INV-000001")]
+    assert outcomes["OrderRecorded"]({"order_id": ORDER, "units": 2}) == [StepChange("analytics", "done", None)]
+
+
+def test_a_failed_step_without_its_detail_names_the_event_and_a_done_one_stays_blank():
+    from services.runtime.declaration import StatusStep
+
+    outcomes = status_module._outcomes({
+        "payment": StatusStep(done={"PaymentCaptured": "reference"}, failed={"PaymentDeclinedByBank": "why"}),
+        "shipping": StatusStep(done={"ParcelShipped": None}, skipped_on=("PaymentDeclinedByBank",)),
+        "gift-wrap": StatusStep(done={"GiftWrapped": None}, skipped_on=("GiftWrapCancelled",)),  # named by it alone
+    })
+    assert outcomes["GiftWrapCancelled"]({"order_id": ORDER}) == [StepChange("gift-wrap", "skipped", None)]
+    assert outcomes["PaymentDeclinedByBank"]({"order_id": ORDER}) == [
+        StepChange("payment", "failed", "payment declined by bank"), StepChange("shipping", "skipped", None)]
+    assert outcomes["PaymentCaptured"]({"order_id": ORDER}) == [StepChange("payment", "done", None)]
+    assert outcomes["PaymentCaptured"]({"order_id": ORDER, "reference": "r-7"}) == [StepChange("payment", "done", "r-7")]
+    assert outcomes["ParcelShipped"]({"order_id": ORDER, "reference": "r-7"}) == [StepChange("shipping", "done", None)]

@@ -6,32 +6,36 @@ these commands are for deployments that migrate as a separate step, and for deve
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.runtime.declaration import ServiceDeclaration
+if TYPE_CHECKING:
+    from services.runtime.declaration import ServiceDeclaration
 
-from services import registry
 from services.runtime.settings import Settings
 
 app = typer.Typer(help="Schema migrations of the service databases (Alembic).", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
-_NAMES = ", ".join(s.name for s in registry.SERVICES)
-Target = Annotated[str, typer.Argument(help=f"One of: {_NAMES}, or all.")]
+# The help names no services: listing them would import every service (and its libraries) on each
+# `orderpipe` call; an unknown name lists them.
+Target = Annotated[str, typer.Argument(help="A service, e.g. orders or inventory, or all.")]
 
 
 def _services(target: str) -> list[ServiceDeclaration]:
+    from services import registry
+
     if target == "all":
         return list(registry.SERVICES)
     try:
         return [registry.service(target)]
     except registry.UnknownService:
-        err.print(f"[bold red]error:[/] unknown service {target!r}; choose one of: {_NAMES}, all")
+        names = ", ".join(s.name for s in registry.SERVICES)
+        err.print(f"[bold red]error:[/] unknown service {target!r}; choose one of: {names}, all")
         raise typer.Exit(1) from None
 
 
@@ -95,7 +99,7 @@ def current(target: Target = "all") -> None:
 
 @app.command()
 def revision(
-    service: Annotated[str, typer.Argument(help=f"One of: {_NAMES}.")],
+    service: Annotated[str, typer.Argument(help="A service, e.g. inventory.")],
     message: Annotated[str, typer.Option("--message", "-m", help="What the revision changes.")],
     empty: Annotated[bool, typer.Option(help="Write an empty revision instead of autogenerating it.")] = False,
 ) -> None:

@@ -16,7 +16,6 @@ import typer
 import yaml
 from rich.console import Console
 
-from services import registry
 from services.runtime.topology import TopicSpec
 
 app = typer.Typer(help="Generate the Kubernetes manifests that derive from the topology.", no_args_is_help=True)
@@ -89,10 +88,14 @@ def _dump(command: str, documents: list[dict]) -> str:
 
 
 def kafka_topics_yaml() -> str:
+    from services import registry
+
     return _dump("topics", [kafka_topic(t) for t in registry.all_topics()])
 
 
 def scaled_objects_yaml() -> str:
+    from services import registry
+
     partitions = {t.name: t.partitions for t in registry.all_topics()}
     return _dump("scaling", [scaled_object(g.name, g.inputs, max(partitions[t] for t in g.inputs)) for g in registry.GROUPS])
 

@@ -19,7 +19,6 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from services import registry
 from services.cli import bench_cmd, db_cmd, deploy_cmd, dlt_cmd, ops_cmd, orders_cmd, schemas_cmd, tail_cmd
 from services.runtime.brokers import BROKER_KINDS
 from services.runtime.settings import Settings, invalid_settings
@@ -158,10 +157,12 @@ def demo(
 
 @app.command()
 def run(process: Annotated[str, typer.Argument(
-        help=f"One of: {', '.join(registry.processes())}.", metavar="PROCESS")]) -> None:
+        help="A process a service declares, e.g. orders-api, orders-relay or a consumer service such as "
+             "inventory (an unknown name lists them all).", metavar="PROCESS")]) -> None:
     """Run one service process in the foreground (what `up` supervises; use it to run your own).
     The process builds itself from the environment's settings (its composition root is
     `run` of its Process in services/<service>/service.py)."""
+    from services import registry
     from services.runtime.errors import ConsumerMisconfigured
     from services.runtime.logs import setup_logging
 
@@ -210,6 +211,7 @@ def status(
 @topics_app.command("create")
 def topics_create() -> None:
     """Create every declared topic (idempotent: existing topics are left alone)."""
+    from services import registry
     from services.runtime.admin import ensure_topics
     from services.runtime.brokers import BrokerUnavailable, wait_for_broker
 
@@ -230,6 +232,8 @@ def topics_create() -> None:
 @topics_app.command("list")
 def topics_list() -> None:
     """List the declared topics with partitions, cleanup policy and writer."""
+    from services import registry
+
     table = Table("topic", "partitions", "cleanup", "retention (days)", "written by")
     for t in registry.all_topics():
         days = "" if t.cleanup_policy == "compact" else f"{t.retention_ms / 86_400_000:g}"

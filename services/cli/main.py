@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import bench_cmd, db_cmd, deploy_cmd, dlt_cmd, ops_cmd, orders_cmd, schemas_cmd, tail_cmd
-from services.runtime.brokers import BROKER_KINDS
+from services.tools.brokers import BROKER_KINDS
 from services.runtime.settings import Settings, invalid_settings
 
 app = typer.Typer(help="orderpipe: a Kafka-based, event-sourced order processing pipeline.",
@@ -44,7 +44,7 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-# the kinds declared once, in services/runtime/brokers (typer wants an Enum for its choices)
+# the kinds declared once, in services/tools/brokers (typer wants an Enum for its choices)
 BrokerKind = Enum("BrokerKind", {kind: kind for kind in BROKER_KINDS}, type=str)
 
 
@@ -103,7 +103,7 @@ def _progress(line: str) -> None:
 
 def _start_stack(stack):
     from services.pipeline.stack import StackError
-    from services.runtime.brokers import BrokerUnavailable
+    from services.tools.brokers import BrokerUnavailable
 
     try:
         return stack.start()
@@ -213,7 +213,7 @@ def topics_create() -> None:
     """Create every declared topic (idempotent: existing topics are left alone)."""
     from services import registry
     from services.runtime.admin import ensure_topics
-    from services.runtime.brokers import BrokerUnavailable, wait_for_broker
+    from services.tools.brokers import BrokerUnavailable, wait_for_broker
 
     settings = Settings()
     if not settings.kafka_bootstrap_servers:

@@ -28,7 +28,7 @@ def check(
              "renumbered or edited.")] = None,
 ) -> None:
     """Manifest rules and BACKWARD_TRANSITIVE compatibility of every subject; exit 1 on any problem."""
-    from services.runtime.compatibility import check_all, subjects
+    from services.tools.compatibility import check_all, subjects
 
     problems = check_all(schemas_dir, against)
     # Plain lines, never wrapped: CI logs and grep read them.
@@ -45,7 +45,7 @@ def check(
 @app.command("list")
 def list_schemas(schemas_dir: SchemasDir = SCHEMAS_DIR) -> None:
     """Subjects with their versions, ids and files."""
-    from services.runtime.compatibility import subjects
+    from services.tools.compatibility import subjects
 
     try:
         by_subject = subjects(schemas_dir)

@@ -7,7 +7,7 @@ from sqlalchemy.engine import Engine
 
 from services.inventory.handlers import HANDLERS
 from services.inventory.tables import metadata, stock
-from services.runtime.catalog import CATALOG
+from services.inventory.catalog import CATALOG
 from services.runtime.declaration import StatusStep, consumer_service
 from services.runtime.events import StockRejected, StockReserved
 from services.runtime.handler import Service

@@ -15,8 +15,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from services.ops.errors import OpsError
-from services.runtime.brokers import quirks
-from services.runtime.brokers.quirks import EndOffsetsUnknown
+from services.tools.brokers import quirks
+from services.tools.brokers.quirks import EndOffsetsUnknown
 from services.runtime.kafka import producer_config, retrying
 from services.runtime.settings import Settings
 

@@ -15,8 +15,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from services import registry
-from services.runtime.brokers.quirks import end_offsets
-from services.runtime.catalog import CATALOG
+from services.tools.brokers.quirks import end_offsets
+from services.inventory.catalog import CATALOG
 from services.runtime.settings import Settings
 
 FINAL_STATES = {"COMPLETED", "FAILED"}

@@ -20,9 +20,9 @@ import httpx
 
 from services import registry
 from services.runtime.admin import ensure_topics
-from services.runtime.brokers import LocalBroker, free_port, local_broker, wait_for_broker
+from services.tools.brokers import LocalBroker, free_port, local_broker, wait_for_broker
 from services.runtime.settings import Settings
-from services.runtime.supervisor import ProcessSpec, Supervisor
+from services.tools.supervisor import ProcessSpec, Supervisor
 
 MARKER = "cluster.json"
 

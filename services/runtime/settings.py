@@ -71,7 +71,7 @@ class Settings(BaseSettings):
 
     initial_stock: int = 1_000_000  # units per SKU seeded into an empty inventory database
     # librdkafka's default. The embedded broker holds a JoinGroup for this long, so `orderpipe up`
-    # sets 10 s there (services/runtime/brokers/quirks.py: EMBEDDED_CLIENT_ENV).
+    # sets 10 s there (services/tools/brokers/quirks.py: EMBEDDED_CLIENT_ENV).
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 6_000
     consumer_batch_size: int = Field(default=500, ge=1)  # 0 would pause every partition for good

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from services.runtime.brokers import free_port
-from services.runtime.supervisor import die_with_parent
+from services.tools.brokers import free_port
+from services.tools.supervisor import die_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
 

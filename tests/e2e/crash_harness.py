@@ -67,8 +67,8 @@ from services.orders.tables import orders as orders_table
 from services.orders.tables import outbox as orders_outbox
 from services.pipeline.demo import FINAL_STATES, SampleOrder, sample_orders
 from services.pipeline.stack import Stack, StackInfo
-from services.runtime.brokers import LocalKafka
-from services.runtime.brokers.quirks import end_offsets
+from services.tools.brokers import LocalKafka
+from services.tools.brokers.quirks import end_offsets
 from services.runtime.db import inbox_table, make_engine
 from services.runtime.settings import Settings
 from services.runtime.topology import (

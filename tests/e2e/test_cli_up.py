@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, func, select
 
 from services.pipeline.demo import sample_orders
 from services.invoice.tables import invoices
-from services.runtime.brokers import free_port
+from services.tools.brokers import free_port
 
 pytestmark = pytest.mark.e2e
 

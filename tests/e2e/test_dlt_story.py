@@ -35,7 +35,7 @@ from services.ops.broker import OpsKafka
 from services.ops.deadletters import dlt_topics
 from services.ops.lag import consumer_lag
 from services.ops.reprocess import Selection, collect
-from services.runtime.brokers import free_port
+from services.tools.brokers import free_port
 from services.runtime.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

@@ -32,7 +32,7 @@ from reading import read_all, wait_until
 from services.cli.tail_cmd import app as tail_app
 from services.cli.tail_cmd import run_tail
 from services.runtime.admin import ensure_topics
-from services.runtime.brokers import free_port, quirks
+from services.tools.brokers import free_port, quirks
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine

@@ -548,7 +548,7 @@ def test_relay_publishes_a_lower_seq_row_that_commits_late(kafka_bootstrap, runt
 
 
 def _closed_port() -> int:
-    from services.runtime.brokers import free_port
+    from services.tools.brokers import free_port
 
     return free_port()
 

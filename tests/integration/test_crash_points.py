@@ -43,7 +43,7 @@ from reading import read_all, wait_until
 from services.email.smtp_sink import SmtpSink
 from services.email.tables import sent_emails
 from services.inventory.tables import reservations, stock
-from services.runtime.catalog import CATALOG
+from services.inventory.catalog import CATALOG
 from services.runtime.admin import ensure_topics
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.crashpoints import POINTS

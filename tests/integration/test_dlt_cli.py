@@ -35,7 +35,7 @@ from services.runtime import failure_headers as fh
 from services import registry
 from services.runtime import topology
 from services.runtime.admin import ensure_topics
-from services.runtime.brokers import free_port
+from services.tools.brokers import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import EVENT_ID, Envelope, new_event_id
 from services.runtime.kafka import make_producer

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from services.runtime.brokers import BrokerUnavailable, EmbeddedBroker, free_port, wait_for_broker
+from services.tools.brokers import BrokerUnavailable, EmbeddedBroker, free_port, wait_for_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -114,7 +114,7 @@ def test_taken_port_is_reported() -> None:
 def test_broker_dies_with_a_sigkilled_parent() -> None:
     code = (
         "import sys, time\n"
-        "from services.runtime.brokers import EmbeddedBroker\n"
+        "from services.tools.brokers import EmbeddedBroker\n"
         "b = EmbeddedBroker().start()\n"
         "print(b.pid, flush=True)\n"
         "time.sleep(60)\n"

@@ -22,7 +22,7 @@ from sqlalchemy import MetaData
 from conftest import settings_for
 from reading import read_all
 from services import registry
-from services.runtime.brokers import free_port
+from services.tools.brokers import free_port
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import Envelope, new_event_id
 from services.runtime.errors import PermanentError

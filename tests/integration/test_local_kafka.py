@@ -1,4 +1,4 @@
-"""The local Apache Kafka (`services.runtime.brokers.LocalKafka`): durable across a restart,
+"""The local Apache Kafka (`services.tools.brokers.LocalKafka`): durable across a restart,
 replicated as production is when it has three nodes, and never outlived by its JVMs.
 
 Runs in the `--broker kafka` pass of `make test`.
@@ -20,8 +20,8 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from reading import wait_until
 from services.runtime.admin import ensure_topics
-from services.runtime.brokers import KAFKA_VERSION, BrokerUnavailable, LocalKafka, free_port, wait_for_broker
-from services.runtime.brokers.apache_kafka import new_cluster_id
+from services.tools.brokers import KAFKA_VERSION, BrokerUnavailable, LocalKafka, free_port, wait_for_broker
+from services.tools.brokers.apache_kafka import new_cluster_id
 from services.runtime.topology import TopicSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def test_no_jvm_outlives_a_sigkilled_parent(tmp_path: Path):
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from services.runtime.brokers import LocalKafka\n"
+        "from services.tools.brokers import LocalKafka\n"
         f"k = LocalKafka(Path({str(tmp_path / 'kafka')!r}), nodes=3).start()\n"
         "print(' '.join(str(n.pid) for n in k.nodes), flush=True)\n"
         "time.sleep(120)\n"

@@ -50,7 +50,7 @@ from sqlalchemy import inspect, text
 from services import registry
 from services.runtime.db import make_engine
 from services.runtime.migrate import versions_dir
-from services.runtime.supervisor import die_with_parent
+from services.tools.supervisor import die_with_parent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from services import registry
 from services.orders.api import StatusClient
 from services.runtime.admin import ensure_topics
-from services.runtime.brokers import LocalBroker, local_broker
+from services.tools.brokers import LocalBroker, local_broker
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.crashpoints import POINTS
 from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_event_id

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from services import registry
-from services.runtime.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
+from services.tools.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
 from services.runtime.settings import Settings
 
 SERVICE_NAMES = tuple(s.name for s in registry.SERVICES)

@@ -22,7 +22,7 @@ from kubernetes_validate.utils import SchemaNotFoundError
 
 from services import registry
 from services.cli import deploy_cmd
-from services.runtime.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
+from services.tools.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
 from services.runtime.settings import Settings
 
 SERVICE_NAMES = tuple(s.name for s in registry.SERVICES)

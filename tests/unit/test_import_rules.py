@@ -2,6 +2,8 @@
 module or inside a function) is read with `ast` and must keep these rules (README, "Layout"):
 
 - the runtime (`services.runtime`) never imports a service, the registry or anything above it;
+- the tools (`services.tools`: local brokers, the supervisor, the schema check) stay outside the
+  core: neither the runtime nor a service imports them;
 - a service package (`services.<name>` for each registered service) imports only the runtime
   and itself: services never reach into each other;
 - handlers (`services/<name>/handlers.py`) never import the consumer loop, only the handler
@@ -44,7 +46,7 @@ def imports_of(path: Path) -> set[str]:
 
 
 def layer(module: str) -> str | None:
-    """The unit a module belongs to: runtime, service:<name>, registry, pipeline, ops, cli, streams, bench."""
+    """The unit a module belongs to: runtime, service:<name>, registry, tools, pipeline, ops, cli, streams, bench."""
     parts = module.split(".")
     if parts[0] in ("streams", "bench"):
         return parts[0]
@@ -52,7 +54,7 @@ def layer(module: str) -> str | None:
         return None  # the `services` namespace package itself
     if parts[1] in SERVICE_PACKAGES:
         return f"service:{parts[1]}"
-    return parts[1] if parts[1] in ("runtime", "registry", "pipeline", "ops", "cli") else None
+    return parts[1] if parts[1] in ("runtime", "registry", "tools", "pipeline", "ops", "cli") else None
 
 
 def dependencies() -> dict[str, set[tuple[str, str]]]:
@@ -70,7 +72,7 @@ DEPENDENCIES = dependencies()
 
 def test_the_rules_see_every_layer():
     seen = {layer(m) for m in DEPENDENCIES} - {None}
-    assert {"runtime", "registry", "pipeline", "ops", "cli", "streams", "bench"} <= seen
+    assert {"runtime", "registry", "tools", "pipeline", "ops", "cli", "streams", "bench"} <= seen
     assert {f"service:{name}" for name in ("orders", "inventory", "email", "invoice", "analytics")} <= seen
     # the parser finds what is there: the loop imports the handler contract
     assert ("services.runtime.handler", "runtime") in DEPENDENCIES["services.runtime.consumer"]
@@ -86,6 +88,13 @@ def test_a_service_imports_only_the_runtime_and_itself():
     wrong = {(m, t) for m, deps in DEPENDENCIES.items() if (own := layer(m) or "").startswith("service:")
              for t, target_layer in deps if target_layer not in ("runtime", own)}
     assert not wrong, f"services reach outside their package: {sorted(wrong)}"
+
+
+def test_the_tools_stay_outside_the_core():
+    wrong = {(m, t) for m, deps in DEPENDENCIES.items()
+             if layer(m) == "runtime" or (layer(m) or "").startswith("service:")
+             for t, target_layer in deps if target_layer == "tools"}
+    assert not wrong, f"the core imports a tool: {sorted(wrong)}"
 
 
 def test_handlers_use_the_handler_contract_never_the_loop():

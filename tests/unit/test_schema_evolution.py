@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from kafka_fakes import FakeConsumer, FakeMessage, FakeProducer
 from services.cli.schemas_cmd import app as schemas_app
 from services.runtime.codec import SCHEMAS_DIR, Codec, EmbeddedRegistry
-from services.runtime.compatibility import (
+from services.tools.compatibility import (
     Entry, Problem, check_against_baseline, check_all, check_compatibility, check_manifest, load_entries, parse_avro,
 )
 from services.runtime.consumer import ServiceConsumer

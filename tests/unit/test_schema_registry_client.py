@@ -2,7 +2,7 @@
 
 `mock://` is the client's in-process registry: it proves we register on produce, fetch by id
 on consume and cache both; it does NOT enforce compatibility (the `avro` checker in
-services/runtime/compatibility.py and `orderpipe schemas check` do that).
+services/tools/compatibility.py and `orderpipe schemas check` do that).
 """
 
 import uuid

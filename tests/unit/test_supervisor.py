@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.supervisor import ProcessSpec, Supervisor
+from services.tools.supervisor import ProcessSpec, Supervisor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -166,7 +166,7 @@ def test_children_die_when_supervisor_is_sigkilled(tmp_path: Path) -> None:
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from services.runtime.supervisor import ProcessSpec, Supervisor\n"
+        "from services.tools.supervisor import ProcessSpec, Supervisor\n"
         f"sup = Supervisor(Path({str(tmp_path)!r}))\n"
         "for n in ('x', 'y'):\n"
         "    sup.start(ProcessSpec(n, [sys.executable, '-c', 'import time; time.sleep(60)']))\n"

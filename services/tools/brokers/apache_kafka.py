@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from services.runtime.brokers.probe import BrokerUnavailable, PortTaken, free_port, wait_for_broker
-from services.runtime.supervisor import die_with_parent
+from services.tools.brokers.probe import BrokerUnavailable, PortTaken, free_port, wait_for_broker
+from services.tools.supervisor import die_with_parent
 
 # The one place the Kafka version is pinned: docker-compose.yml runs the same image tag
 # (tests/unit/test_compose_file.py checks it), and deploy/ the same Strimzi `version`.

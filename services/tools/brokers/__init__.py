@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from services.runtime.brokers.apache_kafka import KAFKA_VERSION, KafkaUnavailable, LocalKafka
-from services.runtime.brokers.embedded import EmbeddedBroker
-from services.runtime.brokers.probe import BrokerUnavailable, free_port, wait_for_broker
+from services.tools.brokers.apache_kafka import KAFKA_VERSION, KafkaUnavailable, LocalKafka
+from services.tools.brokers.embedded import EmbeddedBroker
+from services.tools.brokers.probe import BrokerUnavailable, free_port, wait_for_broker
 
 BROKER_KINDS = ("embedded", "kafka")
 

@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-from services.runtime.brokers.probe import BrokerUnavailable, PortTaken, free_port, wait_for_broker
-from services.runtime.brokers.quirks import EMBEDDED_CLIENT_ENV
-from services.runtime.supervisor import die_with_parent
+from services.tools.brokers.probe import BrokerUnavailable, PortTaken, free_port, wait_for_broker
+from services.tools.brokers.quirks import EMBEDDED_CLIENT_ENV
+from services.tools.supervisor import die_with_parent
 
 
 class EmbeddedBroker:

@@ -22,6 +22,7 @@ from services.inventory.service import SERVICE as INVENTORY
 from services.invoice.service import SERVICE as INVOICE
 from services.orders.service import SERVICE as ORDERS
 from services.runtime.declaration import Process, ServiceDeclaration
+from services.runtime.settings import Settings
 from services.runtime.topology import ConsumerGroup, TopicSpec, topics_for
 
 EXTRA_SERVICES_ENV = "ORDERPIPE_EXTRA_SERVICES"
@@ -62,9 +63,25 @@ def group(name: str) -> ConsumerGroup:
     raise UnknownService(f"unknown consumer group {name!r}; known: {', '.join(g.name for g in GROUPS)}")
 
 
+def service_of(process: str) -> ServiceDeclaration:
+    """The service a process (`orderpipe run NAME`) belongs to."""
+    for s in SERVICES:
+        if any(p.name == process for p in s.processes):
+            return s
+    raise UnknownService(f"unknown process {process!r}; known: {', '.join(processes())}")
+
+
 def processes() -> dict[str, Process]:
     """Every process of every service by its name (`orderpipe run NAME`), in start order."""
     return {p.name: p for s in SERVICES for p in s.processes}
+
+
+def setting_variables() -> set[str]:
+    """Every ORDERPIPE_<FIELD> variable the processes read: the shared Settings', each service's
+    own and each service's database URL (a name outside it is a typo nobody would notice)."""
+    models = [Settings, *(s.settings for s in SERVICES if s.settings is not None)]
+    return ({f"ORDERPIPE_{field.upper()}" for model in models for field in model.model_fields}
+            | {f"ORDERPIPE_{s.name.upper()}_DATABASE_URL" for s in SERVICES})
 
 
 def all_topics() -> list[TopicSpec]:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from services.cli import bench_cmd, db_cmd, deploy_cmd, dlt_cmd, ops_cmd, orders_cmd, schemas_cmd, tail_cmd
 from services.tools.brokers import BROKER_KINDS
-from services.runtime.settings import Settings, invalid_settings
+from services.runtime.settings import InvalidSettings, Settings, checked_settings, invalid_settings, settings_model
 
 app = typer.Typer(help="orderpipe: a Kafka-based, event-sourced order processing pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -72,7 +72,7 @@ def up(
     left off: orders accepted and not yet finished complete after the restart."""
     from services.pipeline.stack import Stack
 
-    stack = Stack(Settings(), data_dir=data_dir, broker=broker.value, fresh=fresh, api_port=api_port,
+    stack = Stack(_settings_of_every_service(), data_dir=data_dir, broker=broker.value, fresh=fresh, api_port=api_port,
                   status_port=status_port, progress=_progress)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -95,6 +95,13 @@ def up(
         console.print("stopping...")
         stack.stop()
         console.print("stopped")
+
+
+def _settings_of_every_service() -> Settings:
+    """Settings, every service's own checked too: `up` and `demo` start them all."""
+    from services import registry
+
+    return checked_settings(s.settings for s in registry.SERVICES)
 
 
 def _progress(line: str) -> None:
@@ -143,7 +150,8 @@ def demo(
     from services.pipeline.demo import demo_env, run_demo
     from services.pipeline.stack import Stack
 
-    stack = Stack(Settings(), data_dir=data_dir, broker=broker.value, fresh=True, extra_env=demo_env(fail_rate),
+    stack = Stack(_settings_of_every_service(), data_dir=data_dir, broker=broker.value, fresh=True,
+                  extra_env=demo_env(fail_rate),
                   progress=_progress)
     try:
         with console.status("starting broker, topics and services..."):
@@ -169,7 +177,7 @@ def run(process: Annotated[str, typer.Argument(
     known = registry.processes()
     if process not in known:
         fail(f"unknown service {process!r}; choose one of: {', '.join(known)}")
-    settings = Settings()
+    settings = checked_settings([registry.service_of(process).settings])
     setup_logging(process, settings.log_level, settings.log_json)
     if not settings.kafka_bootstrap_servers:
         fail("KAFKA_BOOTSTRAP_SERVERS is not set: start everything with `orderpipe up`, or export it")
@@ -246,10 +254,10 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
-    except ValidationError as error:
-        if error.title != Settings.__name__:
+    except (ValidationError, InvalidSettings) as error:
+        if isinstance(error, ValidationError) and settings_model(error) is None:
             raise  # not the operator's settings: a bug, keep its trace
-        for line in invalid_settings(error):
+        for line in error.lines if isinstance(error, InvalidSettings) else invalid_settings(error):
             print(f"orderpipe: {line}", file=sys.stderr)
         sys.exit(2)
 

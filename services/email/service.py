@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.email.faults import FlakyMailer
 from services.email.handlers import HANDLERS, EmailDeps
 from services.email.mailer import MailDeliveryError, MailRejected, SmtpMailer
+from services.email.settings import EmailSettings
 from services.email.tables import metadata
 from services.runtime.controls import WorkerControls
 from services.runtime.declaration import StatusStep, consumer_service
@@ -14,7 +15,7 @@ from services.runtime.service_main import Runtime
 
 
 def build(runtime: Runtime) -> Service:
-    s = runtime.settings
+    s = runtime.settings.of(EmailSettings)
     mailer = SmtpMailer(s.smtp_host, s.smtp_port, username=s.smtp_username, password=s.smtp_password,
                         starttls=s.smtp_starttls)
     if s.email_fail_rate:
@@ -24,9 +25,9 @@ def build(runtime: Runtime) -> Service:
     # (ORDERPIPE_WORKERS__EMAIL__CONCURRENCY; ..._RATE_LIMIT_MAX for the provider's limit).
     return Service(runtime.group, metadata, HANDLERS, deps=EmailDeps(mailer, s.mail_from),
                    retryable=(MailDeliveryError,), permanent=(MailRejected,),
-                   batch_size=min(50, s.consumer_batch_size), controls=WorkerControls(concurrency=8))
+                   batch_size=min(50, runtime.settings.consumer_batch_size), controls=WorkerControls(concurrency=8))
 
 
 SERVICE = consumer_service(
     "email", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(ConfirmationEmailSent,),
-    build=build, step=StatusStep(done={"ConfirmationEmailSent": "message_id"}))
+    build=build, settings=EmailSettings, step=StatusStep(done={"ConfirmationEmailSent": "message_id"}))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from services.inventory.handlers import HANDLERS
-from services.inventory.tables import metadata, stock
 from services.inventory.catalog import CATALOG
+from services.inventory.handlers import HANDLERS
+from services.inventory.settings import InventorySettings
+from services.inventory.tables import metadata, stock
 from services.runtime.declaration import StatusStep, consumer_service
 from services.runtime.events import StockRejected, StockReserved
 from services.runtime.handler import Service
@@ -23,13 +24,14 @@ def seed_stock(engine: Engine, levels: dict[str, int]) -> None:
 
 
 def build(runtime: Runtime) -> Service:
-    levels = {item.sku: (runtime.settings.initial_stock if item.stocked else 0) for item in CATALOG}
+    initial_stock = runtime.settings.of(InventorySettings).initial_stock
+    levels = {item.sku: (initial_stock if item.stocked else 0) for item in CATALOG}
     seed_stock(runtime.engine, levels)
     return Service(runtime.group, metadata, HANDLERS, batch_size=runtime.settings.consumer_batch_size)
 
 
 SERVICE = consumer_service(
     "inventory", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(StockReserved, StockRejected),
-    build=build,
+    build=build, settings=InventorySettings,
     # A rejected order fails as a whole: no step after it can make it succeed.
     step=StatusStep(done={"StockReserved": None}, failed={"StockRejected": "reason"}))

@@ -10,6 +10,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+from services.orders.settings import OrdersApiSettings
 from services.orders.tables import metadata, outbox
 from services.runtime.declaration import Process, ServiceDeclaration
 from services.runtime.settings import Settings
@@ -37,7 +38,8 @@ def run_api(settings: Settings) -> None:
 
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, exit_cleanly)
-    uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="warning")
+    listen = settings.of(OrdersApiSettings)
+    uvicorn.run(api, host=listen.api_host, port=listen.api_port, log_level="warning")
 
 
 def run_relay(settings: Settings) -> None:
@@ -68,4 +70,5 @@ def run_relay(settings: Settings) -> None:
 
 SERVICE = ServiceDeclaration(
     name="orders", metadata=metadata, migrations=Path(__file__).resolve().parent / "migrations",
-    processes=(Process("orders-api", run_api, health_port=False), Process("orders-relay", run_relay)))
+    processes=(Process("orders-api", run_api, health_port=False), Process("orders-relay", run_relay)),
+    settings=OrdersApiSettings)

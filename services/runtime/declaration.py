@@ -23,7 +23,7 @@ from services.runtime.topology import DEFAULT_RETRY_DELAYS_S, TOPIC_FOR_EVENT, C
 
 if TYPE_CHECKING:
     from services.runtime.service_main import Runtime
-    from services.runtime.settings import Settings
+    from services.runtime.settings import ServiceSettings, Settings
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class StatusStep:
 @dataclass(frozen=True)
 class ServiceDeclaration:
     """A service: its name (also its database's, and for a consumer its group's and step's), its
-    tables and migrations, its processes, and for a consumer service what it reads (the keys of
-    its handlers), what it emits and its step in the order-status view."""
+    tables and migrations, its processes, the settings it adds, and for a consumer service what
+    it reads (the keys of its handlers), what it emits and its step in the order-status view."""
 
     name: str
     metadata: MetaData  # its own tables; a consumer's inbox and outbox are added by the runtime
@@ -66,6 +66,7 @@ class ServiceDeclaration:
     build: Callable[[Runtime], Service] | None = None  # a consumer's Service, from its process's Runtime
     retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
     step: StatusStep | None = None
+    settings: type[ServiceSettings] | None = None  # its own ORDERPIPE_* variables beyond Settings
 
     @cached_property
     def group(self) -> ConsumerGroup | None:
@@ -80,6 +81,7 @@ class ServiceDeclaration:
 def consumer_service(name: str, *, package_file: str, metadata: MetaData,
                      handlers: Mapping[type[Event], list[Handler]], emits: tuple[type[Event], ...],
                      build: Callable[[Runtime], Service], step: StatusStep | None = None,
+                     settings: type[ServiceSettings] | None = None,
                      retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S) -> ServiceDeclaration:
     """The declaration of a consumer service: one process of its name, running the shared loop
     and the service's outbox relay (`service_main.run_service`) on what `build` returns.
@@ -98,5 +100,5 @@ def consumer_service(name: str, *, package_file: str, metadata: MetaData,
     declaration = ServiceDeclaration(
         name=name, metadata=metadata, migrations=Path(package_file).resolve().parent / "migrations",
         processes=(Process(name, run),), handlers=handlers, emits=emits, build=build, retry_delays_s=retry_delays_s,
-        step=step)
+        step=step, settings=settings)
     return declaration

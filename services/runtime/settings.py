@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
 
 class WorkerSettings(BaseModel):
     """One consumer service's worker controls, e.g. ORDERPIPE_WORKERS__EMAIL__CONCURRENCY=8 or
@@ -32,8 +34,23 @@ class WorkerSettings(BaseModel):
     breaker_cooldown_s: float | None = None
 
 
+class ServiceSettings(BaseSettings):
+    """The settings one service adds (ORDERPIPE_<FIELD>), declared in its own package (e.g.
+    services/email/settings.py: SMTP) and named in its declaration; its process reads them with
+    `settings.of(...)`, and `orderpipe run` checks them before it starts the process."""
+
+    model_config = SettingsConfigDict(env_prefix="ORDERPIPE_", extra="ignore")
+
+
+ServiceSettingsT = TypeVar("ServiceSettingsT", bound=ServiceSettings)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ORDERPIPE_", extra="ignore", env_nested_delimiter="__")
+    """What every process shares. Fields a service adds live in its ServiceSettings; given here
+    as keywords (Settings(smtp_port=2525), as tests do) they are kept and override the environment
+    in `of()`."""
+
+    model_config = SettingsConfigDict(env_prefix="ORDERPIPE_", extra="allow", env_nested_delimiter="__")
 
     # Kafka. Unset means "embedded": `orderpipe up` starts the Tansu broker and exports this.
     kafka_bootstrap_servers: str | None = Field(
@@ -44,16 +61,7 @@ class Settings(BaseSettings):
     kafka_client_config: str = ""
 
     data_dir: Path = Path(".data")
-    # Per-service database URL; default: sqlite:///<data_dir>/<service>.db. A service added with
-    # ORDERPIPE_EXTRA_SERVICES reads ORDERPIPE_<NAME>_DATABASE_URL the same way (database_url()).
-    orders_database_url: str | None = None
-    inventory_database_url: str | None = None
-    email_database_url: str | None = None
-    invoice_database_url: str | None = None
-    analytics_database_url: str | None = None
-
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
+    # Each service's database: ORDERPIPE_<SERVICE>_DATABASE_URL (database_url()).
     # /healthz, /readyz, /metrics of consumer services and orders-relay (services/runtime/health.py); 0 = off
     health_host: str = "127.0.0.1"
     health_port: int = 9100
@@ -62,14 +70,6 @@ class Settings(BaseSettings):
     status_sla_s: float = 300.0
     status_sla_check_interval_s: float | None = None  # default: a tenth of the SLA, 0.5 to 30 s
 
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 8025
-    smtp_username: str | None = None
-    smtp_password: str | None = None
-    smtp_starttls: bool = False
-    mail_from: str = "orders@orderpipe.local"
-
-    initial_stock: int = 1_000_000  # units per SKU seeded into an empty inventory database
     # librdkafka's default. The embedded broker holds a JoinGroup for this long, so `orderpipe up`
     # sets 10 s there (services/tools/brokers/quirks.py: EMBEDDED_CLIENT_ENV).
     max_poll_interval_ms: int = 300_000
@@ -93,13 +93,18 @@ class Settings(BaseSettings):
     # Failures and worker controls per consumer service, keyed by service name (see WorkerSettings).
     workers: dict[str, WorkerSettings] = Field(default_factory=dict)
     alert_webhook_url: str | None = None  # alerts are POSTed here as JSON, from a background thread
-    # Fault injection for demos and tests: this share of e-mail sends fail transiently (1 or 2 times).
-    email_fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
 
     def database_url(self, service: str) -> str:
-        url = getattr(self, f"{service}_database_url", None) or os.environ.get(
+        """ORDERPIPE_<SERVICE>_DATABASE_URL (or `<service>_database_url=` given here); default a
+        SQLite file of the service's name in the data folder."""
+        url = (self.model_extra or {}).get(f"{service}_database_url") or os.environ.get(
             f"ORDERPIPE_{service.upper()}_DATABASE_URL")
         return url or f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def of(self, model: type[ServiceSettingsT]) -> ServiceSettingsT:
+        """A service's own settings: its environment variables, under the same fields given here."""
+        given = {name: value for name, value in (self.model_extra or {}).items() if name in model.model_fields}
+        return model(**given)
 
     @cached_property
     def extra_client_config(self) -> dict[str, str]:
@@ -114,13 +119,48 @@ class Settings(BaseSettings):
         return self.kafka_bootstrap_servers
 
 
+class InvalidSettings(Exception):
+    """Rejected values of Settings and of services' settings: one line each (invalid_settings)."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def checked_settings(services: Iterable[type[ServiceSettings] | None] = ()) -> Settings:
+    """Settings, with the given services' own settings checked too: every rejected value of any
+    of them in one InvalidSettings, so an operator fixes them all in one go."""
+    lines: list[str] = []
+    settings = None
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        lines += invalid_settings(error)
+    for model in dict.fromkeys(m for m in services if m is not None):
+        try:
+            settings.of(model) if settings is not None else model()
+        except ValidationError as error:
+            lines += invalid_settings(error)
+    if lines or settings is None:
+        raise InvalidSettings(lines)
+    return settings
+
+
+def settings_model(error: ValidationError) -> type[BaseSettings] | None:
+    """The settings class (Settings or a service's) that rejected a value; None: not settings."""
+    models = [Settings, *ServiceSettings.__subclasses__()]
+    return next((m for m in models if m.__name__ == error.title), None)
+
+
 def invalid_settings(error: ValidationError) -> list[str]:
     """One line per rejected setting, named as the environment variable to fix, for a
-    ValidationError of Settings (a bad ORDERPIPE_* value ends a command with these, not a trace)."""
+    ValidationError of Settings or a service's settings (a bad ORDERPIPE_* value ends a command
+    with these, not a trace)."""
+    model = settings_model(error) or Settings
     lines = []
     for problem in error.errors():
         field, *nested = [str(part) for part in problem["loc"]]
-        info = Settings.model_fields.get(field)
+        info = model.model_fields.get(field)
         alias = getattr(info.validation_alias, "choices", None) if info else None
         name = alias[0] if alias else "__".join(["ORDERPIPE_" + field, *nested]).upper()
         lines.append(f"invalid setting {name}={problem.get('input')!r}: {problem['msg']}")

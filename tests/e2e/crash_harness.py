@@ -61,6 +61,7 @@ from services import registry
 from services.analytics.tables import per_minute, per_sku
 from services.email.mailer import message_id_for
 from services.email.tables import sent_emails
+from services.inventory.settings import InventorySettings
 from services.inventory.tables import reservations, stock
 from services.invoice.tables import invoices
 from services.orders.tables import orders as orders_table
@@ -557,7 +558,7 @@ def _check_stock(engine: Engine, settings: Settings, placed, reserved: set[str])
         by_order = {r.order_id for r in conn.execute(select(reservations.c.order_id))}
     assert by_order == reserved, "reservations exist for exactly the reserved orders"
     for sku, row in levels.items():
-        initial = settings.initial_stock if sku != "SKU-OUT" else 0
+        initial = settings.of(InventorySettings).initial_stock if sku != "SKU-OUT" else 0
         assert (row.available, row.reserved) == (initial - wanted.get(sku, 0), wanted.get(sku, 0)), \
             f"{sku}: stock must be initial minus the reserved quantities"
 

@@ -26,6 +26,7 @@ from services.pipeline.demo import place_all, sample_orders, wait_for_final
 from services.pipeline.stack import Stack
 from services.email.smtp_sink import read_maildir
 from services.email.tables import sent_emails
+from services.inventory.settings import InventorySettings
 from services.inventory.tables import reservations, stock
 from services.invoice.tables import invoices
 from services.runtime.db import make_engine
@@ -109,7 +110,7 @@ def _check_inventory(settings: Settings, placed, reserved: set[str]) -> None:
     engine.dispose()
     for sku, qty in wanted.items():
         assert levels[sku].reserved == qty
-        assert levels[sku].available == settings.initial_stock - qty
+        assert levels[sku].available == settings.of(InventorySettings).initial_stock - qty
     assert levels["SKU-OUT"].reserved == 0
 
 

@@ -42,6 +42,7 @@ from conftest import settings_for, unique_name
 from reading import read_all, wait_until
 from services.email.smtp_sink import SmtpSink
 from services.email.tables import sent_emails
+from services.inventory.settings import InventorySettings
 from services.inventory.tables import reservations, stock
 from services.inventory.catalog import CATALOG
 from services.runtime.admin import ensure_topics
@@ -256,12 +257,10 @@ def _check_stock_once(case: Case, initial: int) -> None:
 
 def test_inventory_killed_at_each_consumer_and_relay_point(kafka_bootstrap, database_factory, tmp_path):
     """One lane: one transaction per batch."""
-    from services.runtime.settings import Settings
-
     cases = _run_cases("inventory", CONSUMER_POINTS + RELAY_POINTS, kafka_bootstrap, database_factory, tmp_path)
     published = Counter((key, headers.get(EVENT_ID)) for _, _, key, _, headers in read_all(kafka_bootstrap, STOCK_RESERVED))
     for case in cases:
-        _check_stock_once(case, Settings().initial_stock)
+        _check_stock_once(case, InventorySettings().initial_stock)
         # every outbox row on the topic; twice at most (a kill between its produce and the row
         # marked published sends it again, with the same event id: the readers' inboxes absorb it)
         engine = make_engine(case.database_url)

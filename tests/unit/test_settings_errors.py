@@ -35,3 +35,26 @@ def test_every_bad_setting_is_named_nested_ones_by_their_full_variable(monkeypat
     assert len(lines) == 2 and "Traceback" not in err
     assert lines[0] == "orderpipe: invalid setting ORDERPIPE_EMAIL_FAIL_RATE='2': Input should be less than or equal to 1"
     assert lines[1].startswith("orderpipe: invalid setting ORDERPIPE_WORKERS__EMAIL__CONCURRENCY='eight': ")
+
+
+def test_a_bad_value_of_a_services_own_settings_stops_its_process_naming_the_variable(monkeypatch, capsys):
+    """`orderpipe run email` checks the e-mail service's own settings (services/email/settings.py)
+    before it connects to anything."""
+    code, err = run_cli(monkeypatch, capsys, {"ORDERPIPE_SMTP_PORT": "twenty-five",
+                                               "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}, "run", "email")
+    assert code == 2
+    assert err.startswith("orderpipe: invalid setting ORDERPIPE_SMTP_PORT='twenty-five': ")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_setting_given_to_settings_reaches_the_service_that_declares_it(monkeypatch):
+    from services.email.settings import EmailSettings
+    from services.runtime.settings import Settings
+
+    monkeypatch.setenv("ORDERPIPE_SMTP_HOST", "mail.example")
+    monkeypatch.setenv("ORDERPIPE_SMTP_PORT", "25")
+    email = Settings(smtp_port=2525).of(EmailSettings)
+    assert (email.smtp_host, email.smtp_port) == ("mail.example", 2525)  # the keyword wins over the environment
+    monkeypatch.setenv("ORDERPIPE_LOYALTY_DATABASE_URL", "sqlite:////tmp/loyalty.db")
+    assert Settings().database_url("loyalty") == "sqlite:////tmp/loyalty.db"
+    assert Settings(loyalty_database_url="sqlite:////x.db").database_url("loyalty") == "sqlite:////x.db"

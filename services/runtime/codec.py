@@ -27,6 +27,19 @@ _MAX_PLANS = 1024  # (schema id, reader version) pairs a Codec remembers
 _HEADER = struct.Struct(">bI")
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 NAMESPACE = "orderpipe.events"
+# Folders of the schemas services bring along (services/runtime/contracts.py), each with its own
+# registry.json; read with SCHEMAS_DIR by every EmbeddedRegistry made after they were added.
+_EXTRA_SCHEMA_DIRS: list[Path] = []
+
+
+def add_schemas_dir(folder: Path) -> None:
+    if folder not in _EXTRA_SCHEMA_DIRS:
+        _EXTRA_SCHEMA_DIRS.append(folder)
+
+
+def remove_schemas_dir(folder: Path) -> None:
+    if folder in _EXTRA_SCHEMA_DIRS:
+        _EXTRA_SCHEMA_DIRS.remove(folder)
 
 
 class DecodeError(ValueError):
@@ -56,14 +69,19 @@ def subject_for(event_type: str) -> str:
 
 
 class EmbeddedRegistry:
-    """Schema ids from the checked-in manifest; nothing to run."""
+    """Schema ids from the checked-in manifest (and those of services' own schemas); nothing to run."""
 
     def __init__(self, schemas_dir: Path = SCHEMAS_DIR):
-        manifest = json.loads((schemas_dir / "registry.json").read_text())
         self._by_id: dict[int, SchemaVersion] = {}
-        for entry in manifest["schemas"]:
-            schema = json.loads((schemas_dir / entry["file"]).read_text())
-            self._by_id[entry["id"]] = SchemaVersion(entry["id"], entry["subject"], entry["version"], schema)
+        for folder in dict.fromkeys([schemas_dir, *_EXTRA_SCHEMA_DIRS]):
+            manifest = json.loads((folder / "registry.json").read_text())
+            for entry in manifest["schemas"]:
+                known = self._by_id.get(entry["id"])
+                if known is not None:
+                    raise ValueError(f"schema id {entry['id']} of {folder / entry['file']} is taken by {known.subject} "
+                                     f"v{known.version}: give it an id of its own")
+                schema = json.loads((folder / entry["file"]).read_text())
+                self._by_id[entry["id"]] = SchemaVersion(entry["id"], entry["subject"], entry["version"], schema)
         self._version_cache: dict[tuple[str, int], SchemaVersion] = {}
         self._latest_cache: dict[str, SchemaVersion] = {}
 

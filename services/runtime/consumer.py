@@ -46,7 +46,7 @@ from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
 from services.runtime.crashpoints import crash_point
 from services.runtime.db import insert_ignore, utcnow
 from services.runtime.errors import ConsumerMisconfigured, MissingHandler, PermanentError, is_retryable
-from services.runtime.events import EVENT_TYPES, Event
+from services.runtime.events import EVENT_TYPES, READER_VERSIONS, Event
 from services.runtime.failure_headers import (
     H_ATTEMPT,
     H_DUE_AT,
@@ -74,9 +74,6 @@ from services.runtime.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
-# Consumers read every event as the schema version their model was built on (Avro resolution),
-# so a producer moving to a newer compatible version does not break them.
-READER_VERSIONS = {name: cls.schema_version for name, cls in EVENT_TYPES.items()}
 
 
 # Refusals that asking again cannot change, and what to fix.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import MetaData
 
+from services.runtime.contracts import EventContract, register
 from services.runtime.events import Event
 from services.runtime.handler import Handler, Service
 from services.runtime.topology import DEFAULT_RETRY_DELAYS_S, TOPIC_FOR_EVENT, ConsumerGroup
@@ -67,6 +68,10 @@ class ServiceDeclaration:
     retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
     step: StatusStep | None = None
     settings: type[ServiceSettings] | None = None  # its own ORDERPIPE_* variables beyond Settings
+    events: tuple[EventContract, ...] = ()  # event types only it defines (registered when declared)
+
+    def __post_init__(self) -> None:
+        register(*self.events)  # before `group` below looks up the topics of what it emits
 
     @cached_property
     def group(self) -> ConsumerGroup | None:
@@ -81,7 +86,7 @@ class ServiceDeclaration:
 def consumer_service(name: str, *, package_file: str, metadata: MetaData,
                      handlers: Mapping[type[Event], list[Handler]], emits: tuple[type[Event], ...],
                      build: Callable[[Runtime], Service], step: StatusStep | None = None,
-                     settings: type[ServiceSettings] | None = None,
+                     settings: type[ServiceSettings] | None = None, events: tuple[EventContract, ...] = (),
                      retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S) -> ServiceDeclaration:
     """The declaration of a consumer service: one process of its name, running the shared loop
     and the service's outbox relay (`service_main.run_service`) on what `build` returns.
@@ -100,5 +105,5 @@ def consumer_service(name: str, *, package_file: str, metadata: MetaData,
     declaration = ServiceDeclaration(
         name=name, metadata=metadata, migrations=Path(package_file).resolve().parent / "migrations",
         processes=(Process(name, run),), handlers=handlers, emits=emits, build=build, retry_delays_s=retry_delays_s,
-        step=step, settings=settings)
+        step=step, settings=settings, events=events)
     return declaration

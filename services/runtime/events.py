@@ -91,7 +91,13 @@ class OrderRecorded(Event):
     recorded_at: datetime
 
 
+# Every event type by name; a service's own ones join it when its declaration registers them
+# (services/runtime/contracts.py).
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (OrderCreated, StockReserved, StockRejected, ConfirmationEmailSent, InvoiceIssued, OrderRecorded)
 }
+
+# Consumers read every event as the schema version their model was built on (Avro resolution),
+# so a producer moving to a newer compatible version does not break them.
+READER_VERSIONS: dict[str, int] = {name: cls.schema_version for name, cls in EVENT_TYPES.items()}

@@ -1,8 +1,9 @@
-"""Every event topic, declared once, and the shape of a consumer group's topics.
+"""Every built-in event topic, declared once, and the shape of a consumer group's topics.
 
 The event topics are contracts, like the schemas: services, tests, `orderpipe topics create`
 and the deploy manifests all read them here, so a topic's name, partition count and policies
-cannot drift. The consumer groups are not listed here but derived from the services'
+cannot drift. A topic of an event type only one service defines is declared in that service's
+package and joins these when it registers (services/runtime/contracts.py). The consumer groups are not listed here but derived from the services'
 declarations (services/registry.py: `GROUPS`, `all_topics()`). Each group gets its own retry
 chain and dead-letter topic per input topic (`<topic>.<group>.retry.<n>`, `<topic>.<group>.dlt`),
 so a failure in one group never replays the event to the others.
@@ -70,7 +71,9 @@ class ConsumerGroup:
         return f"{source}.{self.name}.parking"
 
 
-EVENT_TOPICS: tuple[TopicSpec, ...] = (
+# The built-in event topics; a service's own event types add theirs when its declaration
+# registers them (services/runtime/contracts.py), so these three are lists read at call time.
+EVENT_TOPICS: list[TopicSpec] = [
     TopicSpec(ORDERS_CREATED, event_types=("OrderCreated",), writer="orders (outbox relay)",
               doc="Every accepted order."),
     TopicSpec(STOCK_RESERVED, event_types=("StockReserved",), writer="inventory",
@@ -85,7 +88,7 @@ EVENT_TOPICS: tuple[TopicSpec, ...] = (
               doc="The order was added to the analytics rollups."),
     TopicSpec(ORDERS_STATUS, cleanup_policy="compact", event_types=("OrderStatus",), writer="order-status (Faust)",
               doc="The latest status of every order (compacted, keyed by order id)."),
-)
+]
 
 # Read and written by the operators' CLI (`orderpipe dlt`), never by the services. Its retention
 # outlives the dead-letter topics': the replay/purge records there also say which dead letters
@@ -98,7 +101,7 @@ OPS_TOPICS: tuple[TopicSpec, ...] = (
 
 # The Faust order-status view reads every event topic, plus every group's retry and dead-letter
 # topics (streams/order_status/inputs.py: failure_topics); its changelog and SLA topics are Faust's own.
-STATUS_INPUTS: tuple[str, ...] = tuple(t.name for t in EVENT_TOPICS if t.name != ORDERS_STATUS)
+STATUS_INPUTS: list[str] = [t.name for t in EVENT_TOPICS if t.name != ORDERS_STATUS]
 
 # Which topic each event type is published to (one event type per topic).
 TOPIC_FOR_EVENT: dict[str, str] = {t: spec.name for spec in EVENT_TOPICS for t in spec.event_types}

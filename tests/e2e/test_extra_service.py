@@ -10,8 +10,11 @@ puts it in the registry, and from its declaration alone it gets
   its effect (points per customer) lands for every order;
 - its retry chain: an order it cannot handle ends in `orders.created.loyalty.dlt` with the
   runtime's failure headers, and in no other group's topics;
-- the order-status view's steps derive from the same registry: loyalty declares no step, so
-  every other order still completes and no status shows a loyalty step.
+- an event type of its own (`PointsAwarded`: model, topic `loyalty.points` and schema with an id
+  from its own registry.json, all in its folder): published through its outbox, one per order;
+- its place in the order-status view: the view's steps derive from the same registry, so every
+  order shows a `loyalty` step, done with the points awarded, and the order it dead-lettered is
+  STALLED naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from rich.progress import Progress
 from sqlalchemy import text
 
 from services import registry
+from services.runtime import contracts
+from services.runtime.codec import codec_from_settings
 from services.pipeline.demo import place_all, sample_orders, wait_for_final
 from services.pipeline.stack import Stack
 from services.runtime.db import make_engine
@@ -55,7 +60,9 @@ def loyalty(monkeypatch):
     monkeypatch.setattr(registry, "SERVICES", (*registry.SERVICES, *extra))
     monkeypatch.setattr(registry, "GROUPS", registry.groups())
     [service] = extra
-    return service
+    contracts.register(*service.events)  # again, in case an earlier test imported it and unregistered
+    yield service
+    contracts.unregister(*service.events)
 
 
 def test_a_service_from_the_test_tree_gets_topics_migrations_a_process_and_a_retry_chain(
@@ -65,6 +72,7 @@ def test_a_service_from_the_test_tree_gets_topics_migrations_a_process_and_a_ret
     dlt = group.dlt_topic("orders.created")
     assert {group.retry_topic("orders.created", 1), dlt} <= {t.name for t in registry.all_topics()}
     assert "loyalty" in registry.processes()
+    assert group.outputs == ("loyalty.points",) and "loyalty.points" in {t.name for t in registry.all_topics()}
 
     data_dir = tmp_path / "data"
     settings = Settings(data_dir=data_dir)
@@ -76,10 +84,24 @@ def test_a_service_from_the_test_tree_gets_topics_migrations_a_process_and_a_ret
         with httpx.Client(base_url=info.api_url, timeout=10) as client, Progress(console=quiet) as progress:
             placed = place_all(client, samples, progress)
             final = wait_for_final(client, placed, 150, progress)
-        assert {oid: view["state"] for oid, view in final.items()} == {oid: o.expected for oid, o in placed.items()}
-        assert all("loyalty" not in view["steps"] for view in final.values())
-
         broken = next(oid for oid, o in placed.items() if o.body["customer_id"] == BROKEN)
+        # the broken order is STALLED by its loyalty dead letter, unless it failed for good anyway
+        expected = {oid: ("STALLED" if oid == broken and o.expected != "FAILED" else o.expected)
+                    for oid, o in placed.items()}
+        assert {oid: view["state"] for oid, view in final.items()} == expected
+        assert final[broken]["steps"]["loyalty"]["state"] == "dead_lettered"
+        if expected[broken] == "STALLED":
+            assert "loyalty dead-lettered" in final[broken]["reason"]
+        units = {oid: sum(line["quantity"] for line in o.body["lines"]) for oid, o in placed.items()}
+        assert {oid: (view["steps"]["loyalty"]["state"], view["steps"]["loyalty"]["detail"])
+                for oid, view in final.items() if oid != broken} == \
+               {oid: ("done", str(units[oid])) for oid in placed if oid != broken}
+
+        codec = codec_from_settings(None)  # the loyalty schema's id comes from its own registry.json
+        awarded = [codec.decode(m.value()) for m in _read(info.bootstrap_servers, "loyalty.points",
+                                                          expected=len(placed) - 1)]
+        assert {d.schema_id for d in awarded} == {1001}
+        assert sorted(d.record["order_id"] for d in awarded) == sorted(oid for oid in placed if oid != broken)
         dead = _read(info.bootstrap_servers, dlt, expected=1)
         assert [m.key().decode() for m in dead] == [broken]
         headers = dict(dead[0].headers())

@@ -1,8 +1,10 @@
-"""Loyalty: a point per unit ordered, per customer. Orders for the customer `customer-broken` fail
-for good (PermanentError), so the test sees the service's own dead-letter topic fill."""
+"""Loyalty: a point per unit ordered, per customer, announced as PointsAwarded. Orders for the
+customer `customer-broken` fail for good (PermanentError), so the test sees the service's own
+dead-letter topic fill."""
 
 from __future__ import annotations
 
+from extra_service.loyalty.events import PointsAwarded
 from extra_service.loyalty.tables import points
 
 from services.runtime.db import upsert_add
@@ -16,7 +18,7 @@ def award_points(event: OrderCreated, uow: UnitOfWork) -> list[Event]:
         raise PermanentError("no loyalty account for customer-broken")
     units = sum(line.quantity for line in event.lines)
     upsert_add(uow.conn, points, {"customer_id": event.customer_id}, {"points": units})
-    return []
+    return [PointsAwarded(order_id=event.order_id, customer_id=event.customer_id, points=units, awarded_at=uow.now)]
 
 
 HANDLERS = {OrderCreated: [award_points]}

@@ -35,6 +35,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from services.runtime.files import write_atomically
+
 __all__ = ["SmtpSink", "MaildirHandler", "read_maildir", "main"]
 
 _counter = itertools.count()
@@ -48,23 +50,6 @@ def _next_name() -> str:
     return f"{time.time_ns():020d}-{os.getpid()}-{n:08d}-{uuid.uuid4().hex[:12]}.eml"
 
 
-def _write_atomically(directory: Path, name: str, data: bytes) -> Path:
-    final = directory / name
-    tmp = directory / f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return final
 
 
 def _header_safe(value: str) -> str:
@@ -95,7 +80,7 @@ class MaildirHandler:
             f"X-Envelope-To: {_header_safe(', '.join(envelope.rcpt_tos))}\r\n"
         ).encode("utf-8")
         try:
-            _write_atomically(self.maildir, _next_name(), prefix + content)
+            write_atomically(self.maildir / _next_name(), prefix + content)
         except OSError as exc:
             # a temporary local problem: tell the client to retry later
             return f"451 4.3.0 could not store message: {exc.strerror or exc}"

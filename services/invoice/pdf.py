@@ -8,8 +8,6 @@ outside Latin-1 are shown as "?".
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -17,6 +15,8 @@ from pathlib import Path
 
 from fpdf import FPDF
 from fpdf.enums import XPos, YPos
+
+from services.runtime.files import write_atomically
 
 __all__ = ["InvoiceLine", "InvoiceDocument", "render_invoice", "render_invoice_bytes", "format_amount"]
 
@@ -139,18 +139,4 @@ def render_invoice(doc: InvoiceDocument, path: Path) -> Path:
     path = Path(path)
     data = render_invoice_bytes(doc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return write_atomically(path, data)

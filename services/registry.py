@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import replace
 
 from services.analytics.service import SERVICE as ANALYTICS
 from services.email.service import SERVICE as EMAIL
@@ -23,7 +24,7 @@ from services.invoice.service import SERVICE as INVOICE
 from services.orders.service import SERVICE as ORDERS
 from services.runtime.declaration import Process, ServiceDeclaration
 from services.runtime.settings import Settings
-from services.runtime.topology import ConsumerGroup, TopicSpec, topics_for
+from services.runtime.topology import TOPIC_FOR_EVENT, ConsumerGroup, TopicSpec, topics_for
 
 EXTRA_SERVICES_ENV = "ORDERPIPE_EXTRA_SERVICES"
 
@@ -85,5 +86,7 @@ def setting_variables() -> set[str]:
 
 
 def all_topics() -> list[TopicSpec]:
-    """Event topics, every group's retry, dead-letter and parking topics, and the operators' audit topic."""
-    return topics_for(GROUPS)
+    """Event topics (each with the service that emits its events as its writer), every group's
+    retry, dead-letter and parking topics, and the operators' audit topic."""
+    writers = {TOPIC_FOR_EVENT[event.event_type()]: s.name for s in SERVICES for event in s.emits}
+    return [replace(t, writer=writers[t.name]) if not t.writer and t.name in writers else t for t in topics_for(GROUPS)]

@@ -13,6 +13,7 @@ from pathlib import Path
 from services.orders.settings import OrdersApiSettings
 from services.orders.tables import metadata, outbox
 from services.runtime.declaration import Process, ServiceDeclaration
+from services.runtime.events import OrderCreated
 from services.runtime.settings import Settings
 
 
@@ -71,4 +72,4 @@ def run_relay(settings: Settings) -> None:
 SERVICE = ServiceDeclaration(
     name="orders", metadata=metadata, migrations=Path(__file__).resolve().parent / "migrations",
     processes=(Process("orders-api", run_api, health_port=False), Process("orders-relay", run_relay)),
-    settings=OrdersApiSettings)
+    emits=(OrderCreated,), settings=OrdersApiSettings)

@@ -74,18 +74,16 @@ class ConsumerGroup:
 # The built-in event topics; a service's own event types add theirs when its declaration
 # registers them (services/runtime/contracts.py), so these three are lists read at call time.
 EVENT_TOPICS: list[TopicSpec] = [
-    TopicSpec(ORDERS_CREATED, event_types=("OrderCreated",), writer="orders (outbox relay)",
-              doc="Every accepted order."),
-    TopicSpec(STOCK_RESERVED, event_types=("StockReserved",), writer="inventory",
-              doc="Stock was reserved for every line of the order."),
-    TopicSpec(STOCK_REJECTED, event_types=("StockRejected",), writer="inventory",
+    # The writer of each is the service that declares it emits the event (registry.all_topics()).
+    TopicSpec(ORDERS_CREATED, event_types=("OrderCreated",), doc="Every accepted order."),
+    TopicSpec(STOCK_RESERVED, event_types=("StockReserved",), doc="Stock was reserved for every line of the order."),
+    TopicSpec(STOCK_REJECTED, event_types=("StockRejected",),
               doc="The order was rejected whole: some line was out of stock."),
-    TopicSpec(EMAIL_SENT, event_types=("ConfirmationEmailSent",), writer="email",
+    TopicSpec(EMAIL_SENT, event_types=("ConfirmationEmailSent",),
               doc="The confirmation e-mail was accepted by the SMTP server."),
-    TopicSpec(INVOICES_ISSUED, event_types=("InvoiceIssued",), writer="invoice",
+    TopicSpec(INVOICES_ISSUED, event_types=("InvoiceIssued",),
               doc="An invoice PDF was issued (only for orders whose stock was reserved)."),
-    TopicSpec(ANALYTICS_RECORDED, event_types=("OrderRecorded",), writer="analytics",
-              doc="The order was added to the analytics rollups."),
+    TopicSpec(ANALYTICS_RECORDED, event_types=("OrderRecorded",), doc="The order was added to the analytics rollups."),
     TopicSpec(ORDERS_STATUS, cleanup_policy="compact", event_types=("OrderStatus",), writer="order-status (Faust)",
               doc="The latest status of every order (compacted, keyed by order id)."),
 ]

@@ -163,9 +163,12 @@ def _outcomes(steps: Mapping[str, StatusStep]) -> dict[str, Callable[[dict[str, 
             declared.setdefault(event_type, []).append((name, "skipped", None))
 
     def translator(event_type: str, changes: list[tuple[str, StepState, str | None]]):
+        def shown(record: dict[str, Any], detail: str | None) -> str | None:
+            value = record.get(detail) if detail else None
+            return None if value is None or value == "" else str(value)  # a detail is text (points: "3")
+
         def change(record: dict[str, Any]) -> list[StepChange]:
-            return [StepChange(name, state, (record.get(detail) if detail else None)
-                               or (_in_words(event_type) if state == "failed" else None))
+            return [StepChange(name, state, shown(record, detail) or (_in_words(event_type) if state == "failed" else None))
                     for name, state, detail in changes]
         return change
 

@@ -17,7 +17,8 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.orders.model import OrderAccepted, PlaceOrder
+from services.orders.body_limit import BodyLimit
+from services.orders.model import OrderAccepted, PlaceOrder, Problem
 from services.orders.place import place_order
 from services.orders.tables import orders
 from services.runtime.codec import Codec
@@ -66,9 +67,10 @@ class StatusClient:
         return r.json()
 
 
-def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
+def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_bytes: int = 65_536) -> FastAPI:
     app = FastAPI(title="orderpipe orders API", version="0.1.0",
                   description="Place orders (answered 202 once durably recorded) and follow their status.")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -76,8 +78,9 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
         # cannot be written as JSON, and the 422 became a 500.
         return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
 
-    @app.post("/orders", status_code=202, response_model=OrderAccepted,
-              responses={503: {"description": "The database could not store the order; nothing was recorded."}})
+    @app.post("/orders", status_code=202, response_model=OrderAccepted, responses={
+        413: {"model": Problem, "description": "The body is larger than ORDERPIPE_API_MAX_BODY_BYTES; nothing was read."},
+        503: {"model": Problem, "description": "The database could not store the order; nothing was recorded."}})
     def post_order(request: PlaceOrder, response: Response) -> OrderAccepted:
         try:
             event = place_order(engine, codec, request)
@@ -91,7 +94,9 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
         response.headers["Location"] = status_url
         return OrderAccepted(order_id=event.order_id, status_url=status_url)
 
-    @app.get("/orders")
+    @app.get("/orders", responses={
+        400: {"model": Problem, "description": "The order-status view refused the query (unknown state, bad time)."},
+        503: {"model": Problem, "description": "The order-status view is not answering."}})
     def list_orders(state: str | None = None, since: str | None = None, limit: int = 1000) -> dict:
         """Orders by state (e.g. `FAILED,STALLED`) and last change (`since=1h` or an ISO time),
         newest first, from the order-status view (every worker)."""
@@ -103,7 +108,7 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
             raise HTTPException(503, detail=str(exc)) from None
         return {"count": view["count"], "orders": view["statuses"]}
 
-    @app.get("/orders/{order_id}")
+    @app.get("/orders/{order_id}", responses={404: {"model": Problem, "description": "No such order."}})
     def get_order(order_id: str) -> dict:
         with engine.connect() as conn:
             row = conn.execute(select(orders).where(orders.c.order_id == order_id)).mappings().first()
@@ -123,7 +128,7 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient) -> FastAPI:
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "The database is not answering."}})
     def readyz(response: Response) -> dict:
         try:
             with engine.connect() as conn:

@@ -14,7 +14,13 @@ class LineItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sku: Sku
     quantity: int = Field(gt=0, le=10_000)
-    unit_price: Decimal = Field(ge=0, max_digits=16, decimal_places=2)
+    # At most 10 digits before the point: then even 100 lines of 10,000 units total less than
+    # 10^16, which OrderCreated's decimal(18, 2) can carry (a larger total made POST /orders a
+    # 500). The document says exactly what is accepted (pydantic's own schema allows any
+    # string): a JSON number or a string of digits.
+    unit_price: Decimal = Field(ge=0, max_digits=12, decimal_places=2, json_schema_extra={"anyOf": [
+        {"type": "number", "minimum": 0, "maximum": 9_999_999_999.99, "multipleOf": 0.01},
+        {"type": "string", "pattern": r"^[0-9]{1,10}(\.[0-9]{1,2})?$"}]})
 
 
 class PlaceOrder(BaseModel):
@@ -27,6 +33,12 @@ class PlaceOrder(BaseModel):
     @property
     def total(self) -> Decimal:
         return sum((line.quantity * line.unit_price for line in self.lines), Decimal("0.00"))
+
+
+class Problem(BaseModel):
+    """Why a request was refused or could not be served."""
+
+    detail: str
 
 
 class OrderAccepted(BaseModel):

@@ -28,7 +28,9 @@ def run_api(settings: Settings) -> None:
 
     engine = make_engine(settings.database_url(SERVICE.name))
     prepare_database(engine, SERVICE, settings.db_upgrade_on_start)
-    api = create_app(engine, codec_from_settings(settings.schema_registry_url), StatusClient(settings.status_url))
+    listen = settings.of(OrdersApiSettings)
+    api = create_app(engine, codec_from_settings(settings.schema_registry_url), StatusClient(settings.status_url),
+                     max_body_bytes=listen.api_max_body_bytes)
     tune_gc()
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
     # handler that was there before it. This one ends the process with exit code 0, like every
@@ -39,7 +41,6 @@ def run_api(settings: Settings) -> None:
 
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, exit_cleanly)
-    listen = settings.of(OrdersApiSettings)
     uvicorn.run(api, host=listen.api_host, port=listen.api_port, log_level="warning")
 
 

@@ -312,7 +312,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     """`1h`, `30m`, `90s`, `2d` (before `now`) or an ISO 8601 time (UTC if it has no offset)."""
     match = _DURATION.match(text)
     if match:
-        return now - timedelta(seconds=float(match[1]) * _UNIT_S[match[2]])
+        try:
+            return now - timedelta(seconds=float(match[1]) * _UNIT_S[match[2]])
+        except OverflowError:
+            raise ValueError(f"since {text!r} reaches back before the year 1") from None
     try:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -4,6 +4,7 @@ worker, readiness and metrics. What this worker holds and whether it can answer 
     GET /status/{order_id}/   answered by the worker that owns the key (table_route)
     GET /status/?state=&since=&limit=   every worker's partitions (fan-out), or ?scope=local
     GET /healthz, /ready, /metrics
+    GET /openapi.json   what each of them answers (openapi.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from faust.web.exceptions import ServiceUnavailable
 
 from services.runtime.topology import DEFAULT_PARTITIONS
 from streams.order_status.fold import TABLE_NAME, Metrics, partition_of
+from streams.order_status.openapi import openapi_document
 from streams.order_status.status import ORDER_STATES, matches, parse_since
 
 
@@ -156,6 +158,12 @@ def add_pages(app: faust.App, view: WorkerView, metrics: Metrics) -> None:
     @app.page("/metrics")
     async def prometheus_metrics(web: Any, request: Any) -> Any:
         return web.text(metrics.prometheus(), content_type="text/plain")
+
+    document = openapi_document()
+
+    @app.page("/openapi.json")
+    async def openapi(web: Any, request: Any) -> Any:
+        return web.json(document)
 
 
 async def _as_coroutine(value: Any) -> Any:

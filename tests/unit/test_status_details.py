@@ -199,3 +199,15 @@ def test_a_failed_step_without_its_detail_names_the_event_and_a_done_one_stays_b
     assert outcomes["PaymentCaptured"]({"order_id": ORDER}) == [StepChange("payment", "done", None)]
     assert outcomes["PaymentCaptured"]({"order_id": ORDER, "reference": "r-7"}) == [StepChange("payment", "done", "r-7")]
     assert outcomes["ParcelShipped"]({"order_id": ORDER, "reference": "r-7"}) == [StepChange("shipping", "done", None)]
+
+
+def test_a_since_reaching_back_before_the_year_1_is_a_value_error_not_an_overflow():
+    """`GET /status/?since=99999999999d` was a 500 (OverflowError); now the view answers 400."""
+    from datetime import UTC, datetime
+
+    import pytest
+
+    from streams.order_status.status import parse_since
+
+    with pytest.raises(ValueError, match="reaches back before the year 1"):
+        parse_since("99999999999d", datetime(2026, 1, 1, tzinfo=UTC))

@@ -37,7 +37,7 @@ app.add_typer(orders_cmd.app, name="orders")  # `orderpipe orders list --state F
 app.add_typer(bench_cmd.app)  # `orderpipe bench`
 topics_app.command("describe")(ops_cmd.topics_describe)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
 
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}")
@@ -227,7 +227,7 @@ def topics_create() -> None:
     if not settings.kafka_bootstrap_servers:
         fail("KAFKA_BOOTSTRAP_SERVERS is not set; export it (host:port of your Kafka cluster)")
     try:
-        wait_for_broker(settings.kafka_bootstrap_servers, timeout=10)
+        wait_for_broker(settings.kafka_bootstrap_servers, timeout=10, client_config=settings.extra_client_config)
     except BrokerUnavailable as exc:
         fail(str(exc))
     results = ensure_topics({"bootstrap.servers": settings.kafka_bootstrap_servers, **settings.extra_client_config},

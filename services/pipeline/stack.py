@@ -104,7 +104,7 @@ class Stack:
         if self.settings.kafka_bootstrap_servers:
             kind, embedded = "external", False
             bootstrap = self.settings.kafka_bootstrap_servers
-            cluster_id = wait_for_broker(bootstrap, timeout=15)
+            cluster_id = wait_for_broker(bootstrap, timeout=15, client_config=self.settings.extra_client_config)
         else:
             if self.fresh and self.data_dir.exists():
                 shutil.rmtree(self.data_dir)

@@ -45,7 +45,13 @@ from services.runtime.codec import Codec, DecodeError
 from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
 from services.runtime.crashpoints import crash_point
 from services.runtime.db import insert_ignore, utcnow
-from services.runtime.errors import ConsumerMisconfigured, MissingHandler, PermanentError, is_retryable
+from services.runtime.errors import (
+    ConsumerMisconfigured,
+    KafkaRefused,
+    MissingHandler,
+    PermanentError,
+    is_retryable,
+)
 from services.runtime.events import EVENT_TYPES, READER_VERSIONS, Event
 from services.runtime.failure_headers import (
     H_ATTEMPT,
@@ -257,6 +263,8 @@ class ServiceConsumer:
             return BatchResult(put_back=len(batch))
         try:
             return self.handle_batch(batch)
+        except KafkaRefused:
+            raise  # the credentials or the certificate: no rewind can help
         except Exception:
             # The broker failed mid-batch (retry copies not acked). Nothing of this batch has its
             # offset stored, so rewind to its first messages: they are redelivered, and the inbox

@@ -30,6 +30,11 @@ class ConsumerMisconfigured(RuntimeError):
     error): the process stops with the message instead of asking again forever."""
 
 
+class KafkaRefused(ConsumerMisconfigured):
+    """The broker refused this client's login, or the client refused the broker's certificate
+    (services/runtime/kafka.py: `stop_on_refusal`): no retry can fix either."""
+
+
 RETRYABLE_TYPES: tuple[type[BaseException], ...] = (
     RetryableError, TimeoutError, ConnectionError, socket.timeout, OSError,
 )

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
+from services.runtime.errors import KafkaRefused
 from services.runtime.settings import Settings
 
 # Java clients, aiokafka and Faust hash keys with murmur2; librdkafka's default (consistent_random,
@@ -15,8 +16,27 @@ from services.runtime.settings import Settings
 PARTITIONER = "murmur2_random"
 
 
+# What no retry can fix, and what to check. librdkafka reports these only to the error
+# callback and would ask again forever; a wrong password or an untrusted broker certificate
+# must end the process within seconds, with one line (no secret is in librdkafka's text).
+_REFUSALS = {
+    KafkaError._AUTHENTICATION: "check sasl.username, sasl.password and sasl.mechanism in ORDERPIPE_KAFKA_CLIENT_CONFIG",
+    KafkaError._SSL: "check ssl.ca.location in ORDERPIPE_KAFKA_CLIENT_CONFIG (the CA that signed the broker's "
+                     "certificate) and that the address is the broker's TLS listener",
+}
+
+
+def stop_on_refusal(err: KafkaError) -> None:
+    """The services' clients' error callback: a refusal raises KafkaRefused, which poll(),
+    consume() and flush() raise in the thread that called them. Other errors are transient:
+    librdkafka logs them and reconnects."""
+    fix = _REFUSALS.get(err.code())
+    if fix is not None:
+        raise KafkaRefused(f"Kafka refused the connection: {err.str()} ({fix})")
+
+
 def base_config(settings: Settings) -> dict[str, Any]:
-    return {"bootstrap.servers": settings.bootstrap, **settings.extra_client_config}
+    return {"bootstrap.servers": settings.bootstrap, **settings.extra_client_config, "error_cb": stop_on_refusal}
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:

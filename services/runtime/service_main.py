@@ -20,6 +20,7 @@ from services.runtime.codec import Codec, codec_from_settings
 from services.runtime.consumer import ServiceConsumer
 from services.runtime.db import make_engine
 from services.runtime.declaration import ServiceDeclaration
+from services.runtime.errors import KafkaRefused
 from services.runtime.health import start_health_server, thread_check
 from services.runtime.heap import tune_gc
 from services.runtime.kafka import make_consumer, make_producer
@@ -52,12 +53,22 @@ def install_stop_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, _stop)
 
 
-def start_relay(runtime: Runtime, service_name: str, outbox, stop: threading.Event) -> threading.Thread:
+class RelayThread(threading.Thread):
+    refused: KafkaRefused | None = None  # why it stopped the process, if Kafka refused it
+
+
+def start_relay(runtime: Runtime, service_name: str, outbox, stop: threading.Event) -> RelayThread:
     relay = OutboxRelay(runtime.engine, outbox, make_producer(runtime.settings, **{"client.id": f"{service_name}-relay"}),
                         batch_size=runtime.settings.relay_batch_size,
                         retention=timedelta(hours=runtime.settings.outbox_retention_hours), name=service_name)
-    thread = threading.Thread(target=relay.run, args=(stop, runtime.settings.relay_poll_interval_s),
-                              name=f"{service_name}-relay", daemon=True)
+    def relay_until_stopped() -> None:
+        try:
+            relay.run(stop, runtime.settings.relay_poll_interval_s)
+        except KafkaRefused as exc:  # stop the whole process: run_service raises it after the loop
+            thread.refused = exc
+            stop.set()
+
+    thread = RelayThread(target=relay_until_stopped, name=f"{service_name}-relay", daemon=True)
     thread.start()
     return thread
 
@@ -102,3 +113,5 @@ def run_service(declaration: ServiceDeclaration, settings: Settings | None = Non
         relay_thread.join(15)
         engine.dispose()
         log.info("service stopped", extra={"group": service.group.name, "totals": vars(consumer.totals)})
+    if relay_thread.refused is not None:
+        raise relay_thread.refused

@@ -96,6 +96,9 @@ class Supervisor:
         # before a crash (the ones that explain it) would be lost.
         env.setdefault("PYTHONUNBUFFERED", "1")
         log = open(self.log_dir / f"{spec.name}.log", "ab", buffering=0)
+        # Noted before the start, and nothing more until it exits (that note names its pid): a
+        # note written while the child runs could land in the middle of one of its lines.
+        self._note(log, f"starting: {' '.join(spec.argv)}")
         proc = subprocess.Popen(
             spec.argv,
             stdin=subprocess.DEVNULL,
@@ -107,7 +110,6 @@ class Supervisor:
             # stops the children in order instead of all of them dying at once mid-batch.
             start_new_session=True,
         )
-        self._note(log, f"started pid {proc.pid}: {' '.join(spec.argv)}")
         return _Child(spec=spec, proc=proc, log=log, started_at=time.monotonic(), restarts=restarts)
 
     @staticmethod

@@ -96,3 +96,21 @@ def test_the_worker_app_takes_them(tmp_path: Path):
     app = create_app("b1:9093,b2:9093", data_dir=tmp_path, web_port=6066, store="memory://",
                      broker_credentials=credentials)
     assert app.conf.broker_credentials is credentials
+
+
+def test_a_refused_login_or_certificate_stops_the_client_and_a_lost_connection_does_not():
+    """librdkafka reports these only to the error callback and would retry forever; the
+    services' callback raises for the two that no retry fixes (tests/e2e/test_kafka_security.py
+    shows it end to end)."""
+    from confluent_kafka import KafkaError
+
+    from services.runtime.errors import KafkaRefused
+    from services.runtime.kafka import base_config, stop_on_refusal
+    from services.runtime.settings import Settings
+
+    assert base_config(Settings(kafka_bootstrap_servers="b:9093"))["error_cb"] is stop_on_refusal
+    for code, fix in ((KafkaError._AUTHENTICATION, "sasl.password"), (KafkaError._SSL, "ssl.ca.location")):
+        with pytest.raises(KafkaRefused, match=fix):
+            stop_on_refusal(KafkaError(code, "refused"))
+    for code in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT):
+        stop_on_refusal(KafkaError(code, "gone for now"))  # librdkafka reconnects by itself

@@ -77,6 +77,47 @@ _LOCAL_SETTINGS = {
 }
 
 
+@dataclass(frozen=True)
+class SecureListener:
+    """A SASL_SSL client listener beside the plaintext one: TLS with the broker certificate in
+    `keystore` (PKCS#12, under `keystore_password`), SCRAM-SHA-512 logins for `users` (name ->
+    password, stored when the cluster is formatted). With `acls` the standard authorizer is on:
+    a principal may do only what an ACL allows it (`super_users` everything). The plaintext
+    listener stays for the nodes themselves and the local admin (its principal, ANONYMOUS, is a
+    super user then): bind it to loopback only, as here.
+
+    The test that uses it makes a throw-away CA and keys (tests/tls.py); nothing is committed."""
+
+    keystore: Path
+    keystore_password: str
+    users: tuple[tuple[str, str], ...]
+    acls: bool = False
+    super_users: tuple[str, ...] = ()
+
+    def settings(self) -> dict[str, str]:
+        listener = "listener.name.sasl_ssl"
+        settings = {
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            f"{listener}.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            f"{listener}.scram-sha-512.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            f"{listener}.ssl.keystore.type": "PKCS12",
+            f"{listener}.ssl.keystore.location": str(self.keystore),
+            f"{listener}.ssl.keystore.password": self.keystore_password,
+            f"{listener}.ssl.key.password": self.keystore_password,
+        }
+        if self.acls:
+            supers = ["User:ANONYMOUS", *(f"User:{name}" for name in self.super_users)]
+            settings |= {"authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                         "super.users": ";".join(supers), "allow.everyone.if.no.acl.found": "false"}
+        return settings
+
+    def scram_arguments(self) -> list[str]:
+        """StorageTool's `--add-scram` for every user (KRaft keeps SCRAM credentials in its metadata)."""
+        return [arg for name, password in self.users
+                for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")]
+
+
 class KafkaUnavailable(BrokerUnavailable):
     """Java or Maven is missing, or the Kafka libraries could not be assembled."""
 
@@ -200,6 +241,7 @@ class KafkaNode:
     port: int  # the client listener
     controller_port: int
     folder: Path
+    secure_port: int | None = None  # the SASL_SSL listener, when the cluster has one
     proc: subprocess.Popen | None = None
     log: IO[bytes] | None = field(default=None, repr=False)
     frozen: bool = False
@@ -207,6 +249,10 @@ class KafkaNode:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def secure_address(self) -> str | None:
+        return f"127.0.0.1:{self.secure_port}" if self.secure_port else None
 
     @property
     def running(self) -> bool:
@@ -226,13 +272,14 @@ class LocalKafka:
     client_env: dict[str, str] = {}  # the clients' defaults are Kafka's
 
     def __init__(self, data_dir: Path, nodes: int = 1, settings: dict[str, str] | None = None,
-                 heap_mb: int = 512) -> None:
+                 heap_mb: int = 512, secure: SecureListener | None = None) -> None:
         if nodes not in (1, 3):
             raise ValueError("a local Kafka has 1 node or 3 (replication 3, min.insync.replicas 2)")
         self.data_dir = Path(data_dir).resolve()
         self.size = nodes
         self.extra_settings = dict(settings or {})
         self.heap_mb = heap_mb
+        self.secure = secure
         self.cluster_id = ""
         self.nodes: list[KafkaNode] = []
 
@@ -241,6 +288,11 @@ class LocalKafka:
     @property
     def bootstrap_servers(self) -> str:
         return ",".join(n.address for n in self.nodes)
+
+    @property
+    def secure_bootstrap_servers(self) -> str:
+        """The SASL_SSL listeners (with `secure`)."""
+        return ",".join(n.secure_address for n in self.nodes if n.secure_address)
 
     @property
     def log_path(self) -> Path:
@@ -264,30 +316,38 @@ class LocalKafka:
                 raise BrokerUnavailable(f"{self.data_dir} was written by Kafka {saved.get('version')}, this is "
                                         f"{KAFKA_VERSION}; use another folder (or delete it)")
             self.cluster_id = saved["cluster_id"]
-            self.nodes = [KafkaNode(n["node_id"], n["port"], n["controller_port"], self.data_dir / f"node-{n['node_id']}")
-                          for n in saved["nodes"]]
+            self.nodes = [KafkaNode(n["node_id"], n["port"], n["controller_port"], self.data_dir / f"node-{n['node_id']}",
+                                    n.get("secure_port")) for n in saved["nodes"]]
+            if bool(self.secure) != all(n.secure_port for n in self.nodes):
+                raise BrokerUnavailable(f"{self.data_dir} was made {'without' if self.secure else 'with'} a SASL_SSL "
+                                        "listener; use another folder")
             return
         self.cluster_id = new_cluster_id()
-        self.nodes = [KafkaNode(i, free_port(), free_port(), self.data_dir / f"node-{i}") for i in range(1, self.size + 1)]
+        self.nodes = [KafkaNode(i, free_port(), free_port(), self.data_dir / f"node-{i}",
+                                free_port() if self.secure else None) for i in range(1, self.size + 1)]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps({
             "cluster_id": self.cluster_id, "version": KAFKA_VERSION,
-            "nodes": [{"node_id": n.node_id, "port": n.port, "controller_port": n.controller_port} for n in self.nodes],
+            "nodes": [{"node_id": n.node_id, "port": n.port, "controller_port": n.controller_port,
+                       **({"secure_port": n.secure_port} if n.secure_port else {})} for n in self.nodes],
         }, indent=2))
 
     def _server_properties(self, node: KafkaNode) -> str:
+        secure = f",SASL_SSL://{node.secure_address}" if self.secure else ""
         settings = {
             "process.roles": "broker,controller",
             "node.id": str(node.node_id),
             "controller.quorum.voters": ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes),
-            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}{secure}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}{secure}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+                                              + (",SASL_SSL:SASL_SSL" if self.secure else ""),
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(node.folder / "data"),
             **cluster_settings(self.size),
             **_LOCAL_SETTINGS,
+            **(self.secure.settings() if self.secure else {}),
             **self.extra_settings,
         }
         return "".join(f"{key}={value}\n" for key, value in settings.items())
@@ -326,7 +386,8 @@ class LocalKafka:
     def _format(self, lib: Path, node: KafkaNode) -> None:
         result = subprocess.run(
             self._java(lib, node, "kafka.tools.StorageTool", "format", "-t", self.cluster_id,
-                       "-c", str(node.folder / "server.properties")),
+                       "-c", str(node.folder / "server.properties"),
+                       *(self.secure.scram_arguments() if self.secure else [])),
             capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             tail = " ".join((result.stdout + result.stderr).split())[-300:]

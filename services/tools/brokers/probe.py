@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _probe(bootstrap_servers: str, timeout: float) -> str:
+def _probe(bootstrap_servers: str, timeout: float, client_config: dict[str, str] | None = None) -> str:
     """One metadata request; return the cluster id or raise with the reason."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
@@ -40,7 +40,7 @@ def _probe(bootstrap_servers: str, timeout: float) -> str:
             errors.append(exc)
     else:
         raise errors[-1]
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(client_config or {}), "log_level": 0})
     try:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
@@ -48,8 +48,9 @@ def _probe(bootstrap_servers: str, timeout: float) -> str:
     return metadata.cluster_id or ""
 
 
-def wait_for_broker(bootstrap_servers: str, timeout: float = 30.0) -> str:
-    """Block until a metadata request answers; return the cluster id.
+def wait_for_broker(bootstrap_servers: str, timeout: float = 30.0, client_config: dict[str, str] | None = None) -> str:
+    """Block until a metadata request answers; return the cluster id. `client_config`: the
+    clients' TLS and SASL settings (ORDERPIPE_KAFKA_CLIENT_CONFIG), when the listener wants them.
 
     Raises BrokerUnavailable with a one-line message when nothing answers within `timeout`.
     """
@@ -63,7 +64,7 @@ def wait_for_broker(bootstrap_servers: str, timeout: float = 30.0) -> str:
                 f"(last error: {last_error})"
             )
         try:
-            return _probe(bootstrap_servers, min(remaining, 2.0))
+            return _probe(bootstrap_servers, min(remaining, 2.0), client_config)
         except (OSError, ValueError) as exc:
             last_error = str(exc) or type(exc).__name__
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))

@@ -35,6 +35,27 @@ def stop_on_refusal(err: KafkaError) -> None:
         raise KafkaRefused(f"Kafka refused the connection: {err.str()} ({fix})")
 
 
+def check_credentials(bootstrap_servers: str, client_config: dict[str, str], timeout: float = 15.0) -> None:
+    """Connect once with these settings; KafkaRefused when the broker refuses the login or the
+    certificate is not trusted. For clients that cannot stop on a refusal themselves (aiokafka
+    under Faust gives up after a while with "Unable to bootstrap" and a traceback). A broker
+    that does not answer is not an error here: that client retries, as for any outage."""
+    from confluent_kafka.admin import AdminClient
+
+    refusals: list[KafkaError] = []
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **client_config, "log_level": 0,
+                         "error_cb": refusals.append})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=1)
+            return
+        except KafkaException:
+            admin.poll(0)  # serves the error callbacks
+            for err in refusals:
+                stop_on_refusal(err)
+
+
 def base_config(settings: Settings) -> dict[str, Any]:
     return {"bootstrap.servers": settings.bootstrap, **settings.extra_client_config, "error_cb": stop_on_refusal}
 

@@ -10,6 +10,7 @@ Defaults come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `SCHEMA_REGISTRY_
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from yarl import URL
@@ -40,12 +41,18 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
 def main(argv: list[str] | None = None) -> None:
     import faust
 
+    from services.runtime.errors import KafkaRefused
     from services.runtime.heap import tune_gc
-    from services.runtime.kafka import faust_broker_credentials
+    from services.runtime.kafka import check_credentials, faust_broker_credentials
     from streams.order_status.app import create_app
 
     settings = Settings()
     args = parse_args(argv, settings)
+    try:  # a wrong password or an untrusted certificate: one line now, not Faust's traceback later
+        check_credentials(args.bootstrap_servers, settings.extra_client_config)
+    except KafkaRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     args.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(
         args.bootstrap_servers,

@@ -4,9 +4,9 @@ formatted, every client (the four services, the relays, the order-status worker,
 configured with the settings the README documents (`ORDERPIPE_KAFKA_CLIENT_CONFIG`).
 
 - every order reaches its final state through the encrypted, authenticated listener;
-- a wrong password, or a CA that did not sign the broker's certificate, ends the process within
-  seconds with one line naming the problem (no hang, no reconnect loop, no traceback), and the
-  password is in none of its output.
+- a wrong password, or a CA that did not sign the broker's certificate, ends the process (a
+  consumer service, the order-status worker) within seconds with one line naming the problem
+  (no hang, no reconnect loop, no traceback), and the password is in none of its output.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tls import make_tls
 from services.pipeline.demo import place_all, sample_orders, wait_for_final
 from services.pipeline.stack import Stack
 from services.runtime.settings import Settings
+from services.tools.brokers import free_port
 from services.tools.brokers.apache_kafka import SecureListener
 
 pytestmark = pytest.mark.e2e
@@ -63,8 +64,16 @@ def test_the_whole_pipeline_runs_through_tls_and_scram(secure_kafka, tmp_path: P
     assert PASSWORD not in logs, "a process logged the SASL password"
 
 
+PROCESSES = {  # a consumer service (librdkafka) and the order-status worker (aiokafka under Faust)
+    "inventory": [sys.executable, "-m", "services.cli.main", "run", "inventory"],
+    "order-status": [sys.executable, "-m", "streams.order_status", "--web-port", "0"],
+}
+
+
 @pytest.mark.parametrize("problem", ["wrong password", "untrusted certificate"])
-def test_a_refused_connection_ends_the_service_in_seconds_with_one_line(secure_kafka, tmp_path: Path, problem):
+@pytest.mark.parametrize("process", list(PROCESSES))
+def test_a_refused_connection_ends_the_process_in_seconds_with_one_line(secure_kafka, tmp_path: Path, problem,
+                                                                         process):
     cluster, tls = secure_kafka
     wrong = "not-" + PASSWORD
     config = (client_config(tls.ca_pem, wrong) if problem == "wrong password"
@@ -73,8 +82,8 @@ def test_a_refused_connection_ends_the_service_in_seconds_with_one_line(secure_k
            "ORDERPIPE_KAFKA_CLIENT_CONFIG": config, "ORDERPIPE_DATA_DIR": str(tmp_path / "data"),
            "ORDERPIPE_HEALTH_PORT": "0", "ORDERPIPE_LOG_JSON": "true"}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "services.cli.main", "run", "inventory"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    argv = [*PROCESSES[process][:-1], str(free_port())] if process == "order-status" else PROCESSES[process]
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
     assert done.returncode == 1, done.stderr[-2000:]
     # one line says why it stopped (librdkafka's own log lines of the failed attempts are around it)

@@ -1,6 +1,7 @@
 """`orderpipe deploy`: Kubernetes manifests generated from the services' declarations (services/registry.py).
 
-The topics (Strimzi `KafkaTopic`) and the consumer autoscaling (KEDA `ScaledObject`, one per
+The topics (Strimzi `KafkaTopic`), the users and their ACLs (Strimzi `KafkaUser`,
+services/ops/access.py) and the consumer autoscaling (KEDA `ScaledObject`, one per
 consumer group, on its lag) are derived from the same declaration the services, `topics create`
 and the tests read, so partitions, policies and group names cannot drift from the code. The
 files are committed under deploy/k8s/base; `--check` (and tests/unit/test_deploy_manifests.py)
@@ -24,6 +25,7 @@ err = Console(stderr=True)
 
 BASE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base"
 TOPICS_FILE = BASE_DIR / "kafka-topics.yaml"
+USERS_FILE = BASE_DIR / "kafka-users.yaml"
 SCALING_FILE = BASE_DIR / "keda-scaledobjects.yaml"
 
 STRIMZI_CLUSTER = "orderpipe"               # the overlay patches the strimzi.io/cluster label
@@ -93,6 +95,30 @@ def kafka_topics_yaml() -> str:
     return _dump("topics", [kafka_topic(t) for t in registry.all_topics()])
 
 
+def kafka_user(principal) -> dict:
+    """A Strimzi KafkaUser: a SCRAM-SHA-512 login (Strimzi keeps its password in a Secret of the
+    same name) with exactly the ACLs of `principal` (services/ops/access.py)."""
+    return {
+        "apiVersion": "kafka.strimzi.io/v1beta2",
+        "kind": "KafkaUser",
+        "metadata": {"name": principal.name, "labels": {"strimzi.io/cluster": STRIMZI_CLUSTER,
+                                                        "app.kubernetes.io/part-of": "orderpipe"},
+                     "annotations": {"orderpipe.io/for": principal.doc}},
+        "spec": {
+            "authentication": {"type": "scram-sha-512"},
+            "authorization": {"type": "simple", "acls": [
+                {"resource": {"type": g.resource, "name": g.name, "patternType": g.pattern},
+                 "operations": list(g.operations), "host": "*"} for g in principal.grants]},
+        },
+    }
+
+
+def kafka_users_yaml() -> str:
+    from services.ops.access import principals
+
+    return _dump("acls", [kafka_user(p) for p in principals()])
+
+
 def scaled_objects_yaml() -> str:
     from services import registry
 
@@ -121,6 +147,12 @@ Check = Annotated[bool, typer.Option("--check", help="Only compare with the file
 def topics(output: Output = None, check: Check = False) -> None:
     """Strimzi KafkaTopic resources for every declared topic (event, retry, dead-letter, parking, audit)."""
     _write_or_check(kafka_topics_yaml(), output or TOPICS_FILE, check, "topics")
+
+
+@app.command("acls")
+def acls(output: Output = None, check: Check = False) -> None:
+    """Strimzi KafkaUser resources: one SCRAM user per service (and the operators) with exactly its ACLs."""
+    _write_or_check(kafka_users_yaml(), output or USERS_FILE, check, "acls")
 
 
 @app.command("scaling")

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy/k8s/base"
 OVERLAY = REPO / "deploy/k8s/overlays/example"
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
-CUSTOM_KINDS = {"Kafka", "KafkaNodePool", "KafkaTopic", "ScaledObject", "TriggerAuthentication"}
+CUSTOM_KINDS = {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser", "ScaledObject", "TriggerAuthentication"}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -54,6 +54,22 @@ def _by_kind(kind: str) -> dict[str, dict]:
 def test_committed_kafka_topics_match_the_topology():
     assert (BASE / "kafka-topics.yaml").read_text() == deploy_cmd.kafka_topics_yaml(), \
         "deploy/k8s/base/kafka-topics.yaml drifted from services/registry.py: run `orderpipe deploy topics`"
+
+
+def test_committed_kafka_users_match_the_topology():
+    assert (BASE / "kafka-users.yaml").read_text() == deploy_cmd.kafka_users_yaml(), \
+        "deploy/k8s/base/kafka-users.yaml drifted from services/registry.py: run `orderpipe deploy acls`"
+
+
+def test_one_strimzi_kafka_user_per_principal_with_its_acls():
+    users = {d["metadata"]["name"]: d for d in _docs(BASE / "kafka-users.yaml")}
+    assert set(users) == {f"orderpipe-{n}" for n in (*SERVICE_NAMES, "order-status", "operators")}
+    email = users["orderpipe-email"]["spec"]
+    assert email["authentication"] == {"type": "scram-sha-512"}
+    acls = {(a["resource"]["type"], a["resource"]["name"]): a["operations"] for a in email["authorization"]["acls"]}
+    assert acls[("topic", "orders.created")] == ["Read", "Describe"] and acls[("group", "email")] == ["Read", "Describe"]
+    assert acls[("topic", "email.sent")] == ["Write", "Describe"]
+    assert ("topic", "invoices.issued") not in acls
 
 
 def test_committed_scaled_objects_match_the_topology():

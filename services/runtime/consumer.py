@@ -75,6 +75,7 @@ from services.runtime.failure_headers import (
     number_header,
 )
 from services.runtime.handler import Handler, Service, UnitOfWork
+from services.runtime.kafka import raise_if_denied
 from services.runtime.outbox import add_event, add_rows, outbox_row
 from services.runtime.ratelimit import RateLimiter
 
@@ -298,6 +299,7 @@ class ServiceConsumer:
             crash_point("consumer.after_copies_produced")
             remaining = self.producer.flush(30)
             refused, self._copy_errors = self._copy_errors, []
+            raise_if_denied(refused, f"group {self.group.name} its retry and dead-letter copies")
             if remaining or refused:
                 raise RuntimeError(f"{remaining} retry/dead-letter copies not acked, {len(refused)} refused "
                                    f"({refused[:1]}); not storing offsets")
@@ -704,6 +706,7 @@ class ServiceConsumer:
         err = msg.error()
         if not err:
             return True
+        raise_if_denied([err], f"group {self.group.name} reading {msg.topic() or 'its topics'}")
         if err.code() in _MISCONFIGURED or err.fatal():
             fix = _MISCONFIGURED.get(err.code(), "see the broker's and the client's logs")
             raise ConsumerMisconfigured(f"group {self.group.name}: the broker refuses this consumer: {err.str()} ({fix})")

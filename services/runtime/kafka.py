@@ -35,6 +35,24 @@ def stop_on_refusal(err: KafkaError) -> None:
         raise KafkaRefused(f"Kafka refused the connection: {err.str()} ({fix})")
 
 
+# The broker's authorizer says no: the principal lacks an ACL. Asking again gets the same answer,
+# and carrying on would be a silent stall (a consumer that never gets its topic, a relay that
+# retries forever), so the services stop and say what is missing.
+_DENIALS = frozenset({
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+})
+
+
+def raise_if_denied(errors: list[KafkaError | None], doing: str) -> None:
+    """KafkaRefused for the first error that is an authorization failure, naming what was done."""
+    for err in errors:
+        if err is not None and err.code() in _DENIALS:
+            raise KafkaRefused(f"Kafka denied {doing}: {err.str()} (this process's Kafka user lacks the ACL; "
+                               "the ACLs each service needs are in deploy/k8s/base/kafka-users.yaml, "
+                               "`orderpipe deploy acls`)")
+
+
 def check_credentials(bootstrap_servers: str, client_config: dict[str, str], timeout: float = 15.0) -> None:
     """Connect once with these settings; KafkaRefused when the broker refuses the login or the
     certificate is not trusted. For clients that cannot stop on a refusal themselves (aiokafka

@@ -29,6 +29,7 @@ from services.runtime.crashpoints import crash_point
 from services.runtime.db import utcnow
 from services.runtime.envelope import Envelope
 from services.runtime.events import Event
+from services.runtime.kafka import raise_if_denied
 from services.runtime.lag import OUTBOX_BACKLOG
 from services.runtime.topology import TOPIC_FOR_EVENT
 
@@ -133,6 +134,7 @@ class OutboxRelay:
                 conn.execute(update(self.outbox).where(self.outbox.c.seq.in_(acked)).values(published_at=utcnow()))
         if self.on_published:
             self.on_published(len(acked))
+        raise_if_denied(errors, f"publishing the outbox of {self.name}")
         if errors or self._in_flight:
             # Rows not acked stay unpublished; failed ones go out again on the next batch.
             raise DeliveryFailed(f"{len(errors)} outbox rows failed delivery ({errors[:1]}), "

@@ -36,7 +36,7 @@ from services.runtime import envelope as env
 from services.runtime.circuit import CLOSED, HALF_OPEN, OPEN, BreakerConfig, CircuitBreaker
 from services.runtime.consumer import BatchResult, incoming_envelope
 from services.runtime.controls import WorkerControls
-from services.runtime.errors import ConsumerMisconfigured, PermanentError, RetryableError
+from services.runtime.errors import ConsumerMisconfigured, KafkaRefused, PermanentError, RetryableError
 from services.runtime.events import Event, OrderCreated
 from services.runtime.failure_headers import format_traceback
 from services.runtime.handler import Service
@@ -611,8 +611,9 @@ def test_the_time_paused_by_the_rate_limit_is_counted(make_rig, monkeypatch):
 
 
 class RefusingProducer:
-    def __init__(self):
+    def __init__(self, code: int = KafkaError.MSG_SIZE_TOO_LARGE):
         self.produced, self.flushes, self.reports = [], [], []
+        self.code = code
 
     def produce(self, topic, key=None, value=None, headers=None, on_delivery=None, **_):
         self.produced.append(topic)
@@ -624,7 +625,7 @@ class RefusingProducer:
     def flush(self, timeout=None):
         self.flushes.append(timeout)
         for report in self.reports:
-            report(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), None)
+            report(KafkaError(self.code), None)
         self.reports = []
         return 0
 
@@ -636,9 +637,22 @@ def test_a_refused_copy_fails_the_batch_saying_so_after_waiting_30_s_for_acks(ma
     with pytest.raises(RuntimeError) as caught:
         rig.run(message(rig.source, 0, order_created("o-1")), message(rig.source, 1, order_created("o-2")))
 
-    first = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    first = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
     assert str(caught.value) == f"0 retry/dead-letter copies not acked, 2 refused ({[first]}); not storing offsets"
     assert producer.flushes == [30]
+    assert rig.stored() == []
+
+
+def test_a_copy_the_authorizer_denies_stops_the_consumer_naming_the_missing_acl(make_rig):
+    """Asking again gets the same answer: no rewind and retry forever, the process stops."""
+    rig = make_rig("details-denied", fails_with(RetryableError("down")), controls=WorkerControls(breaker=None))
+    rig.consumer.producer = RefusingProducer(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+
+    with pytest.raises(KafkaRefused) as caught:
+        rig.run(message(rig.source, 0, order_created("o-1")))
+
+    assert str(caught.value).startswith("Kafka denied group details-denied its retry and dead-letter copies: ")
+    assert "kafka-users.yaml" in str(caught.value)
     assert rig.stored() == []
 
 

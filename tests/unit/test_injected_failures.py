@@ -180,7 +180,7 @@ class Broker(FakeProducer):
                 self.expired, self.queued = self.queued, []
             return remaining
         for record, on_delivery in self.queued:
-            error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED) if self.down == REFUSED else None
+            error = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if self.down == REFUSED else None
             if error is None:
                 self.delivered.append(record)
             if on_delivery is not None:

@@ -291,7 +291,7 @@ def test_a_batch_is_at_most_500_rows_by_default(engine, outbox):
 def test_a_failed_delivery_names_the_first_error_and_leaves_the_row_unpublished(engine, outbox):
     for order in ("o-1", "o-2"):
         stage_outbox_row(engine, outbox, order)
-    first, second = KafkaError(KafkaError._MSG_TIMED_OUT), KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    first, second = KafkaError(KafkaError._MSG_TIMED_OUT), KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
     relay = OutboxRelay(engine, outbox, AckingBroker(errors=[first, second]))
     with pytest.raises(DeliveryFailed) as caught:
         relay.publish_batch()
@@ -418,3 +418,15 @@ def test_run_does_nothing_once_stopped(engine, outbox, fake_time):
     broker = AckingBroker()
     OutboxRelay(engine, outbox, broker).run(Stop(rounds=0))
     assert broker.produced == [] and broker.flushes == [10]
+
+
+def test_a_delivery_the_authorizer_denies_stops_the_relay_naming_the_missing_acl(engine, outbox):
+    """A relay without Write on its topic would otherwise retry forever: a silent stall."""
+    from services.runtime.errors import KafkaRefused
+
+    stage_outbox_row(engine, outbox, "o-1")
+    relay = OutboxRelay(engine, outbox, AckingBroker(errors=[KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)]),
+                        name="orders")
+    with pytest.raises(KafkaRefused, match="^Kafka denied publishing the outbox of orders: .*kafka-users.yaml"):
+        relay.publish_batch()
+    assert relay.backlog() == 1

@@ -99,3 +99,24 @@ def _operators() -> Principal:
 def principals() -> list[Principal]:
     services = [p for s in registry.SERVICES if (p := _service(s)) is not None]
     return [*services, _order_status(), _operators()]
+
+
+def user_of(process: str) -> str:
+    """The Kafka user a process connects as: its service's (order-status: its own)."""
+    return user_name(STATUS_APP if process == STATUS_APP else registry.service_of(process).name)
+
+
+def acl_bindings(principal: Principal) -> list:
+    """The principal's grants as Kafka ACLs (confluent-kafka AclBinding, for AdminClient.create_acls):
+    for a cluster without Strimzi, and the test that runs the pipeline under the authorizer."""
+    from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
+
+    wanted = dict.fromkeys((g.resource, g.name, g.pattern, op) for g in principal.grants for op in g.operations)
+    return [AclBinding(ResourceType[resource.upper()], name,
+                       ResourcePatternType.PREFIXED if pattern == "prefix" else ResourcePatternType.LITERAL,
+                       f"User:{principal.name}", "*", AclOperation[_OPERATION[op]], AclPermissionType.ALLOW)
+            for resource, name, pattern, op in wanted]  # once each: a topic read and written is described once
+
+
+_OPERATION = {"Read": "READ", "Write": "WRITE", "Describe": "DESCRIBE", "DescribeConfigs": "DESCRIBE_CONFIGS",
+              "Create": "CREATE", "All": "ALL"}

@@ -78,7 +78,8 @@ def check_data_dir(data_dir: Path, cluster_id: str, embedded: bool, fresh: bool)
 class Stack:
     def __init__(self, settings: Settings, *, data_dir: Path, broker: str = "embedded", fresh: bool = False,
                  api_port: int | None = None, status_port: int | None = None, smtp_sink: bool = True,
-                 extra_env: dict[str, str] | None = None, progress=lambda line: None):
+                 extra_env: dict[str, str] | None = None, process_env: dict[str, dict[str, str]] | None = None,
+                 progress=lambda line: None):
         self.settings = settings
         self.broker_kind = broker  # which local broker to start when KAFKA_BOOTSTRAP_SERVERS is unset
         self.progress = progress
@@ -88,6 +89,8 @@ class Stack:
         self.status_port = status_port or free_port()
         self.smtp_sink = smtp_sink
         self.extra_env = extra_env or {}
+        # per process, over the rest: e.g. each process its own Kafka user (ORDERPIPE_KAFKA_CLIENT_CONFIG)
+        self.process_env = process_env or {}
         self.broker: LocalBroker | None = None
         self.supervisor: Supervisor | None = None
         self.info: StackInfo | None = None
@@ -149,10 +152,12 @@ class Stack:
                 health_port = free_port()
                 health[name] = f"http://127.0.0.1:{health_port}"
                 process_env = {**env, "ORDERPIPE_HEALTH_HOST": "127.0.0.1", "ORDERPIPE_HEALTH_PORT": str(health_port)}
-            self.supervisor.start(ProcessSpec(name, [py, "-m", "services.cli.main", "run", name], process_env))
+            self.supervisor.start(ProcessSpec(name, [py, "-m", "services.cli.main", "run", name],
+                                              {**process_env, **self.process_env.get(name, {})}))
         self.supervisor.start(ProcessSpec("order-status", [
             py, "-m", "streams.order_status", "--bootstrap-servers", bootstrap,
-            "--data-dir", str(self.data_dir / "order-status"), "--web-port", str(self.status_port)], env))
+            "--data-dir", str(self.data_dir / "order-status"), "--web-port", str(self.status_port)],
+            {**env, **self.process_env.get("order-status", {})}))
 
         self._wait_http(f"{api_url}/healthz", "orders-api", timeout)
         self._wait_http(f"{status_url}/status/", "order-status", timeout)

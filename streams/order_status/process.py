@@ -70,7 +70,12 @@ class WorkerProcess:
         return self.proc.returncode
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        """The last lines, after the first ERROR or CRITICAL line and the few after it: when the
+        worker crashed, the last lines are Faust's shutdown, the first error is the cause."""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        first = next((i for i, line in enumerate(text) if "] [ERROR] " in line or "] [CRITICAL] " in line), None)
+        cause = text[first:first + 30] if first is not None and first < len(text) - lines else []
+        return "\n".join([*cause, *(["[...]"] if cause else []), *text[-lines:]])
 
     def wait_ready(self, timeout: float = 60.0) -> float:
         """Block until the worker has its partitions and its table restored; seconds since spawn."""

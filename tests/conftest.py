@@ -163,14 +163,13 @@ def apache_kafka_only() -> None:
 @pytest.fixture
 def kafka_cluster(tmp_path: Path, apache_kafka_only) -> Iterator[Callable[..., object]]:
     """Factory: a local Apache Kafka of its own for one test, `nodes` 1 or 3, extra broker
-    `settings`, optionally a SASL_SSL listener (`secure`, a SecureListener); stopped (and its
-    folder removed) after the test."""
+    `settings`; stopped (and its folder removed) after the test."""
     from services.tools.brokers import LocalKafka
 
     clusters: list[LocalKafka] = []
 
-    def make(nodes: int = 3, settings: dict[str, str] | None = None, secure=None) -> LocalKafka:
-        cluster = LocalKafka(tmp_path / f"kafka-{len(clusters)}", nodes=nodes, settings=settings, secure=secure)
+    def make(nodes: int = 3, settings: dict[str, str] | None = None) -> LocalKafka:
+        cluster = LocalKafka(tmp_path / f"kafka-{len(clusters)}", nodes=nodes, settings=settings)
         clusters.append(cluster)
         cluster.start()
         ensure_topics({"bootstrap.servers": cluster.bootstrap_servers}, registry.all_topics())

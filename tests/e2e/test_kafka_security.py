@@ -15,19 +15,21 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from rich.console import Console
 from rich.progress import Progress
+from conftest import broker_plan
 from tls import make_tls
 
 from services.pipeline.demo import place_all, sample_orders, wait_for_final
 from services.pipeline.stack import Stack
 from services.runtime.settings import Settings
 from services.tools.brokers import free_port
-from services.tools.brokers.apache_kafka import SecureListener
+from services.tools.brokers.apache_kafka import LocalKafka, SecureListener
 
 pytestmark = pytest.mark.e2e
 
@@ -40,11 +42,23 @@ def client_config(tls_ca: Path, password: str = PASSWORD) -> str:
             f"sasl.password={password};ssl.ca.location={tls_ca}")
 
 
-@pytest.fixture
-def secure_kafka(kafka_cluster, tmp_path: Path):
-    tls = make_tls(tmp_path / "tls")
-    cluster = kafka_cluster(nodes=1, secure=SecureListener(tls.keystore, tls.keystore_password, ((USER, PASSWORD),)))
-    return cluster, tls
+def _local_kafka(folder: Path, secure: SecureListener) -> Iterator[LocalKafka]:
+    if not broker_plan().is_apache_kafka:
+        pytest.skip(f"needs Apache Kafka; this run uses the {broker_plan().detail} (run with --broker kafka)")
+    cluster = LocalKafka(folder, nodes=1, secure=secure).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory):
+    """One SASL_SSL Kafka for this module's TLS tests (a JVM start each would add minutes)."""
+    folder = tmp_path_factory.mktemp("secure-kafka")
+    tls = make_tls(folder / "tls")
+    yield from ((cluster, tls) for cluster in
+                _local_kafka(folder / "kafka", SecureListener(tls.keystore, tls.keystore_password, ((USER, PASSWORD),))))
 
 
 def test_the_whole_pipeline_runs_through_tls_and_scram(secure_kafka, tmp_path: Path, monkeypatch):
@@ -114,8 +128,8 @@ def _librdkafka(config: str) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in config.split(";"))
 
 
-@pytest.fixture
-def authorizing_kafka(kafka_cluster, tmp_path: Path):
+@pytest.fixture(scope="module")
+def authorizing_kafka(tmp_path_factory: pytest.TempPathFactory):
     """SASL_SSL with the standard authorizer on, a SCRAM user per principal of
     services/ops/access.py holding exactly its ACLs, and an admin user for the topics."""
     from confluent_kafka.admin import (
@@ -131,10 +145,12 @@ def authorizing_kafka(kafka_cluster, tmp_path: Path):
     from services.ops.access import acl_bindings, principals
     from services.runtime.admin import ensure_topics
 
-    tls = make_tls(tmp_path / "tls")
+    folder = tmp_path_factory.mktemp("authorizing-kafka")
+    tls = make_tls(folder / "tls")
     users = tuple((name, _password(name)) for name in [*(p.name for p in principals()), ADMIN])
-    cluster = kafka_cluster(nodes=1, secure=SecureListener(tls.keystore, tls.keystore_password, users,
-                                                           acls=True, super_users=(ADMIN,)))
+    running = _local_kafka(folder / "kafka", SecureListener(tls.keystore, tls.keystore_password, users,
+                                                            acls=True, super_users=(ADMIN,)))
+    cluster = next(running)
     admin = AdminClient({"bootstrap.servers": cluster.bootstrap_servers})  # the loopback listener: the nodes' own
     ensure_topics({"bootstrap.servers": cluster.bootstrap_servers}, registry.all_topics())  # as Strimzi would
     wanted = [b for p in principals() for b in acl_bindings(p)]
@@ -148,7 +164,8 @@ def authorizing_kafka(kafka_cluster, tmp_path: Path):
         for future in admin.create_acls(wanted).values():
             future.result(30)
         time.sleep(2)
-    return cluster, tls
+    yield cluster, tls
+    running.close()  # stops the cluster
 
 
 def test_every_process_works_with_only_its_own_users_rights(authorizing_kafka, tmp_path: Path, monkeypatch):

@@ -3,7 +3,8 @@
 `services/registry.py` lists the declarations; the topology (groups, retry and dead-letter
 topics), `orderpipe run` and `up`, migrations, deploy files, the demo and the order-status
 view's steps all derive from that list. A declaration holds no client and opens nothing: its
-processes build everything when they run.
+processes build everything when they run. The one thing declaring does is register the event
+types the service brings along (services/runtime/contracts.py), so the process knows them.
 """
 
 from __future__ import annotations

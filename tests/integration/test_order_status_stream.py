@@ -18,7 +18,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -221,19 +221,21 @@ def metric(worker: WorkerProcess, name: str) -> int:
     return int(next(line.split()[1] for line in text.splitlines() if line.startswith(f"orderpipe_order_status_{name} ")))
 
 
-def read_status_topic(bootstrap: str, expected: int, quiet_s: float = 1.0) -> list[tuple[int, str, dict, dict]]:
+def read_status_topic(bootstrap: str, expected: int | None = None, quiet_s: float = 1.0, *,
+                      until: Callable[[list], bool] | None = None,
+                      timeout_s: float = 30.0) -> list[tuple[int, str, dict, dict]]:
     """orders.status from the start, read without a group (no rebalance to wait for).
 
     Faust sends in the background, so the last statuses may reach the topic a little after the
-    HTTP view shows them: read until `expected` messages arrived, then a little longer to catch
-    any extra (duplicate) ones.
+    HTTP view shows them: read until `expected` messages arrived (or `until(messages)` holds),
+    then `quiet_s` longer to catch any extra (duplicate or later) ones.
     """
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4()}",
                          "enable.auto.commit": False})
     try:
         consumer.assign([TopicPartition(ORDERS_STATUS, p, 0) for p in range(DEFAULT_PARTITIONS)])
         out = []
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout_s
         quiet_until = None
         while time.monotonic() < deadline and (quiet_until is None or time.monotonic() < quiet_until):
             msg = consumer.poll(0.2)
@@ -242,35 +244,22 @@ def read_status_topic(bootstrap: str, expected: int, quiet_s: float = 1.0) -> li
                 decoded = CODEC.decode(msg.value())
                 assert decoded.event_type == "OrderStatus"
                 out.append((msg.partition(), msg.key().decode(), decoded.record, headers_to_dict(msg.headers())))
-            if len(out) >= expected and quiet_until is None:
+            if quiet_until is None and (until(out) if until else len(out) >= expected):
                 quiet_until = time.monotonic() + quiet_s
         return out
     finally:
         consumer.close()
 
 
-def latest_published_states(bootstrap: str, expected: dict[str, str], timeout_s: float = 90.0,
-                            quiet_s: float = 2.0) -> dict[str, str]:
+def latest_published_states(bootstrap: str, expected: dict[str, str]) -> dict[str, str]:
     """Each order's latest state on orders.status, read until it is `expected` for every order
-    (a status republished after a crash may come late on a loaded machine), then `quiet_s` more
-    so that a later, different status would still show."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
-    latest: dict[str, str] = {}
-    try:
-        consumer.assign([TopicPartition(ORDERS_STATUS, p, 0) for p in range(DEFAULT_PARTITIONS)])
-        deadline = time.monotonic() + timeout_s
-        quiet_until = None
-        while time.monotonic() < (quiet_until or deadline):
-            msg = consumer.poll(0.2)
-            if msg is not None:
-                assert not msg.error(), msg.error()
-                latest[msg.key().decode()] = CODEC.decode(msg.value()).record["state"]
-            if quiet_until is None and latest == expected:
-                quiet_until = time.monotonic() + quiet_s
-        return latest
-    finally:
-        consumer.close()
+    (a status republished after a crash may come late on a loaded machine), then 2 s more so
+    that a later, different status would still show."""
+    def latest(messages: list) -> dict[str, str]:
+        return {key: record["state"] for _, key, record, _ in messages}
+
+    return latest(read_status_topic(bootstrap, quiet_s=2.0, timeout_s=90.0,
+                                    until=lambda messages: latest(messages) == expected))
 
 
 def check_final(orders: dict[str, str], final: dict[str, dict]) -> None:

@@ -85,7 +85,8 @@ def run_tail(settings: Settings, topic: str, *, from_beginning: bool = False, fo
                 printed += 1
                 if max_messages is not None and printed >= max_messages:
                     break
-                out.flush()
+                if follow:  # someone is watching: each line at once (a snapshot flushes at the end)
+                    out.flush()
         except KeyboardInterrupt:  # the way out of --follow
             pass
         finally:

@@ -68,9 +68,11 @@ def ops_errors() -> Iterator[None]:
     """User-facing problems end as one line and exit 1, never as a traceback."""
     from confluent_kafka import KafkaException
 
+    from services.runtime.codec import RegistryRefused
+
     try:
         yield
-    except OpsError as exc:
+    except (OpsError, RegistryRefused) as exc:
         fail(str(exc))
     except KafkaException as exc:
         reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
@@ -234,7 +236,7 @@ def show(
         headers = headers_to_dict(list(dl.headers))
         record["headers"] = headers
         try:
-            decoded = codec_from_settings(Settings().schema_registry_url).decode(dl.value)
+            decoded = codec_from_settings(Settings()).decode(dl.value)
             record.update(value_type=decoded.event_type, schema_id=decoded.schema_id, value=decoded.record)
         except Exception as exc:  # a dead letter often is exactly the message that does not decode
             record.update(value=None, value_error=str(exc), value_size=len(dl.value or b""),

@@ -171,6 +171,7 @@ def run(process: Annotated[str, typer.Argument(
     The process builds itself from the environment's settings (its composition root is
     `run` of its Process in services/<service>/service.py)."""
     from services import registry
+    from services.runtime.codec import RegistryRefused
     from services.runtime.errors import ConsumerMisconfigured
     from services.runtime.logs import setup_logging
 
@@ -183,7 +184,7 @@ def run(process: Annotated[str, typer.Argument(
         fail("KAFKA_BOOTSTRAP_SERVERS is not set: start everything with `orderpipe up`, or export it")
     try:
         known[process].run(settings)
-    except ConsumerMisconfigured as exc:
+    except (ConsumerMisconfigured, RegistryRefused) as exc:
         fail(str(exc))
 
 

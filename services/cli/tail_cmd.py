@@ -45,12 +45,13 @@ def tail(
 ) -> None:
     """Print decoded events from TOPIC (decimals as strings, times in ISO 8601)."""
     from services.ops.errors import OpsError
+    from services.runtime.codec import RegistryRefused
 
     settings = Settings()
     try:
         printed = run_tail(settings, topic, from_beginning=from_beginning, follow=follow, as_json=as_json,
                            max_messages=max_messages, timeout=timeout)
-    except OpsError as exc:  # a user-facing problem: one line, exit code 1
+    except (OpsError, RegistryRefused) as exc:  # a user-facing problem: one line, exit code 1
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except BrokenPipeError:  # `orderpipe tail ... | head`: the reader left, that is fine
@@ -67,7 +68,7 @@ def run_tail(settings: Settings, topic: str, *, from_beginning: bool = False, fo
     from services.ops.broker import OpsKafka, follow_from, scan, watermarks
 
     out = out or sys.stdout
-    codec = codec or codec_from_settings(settings.schema_registry_url)
+    codec = codec or codec_from_settings(settings)
     printed = 0
     with OpsKafka(settings, timeout=timeout) as kafka:
         # librdkafka needs a group id even for assign(); a unique one that never joins or commits.

@@ -94,6 +94,12 @@ def _map_error(exc: BaseException) -> Exception:
         if codes and all(500 <= c < 600 for c in codes):
             return MailRejected(f"recipient refused: {details}", codes[0])
         return MailDeliveryError(f"recipient deferred: {details}", codes[0] if codes else None)
+    if isinstance(exc, smtplib.SMTPAuthenticationError) or (
+            isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 530):
+        # our login (or its absence) is refused: the settings are wrong, not the mail, so it is
+        # retried (and replayable once fixed), never dead-lettered as if the address were bad
+        return MailDeliveryError(f"the SMTP server refused the login: {exc.smtp_code} {_decode(exc.smtp_error)} "
+                                 "(check ORDERPIPE_SMTP_USERNAME and ORDERPIPE_SMTP_PASSWORD)", exc.smtp_code)
     if isinstance(exc, smtplib.SMTPResponseException):
         # SMTPSenderRefused, SMTPDataError, SMTPConnectError, SMTPHeloError, SMTPAuthenticationError
         return _by_code(exc.smtp_code, f"{type(exc).__name__}: {exc.smtp_code} {_decode(exc.smtp_error)}")

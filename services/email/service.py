@@ -16,7 +16,8 @@ from services.runtime.service_main import Runtime
 
 def build(runtime: Runtime) -> Service:
     s = runtime.settings.of(EmailSettings)
-    mailer = SmtpMailer(s.smtp_host, s.smtp_port, username=s.smtp_username, password=s.smtp_password,
+    password = s.smtp_password.get_secret_value() if s.smtp_password else None
+    mailer = SmtpMailer(s.smtp_host, s.smtp_port, username=s.smtp_username, password=password,
                         starttls=s.smtp_starttls)
     if s.email_fail_rate:
         mailer = FlakyMailer(mailer, s.email_fail_rate)

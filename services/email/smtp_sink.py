@@ -12,6 +12,10 @@ Recipients in the reserved ``.invalid`` top-level domain (RFC 2606), e.g.
 ``someone@example.invalid``, are refused with ``550 5.1.1``, as a real server refuses an
 unknown mailbox: the demo uses them for orders whose e-mail fails permanently.
 
+With ``ORDERPIPE_SMTP_USERNAME`` (and ``ORDERPIPE_SMTP_PASSWORD``) in its environment, the
+sink requires exactly that login (AUTH PLAIN or LOGIN), so the e-mail service's login is
+exercised as a provider would check it.
+
 Nothing here touches the network at import time; servers bind to 127.0.0.1 by default.
 """
 
@@ -22,6 +26,7 @@ import asyncio
 import email.message
 import email.policy
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -29,11 +34,12 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from services.runtime.files import write_atomically
 
@@ -116,8 +122,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _smtp_factory(handler: MaildirHandler) -> Any:
-    return lambda: SMTP(handler, enable_SMTPUTF8=True, hostname="orderpipe-sink", timeout=60)
+class OneLogin:
+    """aiosmtpd authenticator: accepts exactly one user name and password (AUTH PLAIN or LOGIN)."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self._login = (username.encode(), password.encode())
+
+    def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any) -> AuthResult:
+        given = (getattr(auth_data, "login", None), getattr(auth_data, "password", None))
+        return AuthResult(success=given == self._login, handled=False)
+
+
+def _smtp_factory(handler: MaildirHandler, login: OneLogin | None = None) -> Any:
+    if login is None:
+        return lambda: SMTP(handler, enable_SMTPUTF8=True, hostname="orderpipe-sink", timeout=60)
+    # Plain AUTH without TLS: the sink listens on loopback only, for demos and tests; aiosmtpd's
+    # warning about it (a warning and a log line per connection) is said once here instead.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+    def server() -> SMTP:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return SMTP(handler, enable_SMTPUTF8=True, hostname="orderpipe-sink", timeout=60,
+                        authenticator=login, auth_required=True, auth_require_tls=False)
+
+    return server
 
 
 class SmtpSink:
@@ -204,15 +233,16 @@ class SmtpSink:
         self.stop()
 
 
-async def _serve(maildir: Path, host: str, port: int) -> None:
+async def _serve(maildir: Path, host: str, port: int, login: OneLogin | None) -> None:
     loop = asyncio.get_running_loop()
     sock = _bind(host, port)
     real_port = sock.getsockname()[1]
-    server = await loop.create_server(_smtp_factory(MaildirHandler(maildir)), sock=sock)
+    server = await loop.create_server(_smtp_factory(MaildirHandler(maildir), login), sock=sock)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"smtp sink listening on {host}:{real_port}, storing in {maildir}", flush=True)
+    print(f"smtp sink listening on {host}:{real_port}, storing in {maildir}"
+          + (", login required" if login else ""), flush=True)
     try:
         await stop.wait()
     finally:
@@ -229,8 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=1025, help="port (0 = pick a free one)")
     args = parser.parse_args(argv)
+    # The e-mail service's own login settings, read from the environment (never from argv, which
+    # `ps` shows): set, the sink requires exactly that login, as the provider would.
+    from services.email.settings import EmailSettings
+
+    mail = EmailSettings()
+    login = (OneLogin(mail.smtp_username, mail.smtp_password.get_secret_value() if mail.smtp_password else "")
+             if mail.smtp_username else None)
     try:
-        asyncio.run(_serve(args.maildir, args.host, args.port))
+        asyncio.run(_serve(args.maildir, args.host, args.port, login))
     except OSError as exc:
         print(f"smtp sink: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

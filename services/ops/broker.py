@@ -82,17 +82,25 @@ class OpsKafka:
                 "client.id": "orderpipe-ops", "log_level": 0, "error_cb": lambda e: self.errors.append(str(e))}))
         return self._producer
 
-    def topics(self, consumer: Consumer | None = None) -> dict[str, Any]:
-        """Topic metadata; raises OpsError with one clear line when the broker does not answer."""
+    def topics(self, consumer: Consumer | None = None, topic: str | None = None) -> dict[str, Any]:
+        """Topic metadata (of every topic, or of `topic`); raises OpsError with one clear line
+        when the broker does not answer."""
         client = consumer or self.consumer(f"orderpipe-ops-{uuid.uuid4().hex[:8]}")
         try:
-            return client.list_topics(timeout=self.timeout).topics
+            return client.list_topics(topic, timeout=self.timeout).topics
         except KafkaException as exc:
             detail = f" ({self.errors[-1]})" if self.errors else ""
             raise OpsError(f"cannot reach Kafka at {self.bootstrap}: {_reason(exc)}{detail}") from None
 
     def partitions(self, topic: str, metadata: dict[str, Any]) -> list[int]:
         meta = metadata.get(topic)
+        if meta is None:
+            # Under an authorizer, a listing of every topic leaves out the ones this user may
+            # not describe: ask for this one by name, which says "not authorized" if that is why.
+            meta = self.topics(topic=topic).get(topic)
+        if meta is not None and meta.error is not None and meta.error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            raise OpsError(f"Kafka denied access to topic {topic!r}: {meta.error.str()} (this Kafka user lacks the "
+                           "ACL; the operators' user and its ACLs are in deploy/k8s/base/kafka-users.yaml)")
         if meta is None or (meta.error is not None and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
             raise OpsError(f"topic {topic!r} does not exist (`orderpipe topics list` shows them; "
                            "`orderpipe topics create` makes the pipeline's, idempotently)")

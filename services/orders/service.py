@@ -29,7 +29,7 @@ def run_api(settings: Settings) -> None:
     engine = make_engine(settings.database_url(SERVICE.name))
     prepare_database(engine, SERVICE, settings.db_upgrade_on_start)
     listen = settings.of(OrdersApiSettings)
-    api = create_app(engine, codec_from_settings(settings.schema_registry_url), StatusClient(settings.status_url),
+    api = create_app(engine, codec_from_settings(settings), StatusClient(settings.status_url),
                      max_body_bytes=listen.api_max_body_bytes)
     tune_gc()
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the

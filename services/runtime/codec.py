@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import fastavro
 
@@ -120,14 +121,35 @@ class EmbeddedRegistry:
         return found
 
 
-class ConfluentRegistry:
-    """A Confluent-compatible Schema Registry; the .avsc files stay the source of truth."""
+class RegistryRefused(RuntimeError):
+    """The Schema Registry refused our login (HTTP 401 or 403): no retry can fix that, so the
+    process stops with this one line (the credentials themselves are never in it)."""
 
-    def __init__(self, url: str, local: EmbeddedRegistry | None = None, client=None):
+
+class RegistryUnavailable(ConnectionError):
+    """The Schema Registry did not answer a lookup: retryable, unlike an id it does not know."""
+
+
+def without_userinfo(url: str) -> str:
+    """The URL as it may be printed: a user:password@ in it is dropped."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+
+
+class ConfluentRegistry:
+    """A Confluent-compatible Schema Registry; the .avsc files stay the source of truth.
+    `user_info` ("USER:PASSWORD") is its basic auth; credentials in the URL work too."""
+
+    def __init__(self, url: str, local: EmbeddedRegistry | None = None, client=None, user_info: str | None = None):
         from confluent_kafka.schema_registry import SchemaRegistryClient  # only needed in this mode
 
+        self.url = without_userinfo(url)
+        conf = {"url": url, **({"basic.auth.user.info": user_info} if user_info else {})}
         # new_client() honours mock:// URLs (confluent-kafka's in-process registry, used in tests)
-        self._client = client or SchemaRegistryClient.new_client({"url": url})
+        self._client = client or SchemaRegistryClient.new_client(conf)
         self._local = local or EmbeddedRegistry()
         self._registered: dict[tuple[str, int], SchemaVersion] = {}
         self._by_id: dict[int, SchemaVersion] = {}
@@ -148,12 +170,35 @@ class ConfluentRegistry:
     def version(self, event_type: str, version: int) -> SchemaVersion:
         return self._register(self._local.version(event_type, version))
 
+    def check(self) -> None:
+        """Ask once at start (list the subjects): RegistryRefused when the login is refused, so
+        a wrong password stops the process with one line instead of failing every message.
+        A registry that does not answer is asked again when a message needs it."""
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        try:
+            self._client.get_subjects()
+        except SchemaRegistryError as exc:
+            if exc.http_status_code in (401, 403):
+                raise RegistryRefused(
+                    f"the Schema Registry at {self.url} refused the login: {exc.error_message} "
+                    f"(HTTP {exc.http_status_code}; check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO)") from None
+        except Exception:  # unreachable now: the lookups that need it retry
+            pass
+
     def by_id(self, schema_id: int) -> SchemaVersion:
         if schema_id not in self._by_id:
+            from confluent_kafka.schema_registry.error import SchemaRegistryError
+
             try:
                 schema = self._client.get_schema(schema_id)
-            except Exception as exc:  # the client raises SchemaRegistryError for 404s
-                raise DecodeError(f"unknown schema id {schema_id}: {exc}") from None
+            except SchemaRegistryError as exc:
+                if exc.http_status_code == 404:  # the message names an id no one registered
+                    raise DecodeError(f"unknown schema id {schema_id}: {exc}") from None
+                raise RegistryUnavailable(f"Schema Registry at {self.url}: schema id {schema_id}: {exc}") from None
+            except Exception as exc:  # connection refused, timeout: try again later, not a dead letter
+                raise RegistryUnavailable(f"Schema Registry at {self.url}: schema id {schema_id}: "
+                                          f"{type(exc).__name__}") from None
             parsed = json.loads(schema.schema_str)
             subject = f"{parsed.get('namespace', NAMESPACE)}.{parsed['name']}"
             self._by_id[schema_id] = SchemaVersion(schema_id, subject, 0, parsed)
@@ -234,6 +279,13 @@ class Codec:
         return writer.event_type, self._parsed_schema(writer), reader, reader_version
 
 
-def codec_from_settings(schema_registry_url: str | None) -> Codec:
-    registry: Registry = ConfluentRegistry(schema_registry_url) if schema_registry_url else EmbeddedRegistry()
+def codec_from_settings(settings) -> Codec:
+    """The process's codec: the registry SCHEMA_REGISTRY_URL names (its login checked now,
+    RegistryRefused if refused), else the embedded one. `settings` is a runtime Settings."""
+    if not settings.schema_registry_url:
+        return Codec(EmbeddedRegistry())
+    user_info = settings.schema_registry_basic_auth_user_info
+    registry = ConfluentRegistry(settings.schema_registry_url,
+                                 user_info=user_info.get_secret_value() if user_info else None)
+    registry.check()
     return Codec(registry)

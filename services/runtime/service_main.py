@@ -81,7 +81,7 @@ def run_service(declaration: ServiceDeclaration, settings: Settings | None = Non
     service_name = declaration.name
     engine = make_engine(settings.database_url(service_name))
     prepare_database(engine, declaration, settings.db_upgrade_on_start)  # before build(): it may seed tables
-    runtime = Runtime(settings, engine, codec_from_settings(settings.schema_registry_url), declaration.group)
+    runtime = Runtime(settings, engine, codec_from_settings(settings), declaration.group)
     service = declaration.build(runtime)
     # the environment's worker controls for this service (ORDERPIPE_WORKERS__<NAME>__...) win
     service.controls = service.controls.with_settings(settings.workers.get(service_name),

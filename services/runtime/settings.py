@@ -6,9 +6,10 @@ import os
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,8 +58,14 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "ORDERPIPE_KAFKA_BOOTSTRAP_SERVERS"))
     schema_registry_url: str | None = Field(
         default=None, validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "ORDERPIPE_SCHEMA_REGISTRY_URL"))
+    # The registry's basic auth as USER:PASSWORD (Confluent's basic.auth.user.info). Secrets are
+    # SecretStr or repr=False: a logged or printed Settings shows them as '**********' or not at all.
+    schema_registry_basic_auth_user_info: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                                                    "ORDERPIPE_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"))
     # Extra librdkafka settings for every client, e.g. security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512
-    kafka_client_config: str = ""
+    # (it holds the SASL password, hence repr=False)
+    kafka_client_config: str = Field(default="", repr=False)
 
     data_dir: Path = Path(".data")
     # Each service's database: ORDERPIPE_<SERVICE>_DATABASE_URL (database_url()).
@@ -94,6 +101,13 @@ class Settings(BaseSettings):
     workers: dict[str, WorkerSettings] = Field(default_factory=dict)
     alert_webhook_url: str | None = None  # alerts are POSTed here as JSON, from a background thread
 
+    def __repr_args__(self):
+        # Extras are services' settings given as keywords; which of them are secrets only their
+        # own declarations know, so none of their values is shown.
+        extra = self.model_extra or {}
+        for name, value in super().__repr_args__():
+            yield name, ("(hidden)" if name in extra else value)
+
     def database_url(self, service: str) -> str:
         """ORDERPIPE_<SERVICE>_DATABASE_URL (or `<service>_database_url=` given here); default a
         SQLite file of the service's name in the data folder."""
@@ -106,10 +120,19 @@ class Settings(BaseSettings):
         given = {name: value for name, value in (self.model_extra or {}).items() if name in model.model_fields}
         return model(**given)
 
+    @field_validator("kafka_client_config")
+    @classmethod
+    def _pairs_of_key_and_value(cls, value: str) -> str:
+        # The message names the pair's position, never its text: that may be the password.
+        for n, pair in enumerate((p for p in value.split(";") if p.strip()), start=1):
+            if "=" not in pair:
+                raise ValueError(f"pair {n} has no '=': write key=value pairs separated by ';'")
+        return value
+
     @cached_property
     def extra_client_config(self) -> dict[str, str]:
         pairs = [p for p in self.kafka_client_config.split(";") if p.strip()]
-        return dict(p.split("=", 1) for p in pairs)
+        return {key.strip(): value for key, value in (p.split("=", 1) for p in pairs)}
 
     @property
     def bootstrap(self) -> str:
@@ -163,5 +186,11 @@ def invalid_settings(error: ValidationError) -> list[str]:
         info = model.model_fields.get(field)
         alias = getattr(info.validation_alias, "choices", None) if info else None
         name = alias[0] if alias else "__".join(["ORDERPIPE_" + field, *nested]).upper()
-        lines.append(f"invalid setting {name}={problem.get('input')!r}: {problem['msg']}")
+        shown = "(hidden: it holds a secret)" if info is not None and is_secret(info) else repr(problem.get("input"))
+        lines.append(f"invalid setting {name}={shown}: {problem['msg']}")
     return lines
+
+
+def is_secret(field: FieldInfo) -> bool:
+    """A password, or a value that holds one: never printed, logged or echoed in an error."""
+    return field.repr is False or SecretStr in (field.annotation, *get_args(field.annotation))

@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
 def main(argv: list[str] | None = None) -> None:
     import faust
 
+    from services.runtime.codec import RegistryRefused, codec_from_settings
     from services.runtime.errors import KafkaRefused
     from services.runtime.heap import tune_gc
     from services.runtime.kafka import check_credentials, faust_broker_credentials
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, settings)
     try:  # a wrong password or an untrusted certificate: one line now, not Faust's traceback later
         check_credentials(args.bootstrap_servers, settings.extra_client_config)
-    except KafkaRefused as exc:
+        codec = codec_from_settings(settings.model_copy(update={"schema_registry_url": args.schema_registry_url}))
+    except (KafkaRefused, RegistryRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     args.data_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         web_port=args.web_port,
         web_host=args.web_host,
         store=args.store,
-        schema_registry_url=args.schema_registry_url,
+        codec=codec,
         app_id=args.app_id,
         sla_s=args.sla_s,
         sla_check_interval_s=args.sla_check_interval_s,

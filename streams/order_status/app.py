@@ -37,7 +37,7 @@ import faust
 from faust.types import EventT
 
 from services.runtime.alerts import Alerter
-from services.runtime.codec import codec_from_settings
+from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, STATUS_INPUTS
 from streams.order_status import transport
 from streams.order_status.fold import (
@@ -90,7 +90,7 @@ def create_app(
     web_port: int,
     web_host: str = "127.0.0.1",
     store: str | None = None,
-    schema_registry_url: str | None = None,
+    codec: Codec | None = None,  # default: the embedded registry (codec_from_settings for a real one)
     app_id: str = "order-status",
     sla_s: float = DEFAULT_SLA_S,
     sla_check_interval_s: float | None = None,
@@ -140,7 +140,7 @@ def create_app(
     # Changelog end offsets from a fetch, not only ListOffsets: see transport.py (else a restore
     # on the embedded broker stops inside the last batch and loses the rest of it).
     transport.install(app, fetch_max_wait_ms=fetch_wait_max_ms)
-    codec = codec_from_settings(schema_registry_url)
+    codec = codec or Codec(EmbeddedRegistry())
     failures = failure_topics()
     metrics = Metrics()
     webhook = Alerter(app_id, alert_webhook_url)  # posts from a background thread; None: log and count only

@@ -34,7 +34,7 @@ from sqlalchemy import text
 
 from services import registry
 from services.runtime import contracts
-from services.runtime.codec import codec_from_settings
+from services.runtime.codec import Codec, EmbeddedRegistry
 from services.pipeline.demo import place_all, sample_orders, wait_for_final
 from services.pipeline.stack import Stack
 from services.runtime.db import make_engine
@@ -97,7 +97,7 @@ def test_a_service_from_the_test_tree_gets_topics_migrations_a_process_and_a_ret
                 for oid, view in final.items() if oid != broken} == \
                {oid: ("done", str(units[oid])) for oid in placed if oid != broken}
 
-        codec = codec_from_settings(None)  # the loyalty schema's id comes from its own registry.json
+        codec = Codec(EmbeddedRegistry())  # the loyalty schema's id comes from its own registry.json
         awarded = [codec.decode(m.value()) for m in _read(info.bootstrap_servers, "loyalty.points",
                                                           expected=len(placed) - 1)]
         assert {d.schema_id for d in awarded} == {1001}

@@ -3,15 +3,20 @@ a throw-away CA and broker key made here (tests/tls.py), the SCRAM user stored w
 formatted, every client (the four services, the relays, the order-status worker, topic creation)
 configured with the settings the README documents (`ORDERPIPE_KAFKA_CLIENT_CONFIG`).
 
-- every order reaches its final state through the encrypted, authenticated listener;
+- `orderpipe up` with the Kafka, SMTP and Schema Registry logins: every order reaches its final
+  state through the encrypted, authenticated listener, and no password is printed or logged;
 - a wrong password, or a CA that did not sign the broker's certificate, ends the process (a
   consumer service, the order-status worker) within seconds with one line naming the problem
-  (no hang, no reconnect loop, no traceback), and the password is in none of its output.
+  (no hang, no reconnect loop, no traceback), and the password is in none of its output;
+- under Kafka's standard authorizer each process, and the operators' commands, work with only
+  the rights services/ops/access.py derives, and are refused elsewhere with one clear line.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,8 +28,10 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 from conftest import broker_plan
+from schema_registry import SchemaRegistry
 from tls import make_tls
 
+from services.email.smtp_sink import read_maildir
 from services.pipeline.demo import place_all, sample_orders, wait_for_final
 from services.pipeline.stack import Stack
 from services.runtime.settings import Settings
@@ -61,21 +68,55 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory):
                 _local_kafka(folder / "kafka", SecureListener(tls.keystore, tls.keystore_password, ((USER, PASSWORD),))))
 
 
-def test_the_whole_pipeline_runs_through_tls_and_scram(secure_kafka, tmp_path: Path, monkeypatch):
+def _start_up(env: dict[str, str], data_dir: Path, api_port: int) -> tuple[subprocess.Popen, list[str]]:
+    """`orderpipe up`, as an operator starts it, until it says it is running; its output so far."""
+    up = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir),
+                           "--api-port", str(api_port), "--status-port", str(free_port())], cwd=REPO, env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output: list[str] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (line := up.stdout.readline()):
+        output.append(line)
+        if "pipeline is running" in line:
+            break
+    return up, output
+
+
+def test_the_whole_pipeline_runs_through_tls_and_scram_and_shows_no_secret(secure_kafka, tmp_path: Path):
+    """`orderpipe up` with every login the README documents: Kafka (SASL_SSL, SCRAM), the SMTP
+    server (the sink then requires that login) and the Schema Registry (basic auth). Orders
+    complete, mails arrive, schemas are registered as the registry's user; no password is in
+    `up`'s output or in any process's log."""
     cluster, tls = secure_kafka
-    monkeypatch.setenv("ORDERPIPE_KAFKA_CLIENT_CONFIG", client_config(tls.ca_pem))
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", cluster.secure_bootstrap_servers)
-    data_dir = tmp_path / "data"
+    smtp_password, registry_password = "smtp-pw-4d1a", "registry-pw-8e27"
+    data_dir, api_port = tmp_path / "data", free_port()
     samples = sample_orders(20, seed=11)
-    with Stack(Settings(data_dir=data_dir), data_dir=data_dir) as info:
-        assert info.broker == "external" and info.bootstrap_servers == cluster.secure_bootstrap_servers
-        with httpx.Client(base_url=info.api_url, timeout=10) as client, \
-                Progress(console=Console(file=open(os.devnull, "w"))) as progress:
-            placed = place_all(client, samples, progress)
-            final = wait_for_final(client, placed, 180, progress)
-        assert {oid: view["state"] for oid, view in final.items()} == {oid: o.expected for oid, o in placed.items()}
-        logs = "".join(p.read_text(errors="replace") for p in info.log_dir.glob("*.log"))
-    assert PASSWORD not in logs, "a process logged the SASL password"
+    with SchemaRegistry({"orderpipe": registry_password}) as schema_registry:
+        env = {**os.environ, "COLUMNS": "300", "KAFKA_BOOTSTRAP_SERVERS": cluster.secure_bootstrap_servers,
+               "ORDERPIPE_KAFKA_CLIENT_CONFIG": client_config(tls.ca_pem),
+               "ORDERPIPE_SMTP_USERNAME": "shop", "ORDERPIPE_SMTP_PASSWORD": smtp_password,
+               "SCHEMA_REGISTRY_URL": schema_registry.url,
+               "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": f"orderpipe:{registry_password}"}
+        up, output = _start_up(env, data_dir, api_port)
+        try:
+            assert "pipeline is running" in output[-1], "".join(output)
+            with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as client, \
+                    Progress(console=Console(file=open(os.devnull, "w"))) as progress:
+                placed = place_all(client, samples, progress)
+                final = wait_for_final(client, placed, 180, progress)
+        finally:
+            up.send_signal(signal.SIGINT)
+            rest, _ = up.communicate(timeout=180)
+        output.append(rest)
+        registered_by = schema_registry.users_who("POST", r"/subjects/.+/versions")
+    assert "stopped" in rest and up.returncode == 0, rest
+    assert {oid: view["state"] for oid, view in final.items()} == {oid: o.expected for oid, o in placed.items()}
+    mailed = {oid for oid, view in final.items() if view["steps"]["email"]["state"] == "done"}
+    assert mailed and {m["Subject"].removeprefix("Your order ") for m in read_maildir(data_dir / "maildir")} == mailed
+    assert registered_by == {"orderpipe"}
+    shown = "".join(output) + "".join(p.read_text(errors="replace") for p in (data_dir / "logs").glob("*.log"))
+    for secret in (PASSWORD, smtp_password, registry_password):
+        assert secret not in shown, "a secret was printed or logged"
 
 
 def _command(process: str) -> list[str]:
@@ -220,3 +261,70 @@ def test_the_email_user_is_refused_what_email_does_not_do(authorizing_kafka, tmp
     [line] = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert line.startswith("error: Kafka denied group inventory") and "kafka-users.yaml" in line, line
     assert "Traceback" not in done.stderr
+
+
+def _orderpipe_as(user: str, cluster, ca: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "300", "KAFKA_BOOTSTRAP_SERVERS": cluster.secure_bootstrap_servers,
+           "ORDERPIPE_KAFKA_CLIENT_CONFIG": _as(user, ca), "ORDERPIPE_OPERATOR": "ops-alice"}
+    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _dead_letters(cluster, ca: Path, group: str, key: str) -> list[dict]:
+    listed = _orderpipe_as("orderpipe-operators", cluster, ca, "dlt", "list", "--group", group, "--key", key, "--json")
+    assert listed.returncode == 0, listed.stderr
+    return [json.loads(line) for line in listed.stdout.splitlines()]
+
+
+def test_operators_replay_purge_and_audit_with_only_their_users_rights(authorizing_kafka, tmp_path: Path,
+                                                                        monkeypatch):
+    """A message no one can decode is dead-lettered by every group reading orders.created, each
+    with its own user; the operators' user lists, replays and purges those dead letters, reads
+    the audit log and the lag. The e-mail service's user may not purge another group's."""
+    from confluent_kafka import Producer
+
+    from services import registry
+    from services.ops.access import user_of
+
+    cluster, tls = authorizing_kafka
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", cluster.secure_bootstrap_servers)
+    monkeypatch.setenv("ORDERPIPE_KAFKA_CLIENT_CONFIG", _as(ADMIN, tls.ca_pem))
+    own_user = {name: {"ORDERPIPE_KAFKA_CLIENT_CONFIG": _as(user_of(name), tls.ca_pem)}
+                for name in [*registry.processes(), "order-status"]}
+    key = f"o-undecodable-{tmp_path.name[-6:]}"
+    data_dir = tmp_path / "data"
+    with Stack(Settings(data_dir=data_dir), data_dir=data_dir, process_env=own_user):
+        admin = Producer({"bootstrap.servers": cluster.bootstrap_servers})
+        admin.produce("orders.created", key=key.encode(), value=b"not an Avro event")
+        assert admin.flush(30) == 0
+        deadline = time.monotonic() + 120
+        while not (_dead_letters(cluster, tls.ca_pem, "inventory", key) and
+                   _dead_letters(cluster, tls.ca_pem, "email", key)):
+            assert time.monotonic() < deadline, "the undecodable message was not dead-lettered"
+            time.sleep(1)
+    [letter] = _dead_letters(cluster, tls.ca_pem, "inventory", key)
+    assert letter["exception_type"].endswith("DecodeError") and letter["topic"] == "orders.created.inventory.dlt"
+
+    operators = ("orderpipe-operators", cluster, tls.ca_pem)
+    replayed = _orderpipe_as(*operators, "dlt", "replay", "--group", "inventory", "--key", key, "--yes")
+    assert replayed.returncode == 0 and "replayed 1 of 1" in replayed.stdout, replayed.stdout + replayed.stderr
+    purged = _orderpipe_as(*operators, "dlt", "purge", "--group", "email", "--key", key, "--yes")
+    assert purged.returncode == 0 and "purged 1 of 1" in purged.stdout, purged.stdout + purged.stderr
+    assert _dead_letters(cluster, tls.ca_pem, "inventory", key) == _dead_letters(cluster, tls.ca_pem, "email", key) == []
+    back = _orderpipe_as(*operators, "tail", "orders.created.inventory.retry.1", "--from-beginning", "--json")
+    assert back.returncode == 0 and [json.loads(line)["key"] for line in back.stdout.splitlines()] == [key], back.stderr
+
+    audit = _orderpipe_as(*operators, "dlt", "audit", "--json")
+    assert audit.returncode == 0, audit.stderr
+    runs = [json.loads(line) for line in audit.stdout.splitlines()]
+    assert [(r["action"], r["outcome"], r["count"], r["user"]) for r in runs][-2:] == [
+        ("replay", "completed", 1, "ops-alice"), ("purge", "completed", 1, "ops-alice")]
+    lag = _orderpipe_as(*operators, "lag")
+    assert lag.returncode == 0 and "inventory" in lag.stdout, lag.stderr
+
+    refused = _orderpipe_as("orderpipe-email", cluster, tls.ca_pem, "dlt", "purge", "--group", "analytics",
+                            "--key", key, "--yes")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    [line] = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: Kafka denied access to topic ") and "kafka-users.yaml" in line, line
+    assert "Traceback" not in refused.stderr

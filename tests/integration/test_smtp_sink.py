@@ -112,3 +112,35 @@ def test_sink_as_subprocess_stops_on_sigterm(tmp_path: Path):
     # nothing listens on the port any more
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_with_a_login_set_the_sink_takes_exactly_that_login(tmp_path: Path):
+    """ORDERPIPE_SMTP_USERNAME/PASSWORD in the sink's environment: the e-mail service's login is
+    checked as a provider would; a wrong or missing one is a retryable error that names the
+    settings (the mail is not at fault) and never shows the password."""
+    maildir, password = tmp_path / "maildir", "smtp-pw-0b7e"
+    env = {**os.environ, "ORDERPIPE_SMTP_USERNAME": "shop", "ORDERPIPE_SMTP_PASSWORD": password}
+    proc = subprocess.Popen([sys.executable, "-m", "services.email.smtp_sink", "--maildir", str(maildir),
+                             "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.match(r"smtp sink listening on 127\.0\.0\.1:(\d+), .*, login required\n", line)[1])
+        with SmtpMailer("127.0.0.1", port, timeout=5, username="shop", password=password) as mailer:
+            mailer.send(mail("login-1"))
+        for username, given in (("shop", "not-" + password), (None, None)):
+            with SmtpMailer("127.0.0.1", port, timeout=5, username=username, password=given) as mailer, \
+                    pytest.raises(MailDeliveryError) as refused:
+                mailer.send(mail("login-2"))
+            assert "refused the login" in str(refused.value) and "ORDERPIPE_SMTP_PASSWORD" in str(refused.value)
+            assert password not in str(refused.value)
+        assert [x["Message-ID"] for x in read_maildir(maildir)] == ["<login-1@orderpipe.local>"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert password not in proc.stdout.read() + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -58,3 +58,24 @@ def test_a_setting_given_to_settings_reaches_the_service_that_declares_it(monkey
     monkeypatch.setenv("ORDERPIPE_LOYALTY_DATABASE_URL", "sqlite:////tmp/loyalty.db")
     assert Settings().database_url("loyalty") == "sqlite:////tmp/loyalty.db"
     assert Settings(loyalty_database_url="sqlite:////x.db").database_url("loyalty") == "sqlite:////x.db"
+
+
+def test_a_setting_that_holds_a_secret_is_named_but_never_echoed(monkeypatch, capsys):
+    """The Kafka client config carries the SASL password: a malformed one is refused naming the
+    variable and the pair's position, not its text; a printed Settings masks every secret."""
+    from pydantic import SecretStr
+
+    from services.email.settings import EmailSettings
+    from services.runtime.settings import Settings
+
+    secret = "sasl-pw-31f0"
+    code, err = run_cli(monkeypatch, capsys, {"ORDERPIPE_KAFKA_CLIENT_CONFIG":
+                                              f"security.protocol=SASL_SSL;{secret}"}, "lag")
+    assert code == 2 and secret not in err
+    assert err == ("orderpipe: invalid setting ORDERPIPE_KAFKA_CLIENT_CONFIG=(hidden: it holds a secret): Value "
+                   "error, pair 2 has no '=': write key=value pairs separated by ';'\n")
+
+    settings = Settings(kafka_client_config=f"sasl.password={secret}",
+                        schema_registry_basic_auth_user_info=SecretStr(f"u:{secret}"), smtp_password=secret)
+    assert settings.extra_client_config["sasl.password"] == secret
+    assert secret not in repr(settings) + str(settings) + repr(settings.of(EmailSettings))

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     # Extra librdkafka settings for every client, e.g. security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512
     # (it holds the SASL password, hence repr=False)
     kafka_client_config: str = Field(default="", repr=False)
+    # This process's own Kafka user (services/ops/access.py), apart from the shared config above
+    # so that the password can come from the user's own Secret (Strimzi's KafkaUser makes one).
+    # With the password set, they win over sasl.username / sasl.password in the config above.
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
 
     data_dir: Path = Path(".data")
     # Each service's database: ORDERPIPE_<SERVICE>_DATABASE_URL (database_url()).
@@ -132,7 +137,12 @@ class Settings(BaseSettings):
     @cached_property
     def extra_client_config(self) -> dict[str, str]:
         pairs = [p for p in self.kafka_client_config.split(";") if p.strip()]
-        return {key.strip(): value for key, value in (p.split("=", 1) for p in pairs)}
+        config = {key.strip(): value for key, value in (p.split("=", 1) for p in pairs)}
+        if self.kafka_sasl_password:  # a user name alone (no Secret: a cluster without SCRAM) is not used
+            config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+            if self.kafka_sasl_username:
+                config["sasl.username"] = self.kafka_sasl_username
+        return config
 
     @property
     def bootstrap(self) -> str:

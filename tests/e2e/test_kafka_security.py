@@ -216,8 +216,9 @@ def test_every_process_works_with_only_its_own_users_rights(authorizing_kafka, t
     cluster, tls = authorizing_kafka
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", cluster.secure_bootstrap_servers)
     monkeypatch.setenv("ORDERPIPE_KAFKA_CLIENT_CONFIG", _as(ADMIN, tls.ca_pem))  # topic creation only
-    own_user = {name: {"ORDERPIPE_KAFKA_CLIENT_CONFIG": _as(user_of(name), tls.ca_pem)}
-                for name in [*registry.processes(), "order-status"]}
+    # as the Kubernetes manifests do: the process's own user and password win over the shared config's
+    own_user = {name: {"ORDERPIPE_KAFKA_SASL_USERNAME": user_of(name), "ORDERPIPE_KAFKA_SASL_PASSWORD":
+                       _password(user_of(name))} for name in [*registry.processes(), "order-status"]}
     data_dir = tmp_path / "data"
     with Stack(Settings(data_dir=data_dir), data_dir=data_dir, process_env=own_user) as info:
         with httpx.Client(base_url=info.api_url, timeout=10) as client, \

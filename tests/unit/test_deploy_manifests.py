@@ -238,6 +238,31 @@ def test_required_secret_keys_are_provided_by_the_overlay():
                     assert ref["key"] in provided[ref["name"]], f"{doc['metadata']['name']}: {ref}"
     for ref in _by_kind("TriggerAuthentication")["orderpipe-kafka"]["spec"]["secretTargetRef"]:
         assert ref["key"] in provided[ref["name"]]
+    keda = yaml.safe_load((OVERLAY / "keda-trigger-auth.yaml").read_text())["spec"]["secretTargetRef"]
+    for ref in keda:  # the overlay's, or a KafkaUser's Secret (Strimzi makes it, key `password`)
+        assert ref["key"] in provided.get(ref["name"], set()) or (ref["name"] == "orderpipe-operators"
+                                                                   and ref["key"] == "password"), ref
+
+
+def test_each_kafka_client_connects_as_its_own_user_with_the_password_from_its_kafka_user():
+    """The user services/ops/access.py gives the process, its password from the Secret Strimzi
+    keeps for that KafkaUser (key `password`): never a shared login."""
+    from services.ops.access import principals, user_of
+
+    users = {p.name for p in principals()}
+    for name, workload in WORKLOADS.items():
+        env = {e["name"]: e for e in _main_container(workload).get("env", [])}
+        if name == "orders-api":  # it never talks to Kafka (the relay publishes)
+            assert "ORDERPIPE_KAFKA_SASL_USERNAME" not in env
+            continue
+        user = env["ORDERPIPE_KAFKA_SASL_USERNAME"]["value"]
+        assert user == user_of(name) and user in users, name
+        assert env["ORDERPIPE_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": user, "key": "password", "optional": True}, name
+    overlay = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
+    [shared] = [lit for g in overlay["secretGenerator"] for lit in g.get("literals", [])
+                if lit.startswith("KAFKA_CLIENT_CONFIG=")]
+    assert "sasl.password" not in shared and "sasl.username" not in shared
 
 
 # -- kustomize -------------------------------------------------------------------------------------

@@ -27,6 +27,19 @@ def test_librdkafka_clients_get_the_settings_verbatim():
         assert config["sasl.password"] == "s3cret"
 
 
+def test_the_processs_own_user_wins_over_the_shared_config_and_needs_its_password():
+    """ORDERPIPE_KAFKA_SASL_USERNAME/PASSWORD: the Kubernetes manifests' per-process login (the
+    password from its KafkaUser's Secret). Without that Secret the user name alone is not used."""
+    own = Settings(kafka_client_config=SCRAM_TLS, kafka_sasl_username="orderpipe-email",
+                   kafka_sasl_password="email-pw")
+    assert (own.extra_client_config["sasl.username"], own.extra_client_config["sasl.password"]) == \
+        ("orderpipe-email", "email-pw")
+    shared_only = "security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512"
+    no_secret = Settings(kafka_client_config=shared_only, kafka_sasl_username="orderpipe-email")
+    assert no_secret.extra_client_config == {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
+    assert "email-pw" not in repr(own)
+
+
 def test_plaintext_needs_no_credentials():
     assert faust_broker_credentials({}) is None
     assert faust_broker_credentials({"security.protocol": "PLAINTEXT", "client.rack": "a"}) is None

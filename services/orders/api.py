@@ -5,19 +5,21 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Annotated, Any
 
 import httpx
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services.orders.body_limit import BodyLimit
+from services.orders.idempotency import KEY_PATTERN, Answer, IdempotencyKeys, KeyReused, fingerprint
 from services.orders.model import OrderAccepted, PlaceOrder, Problem
 from services.orders.place import place_order
 from services.orders.tables import orders
@@ -67,10 +69,21 @@ class StatusClient:
         return r.json()
 
 
-def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_bytes: int = 65_536) -> FastAPI:
+PLACE_ORDER = "POST /orders"  # the operation an Idempotency-Key of POST /orders belongs to
+
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", pattern=KEY_PATTERN,
+    description="Any unique string (a UUID): the same key with the same body within "
+                "ORDERPIPE_API_IDEMPOTENCY_KEY_TTL_HOURS (24 h) returns the first answer, with "
+                "`Idempotent-Replayed: true`, and never places a second order; with another body it is a 422.")]
+
+
+def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_bytes: int = 65_536,
+               idempotency_key_ttl: timedelta = timedelta(hours=24)) -> FastAPI:
     app = FastAPI(title="orderpipe orders API", version="0.1.0",
                   description="Place orders (answered 202 once durably recorded) and follow their status.")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    keys = IdempotencyKeys(engine, idempotency_key_ttl)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -78,21 +91,47 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
         # cannot be written as JSON, and the 422 became a 500.
         return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
 
+    def accepted(response: Response, order_id: str, replayed: bool = False) -> OrderAccepted:
+        status_url = f"/orders/{order_id}"
+        response.headers["Location"] = status_url
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return OrderAccepted(order_id=order_id, status_url=status_url)
+
+    def first_answer(key: str, request_print: str) -> Answer | None:
+        try:
+            return keys.answer(PLACE_ORDER, key, request_print)
+        except KeyReused as exc:
+            raise HTTPException(422, detail=str(exc)) from None
+
     @app.post("/orders", status_code=202, response_model=OrderAccepted, responses={
         413: {"model": Problem, "description": "The body is larger than ORDERPIPE_API_MAX_BODY_BYTES; nothing was read."},
+        422: {"description": "The body is not a valid order, or the Idempotency-Key came with another body."},
         503: {"model": Problem, "description": "The database could not store the order; nothing was recorded."}})
-    def post_order(request: PlaceOrder, response: Response) -> OrderAccepted:
+    def post_order(request: PlaceOrder, response: Response, idempotency_key: IdempotencyKey = None) -> OrderAccepted:
+        remember = None
+        if idempotency_key is not None:
+            request_print = fingerprint(PLACE_ORDER, request.canonical())
+            if (first := first_answer(idempotency_key, request_print)) is not None:
+                return accepted(response, first.body["order_id"], replayed=True)
+
+            def remember(conn, event) -> None:  # in the order's own transaction
+                keys.remember(conn, PLACE_ORDER, idempotency_key, request_print,
+                              Answer(202, {"order_id": event.order_id}))
         try:
-            event = place_order(engine, codec, request)
+            event = place_order(engine, codec, request, also=remember)
+        except IntegrityError:
+            # the same key's first request committed while this one ran: this order was not stored
+            if idempotency_key is not None and (first := first_answer(idempotency_key, request_print)) is not None:
+                return accepted(response, first.body["order_id"], replayed=True)
+            raise
         except SQLAlchemyError as exc:
             # The database failed, not the request: the order and its outbox row are one
             # transaction, so nothing was recorded and the client may simply try again.
             log.warning("order not stored: database error", extra={"error": str(exc)[:300]})
             raise HTTPException(503, detail="the order could not be stored (database unavailable); nothing was "
                                             "recorded, try again", headers={"Retry-After": "1"}) from None
-        status_url = f"/orders/{event.order_id}"
-        response.headers["Location"] = status_url
-        return OrderAccepted(order_id=event.order_id, status_url=status_url)
+        return accepted(response, event.order_id)
 
     @app.get("/orders", responses={
         400: {"model": Problem, "description": "The order-status view refused the query (unknown state, bad time)."},

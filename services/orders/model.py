@@ -34,6 +34,17 @@ class PlaceOrder(BaseModel):
     def total(self) -> Decimal:
         return sum((line.quantity * line.unit_price for line in self.lines), Decimal("0.00"))
 
+    def canonical(self) -> dict:
+        """The order as data, the same for every way of writing it (12.5, "12.50"): what an
+        Idempotency-Key's request is compared by."""
+        body = self.model_dump(mode="json")
+        for line, given in zip(body["lines"], self.lines, strict=True):
+            line["unit_price"] = str(given.unit_price.quantize(CENT))
+        return body
+
+
+CENT = Decimal("0.01")
+
 
 class Problem(BaseModel):
     """Why a request was refused or could not be served."""

@@ -7,8 +7,9 @@ neither is: an order answered with 202 is never lost.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from services.orders.model import PlaceOrder
 from services.orders.tables import orders, outbox
@@ -19,7 +20,9 @@ from services.runtime.events import OrderCreated, OrderLine
 from services.runtime.outbox import add_event
 
 
-def place_order(engine: Engine, codec: Codec, request: PlaceOrder) -> OrderCreated:
+def place_order(engine: Engine, codec: Codec, request: PlaceOrder,
+                also: Callable[[Connection, OrderCreated], None] | None = None) -> OrderCreated:
+    """`also` runs in the same transaction (the Idempotency-Key's answer is stored there)."""
     order_id = str(uuid.uuid4())
     now = utcnow()
     event = OrderCreated(
@@ -36,4 +39,6 @@ def place_order(engine: Engine, codec: Codec, request: PlaceOrder) -> OrderCreat
             total=request.total, created_at=now,
         ))
         add_event(conn, outbox, codec, event, envelope)
+        if also is not None:
+            also(conn, event)
     return event

@@ -30,7 +30,8 @@ def run_api(settings: Settings) -> None:
     prepare_database(engine, SERVICE, settings.db_upgrade_on_start)
     listen = settings.of(OrdersApiSettings)
     api = create_app(engine, codec_from_settings(settings), StatusClient(settings.status_url),
-                     max_body_bytes=listen.api_max_body_bytes)
+                     max_body_bytes=listen.api_max_body_bytes,
+                     idempotency_key_ttl=timedelta(hours=listen.api_idempotency_key_ttl_hours))
     tune_gc()
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
     # handler that was there before it. This one ends the process with exit code 0, like every

@@ -16,3 +16,16 @@ reservations = Table(
     Column("quantity", Integer, nullable=False),
     Column("reserved_at", DateTime(timezone=True), nullable=False),
 )
+
+# Every change of stock made by hand (`orderpipe stock add`), who and why: the audit trail.
+stock_adjustments = Table(
+    "stock_adjustments", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sku", String(64), nullable=False, index=True),
+    Column("delta", Integer, nullable=False),
+    Column("available_after", Integer, nullable=False),
+    Column("reason", String(200), nullable=False),
+    Column("operator", String(100), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("adjusted_at", DateTime(timezone=True), nullable=False),
+)

@@ -75,11 +75,16 @@ from services.runtime.failure_headers import (
     number_header,
 )
 from services.runtime.handler import Handler, Service, UnitOfWork
+from services.runtime.held import DEAD_LETTERED, RELEASING, Hold, HeldKeys, StoredMessage, key_text
 from services.runtime.kafka import raise_if_denied
 from services.runtime.outbox import add_event, add_rows, outbox_row
 from services.runtime.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+
+# How often a consumer looks for held keys to release that it did not release itself (another
+# instance released them, or it restarted): a query of the group's database, not per batch.
+RELEASE_CHECK_S = 5.0
 
 
 
@@ -104,6 +109,7 @@ class BatchResult:
     retried: int = 0
     dead_lettered: int = 0
     deferred: int = 0   # retried messages held back until their due time
+    held: int = 0       # stored behind their key's head in the retry chain (ordered retries)
     put_back: int = 0   # not run (breaker opened, a lane's database failed): rewound, run later
 
 
@@ -123,6 +129,7 @@ class Lane:
     failures: list[Failure] = field(default_factory=list)
     processed: int = 0
     duplicates: int = 0
+    held: int = 0
     ran: int = 0
     error: BaseException | None = None
 
@@ -225,6 +232,13 @@ class ServiceConsumer:
         self._paused: set[tuple[str, int]] = set()        # what we asked librdkafka to pause
         # Only copies in our retry topics carry a due time; the inputs' messages skip that check.
         self._retry_topics = frozenset(t for source in self.group.inputs for t in self.group.retry_topics(source))
+        # Ordered retries per key (held.py): the holds of the batch's keys, read once per batch;
+        # lanes touch only their own keys, so they share the dict.
+        self.held = (HeldKeys.of(service, self.controls.held_dead_letter_policy)
+                     if self.controls.ordered_retries else None)
+        self._holds: dict[str, Hold] = {}
+        self._release_check_at = 0.0  # when to look for keys to release that this consumer did not release itself
+        self._maybe_releasing = True
         self.polls = 0
         self.assignments = 0
         self.totals = BatchResult()
@@ -257,6 +271,18 @@ class ServiceConsumer:
         messages = self._poll(max(allowed, 1), timeout)
         self.polls += 1
         batch = [m for m in messages if self._check_error(m)]
+        result = self._run_batch(batch, allowed)
+        if allowed and self.held is not None:
+            try:
+                self._release_held()  # also when idle: a key an operator released waits for no message
+            except KafkaRefused:
+                raise
+            except Exception:  # the database or the broker failed: the held events stay, tried again later
+                log.exception("releasing held keys failed; trying again", extra={"group": self.group.name})
+                time.sleep(1.0)
+        return result
+
+    def _run_batch(self, batch: list[Message], allowed: int) -> BatchResult:
         if not batch:
             return BatchResult()
         if allowed == 0:  # from a partition assigned during this poll, not paused yet
@@ -279,6 +305,7 @@ class ServiceConsumer:
     def handle_batch(self, messages: list[Message]) -> BatchResult:
         result = BatchResult()
         ready, result.deferred = self._hold_back_not_due(messages)
+        self._holds = self._read_holds(ready)
         lanes = split_by_key(ready, self.controls.concurrency, key=lambda m: m.key())
         run_lane = self._run_lane_in_one_transaction if self.pool is None else self._run_lane_per_message
         outcomes = run_lanes(self.pool, lanes, run_lane)
@@ -287,23 +314,11 @@ class ServiceConsumer:
         done = set().union(*(lane.done for lane in outcomes))
         result.processed = sum(lane.processed for lane in outcomes)
         result.duplicates = sum(lane.duplicates for lane in outcomes)
+        result.held = sum(lane.held for lane in outcomes)
         # The transactions are committed: effects are durable. Now the failures get their copy in
         # a retry or dead-letter topic, and only once that copy is acked do we store offsets.
         crash_point("consumer.after_commit")
-        for failure in failures:
-            if self._route_failure(failure):
-                result.retried += 1
-            else:
-                result.dead_lettered += 1
-        if failures:
-            crash_point("consumer.after_copies_produced")
-            remaining = self.producer.flush(30)
-            refused, self._copy_errors = self._copy_errors, []
-            raise_if_denied(refused, f"group {self.group.name} its retry and dead-letter copies")
-            if remaining or refused:
-                raise RuntimeError(f"{remaining} retry/dead-letter copies not acked, {len(refused)} refused "
-                                   f"({refused[:1]}); not storing offsets")
-            crash_point("consumer.after_copies_acked")
+        result.retried, result.dead_lettered = self._deliver_copies(failures)
         result.put_back = len(ready) - len(done)
         self._store_offsets(ready, done)
         crash_point("consumer.after_offsets_stored")
@@ -316,6 +331,26 @@ class ServiceConsumer:
             log.error("batch failed; rewinding and retrying", exc_info=errors[0], extra={"group": self.group.name})
             time.sleep(1.0)
         return result
+
+    def _deliver_copies(self, failures: list[Failure]) -> tuple[int, int]:
+        """Each failure's copy in its retry or dead-letter topic, acked; (retried, dead-lettered).
+        Raises when a copy was not acked: the caller must not store offsets past it."""
+        retried = dead = 0
+        for failure in failures:
+            if self._route_failure(failure):
+                retried += 1
+            else:
+                dead += 1
+        if failures:
+            crash_point("consumer.after_copies_produced")
+            remaining = self.producer.flush(30)
+            refused, self._copy_errors = self._copy_errors, []
+            raise_if_denied(refused, f"group {self.group.name} its retry and dead-letter copies")
+            if remaining or refused:
+                raise RuntimeError(f"{remaining} retry/dead-letter copies not acked, {len(refused)} refused "
+                                   f"({refused[:1]}); not storing offsets")
+            crash_point("consumer.after_copies_acked")
+        return retried, dead
 
     def _poll(self, n: int, timeout: float) -> list:
         """Up to n messages: what is already fetched at once, else wait up to `timeout` for one.
@@ -397,11 +432,14 @@ class ServiceConsumer:
                         outcome = p
                     elif p.envelope.event_id not in fresh:
                         outcome = "duplicate"
+                    elif self._parked(conn, msg, p, now):
+                        outcome = "held"  # its claim is given back below: it runs when released
                     else:
                         fresh.discard(p.envelope.event_id)  # a second copy in this batch is a duplicate
                         outcome = self._handle_claimed(conn, msg, p, staged)
                         if outcome == "processed":
                             give_back.discard(p.envelope.event_id)
+                        self._update_hold(conn, msg, p, outcome, now)
                     self._settle(lane, msg, outcome)
                 if give_back:
                     inbox = self.service.inbox
@@ -463,6 +501,8 @@ class ServiceConsumer:
             lane.processed += 1
         elif outcome == "duplicate":
             lane.duplicates += 1
+        elif outcome == "held":
+            lane.held += 1
         else:
             lane.failures.append(outcome)
         if self.breaker:
@@ -523,6 +563,8 @@ class ServiceConsumer:
                 if conn.execute(select(inbox.c.event_id).where(
                         inbox.c.group_name == self.group.name, inbox.c.event_id == p.envelope.event_id)).first():
                     return "duplicate"
+                if self._parked(conn, msg, p, utcnow()):
+                    return "held"
             with _LazyTransaction(self.engine, lambda c: insert_ignore(c, inbox, self._inbox_row(msg, p))) as tx:
                 try:
                     uow = UnitOfWork(None, p.envelope, self.group.name, self.service.deps, begin=tx.begin)
@@ -533,10 +575,16 @@ class ServiceConsumer:
                 except _DatabaseUnavailable as exc:
                     raise exc.__cause__ from None
                 except Exception as exc:
-                    return self._failed(msg, p, exc)  # rolled back when the block ends
-                crash_point("consumer.after_handler")
-                tx.commit()  # a failure here is the database's, not the handler's: it raises
-                return "processed"
+                    failure = self._failed(msg, p, exc)  # rolled back when the block ends
+                else:
+                    self._update_hold(uow.conn, msg, p, "processed", utcnow())
+                    crash_point("consumer.after_handler")
+                    tx.commit()  # a failure here is the database's, not the handler's: it raises
+                    return "processed"
+            if self._hold_changes(msg, p, failure):
+                with self.engine.begin() as conn:  # the effect was rolled back; the hold is recorded alone
+                    self._update_hold(conn, msg, p, failure, utcnow())
+            return failure
         finally:
             self._metrics["handler_s"].observe(time.monotonic() - started)
 
@@ -561,6 +609,14 @@ class ServiceConsumer:
             self._copy_errors.append(err)
             self._copies.pop(coordinates, None)
 
+    def _next_hop(self, msg, exc: BaseException) -> tuple[bool, bool, int, str]:
+        """(retry it, retryable at all, this attempt's number, the original topic)."""
+        source = header(msg, H_ORIGINAL_TOPIC) or msg.topic()
+        attempt = int(number_header(msg, H_ATTEMPT, int) or 0) + 1
+        retryable = self._retryable(exc)
+        retry = retryable and len(self.group.retry_delays_s) > 0 and attempt < self.retry_policy.attempts
+        return retry, retryable, attempt, source
+
     def _route_failure(self, failure: Failure) -> bool:
         """Produce the failed message to its next retry tier or the dead-letter topic, unless a
         copy of it is already on its way or acked. Returns True when it was retried."""
@@ -568,12 +624,9 @@ class ServiceConsumer:
         coordinates = (msg.topic(), msg.partition(), msg.offset())
         if coordinates in self._copies:
             return self._copies[coordinates]
-        source = header(msg, H_ORIGINAL_TOPIC) or msg.topic()
-        attempt = int(number_header(msg, H_ATTEMPT, int) or 0) + 1
+        retry, retryable, attempt, source = self._next_hop(msg, exc)
         now = datetime.now(UTC)
-        retryable = self._retryable(exc)
         tiers = len(self.group.retry_delays_s)
-        retry = retryable and tiers > 0 and attempt < self.retry_policy.attempts
         headers = {
             H_ORIGINAL_TOPIC: source,
             H_ORIGINAL_PARTITION: header(msg, H_ORIGINAL_PARTITION) or str(msg.partition()),
@@ -613,6 +666,121 @@ class ServiceConsumer:
             self.alerter.alert(alerts.DEAD_LETTERED, f"message dead-lettered: {headers[H_REASON]}",
                                reason=headers[H_REASON], **details)
         return retry
+
+    # -- ordered retries per key (services/runtime/held.py) ---------------------------------
+
+    def _read_holds(self, messages: list[Message]) -> dict[str, Hold]:
+        if self.held is None or not messages:
+            return {}
+        keys = {k for m in messages if (k := key_text(m.key())) is not None}
+        with self.engine.connect() as conn:
+            return self.held.holds(conn, keys)
+
+    def _parked(self, conn: Connection, msg, p: Prepared, now: datetime) -> bool:
+        """Store the message behind its key's head instead of running it, if the key is held
+        and the message is not that head (which runs: its retry copy, or a replay of it)."""
+        key = key_text(msg.key()) if self.held is not None else None
+        hold = self._holds.get(key) if key is not None else None
+        if hold is None or hold.head == p.envelope.event_id:
+            return False
+        self.held.park(conn, key, msg, p.envelope.event_id, now)
+        return True
+
+    def _hold_changes(self, msg, p: Prepared, outcome: str | Failure) -> bool:
+        """Whether this outcome changes a hold: its key's head ran, or it is retried and starts one."""
+        key = key_text(msg.key()) if self.held is not None else None
+        if key is None:
+            return False
+        hold = self._holds.get(key)
+        if hold is not None:
+            return hold.head == p.envelope.event_id
+        return isinstance(outcome, Failure) and self._next_hop(msg, outcome.exc)[0]
+
+    def _update_hold(self, conn: Connection, msg, p: Prepared, outcome: str | Failure, now: datetime) -> None:
+        """In the transaction of the message's outcome: its key's head ran (release, keep
+        retrying or apply the dead-letter policy), or it goes to the retry chain and its key is
+        held from now on."""
+        if not self._hold_changes(msg, p, outcome):
+            return
+        key = key_text(msg.key())
+        hold = self._holds.get(key)
+        reason = "" if outcome == "processed" else f"{type(outcome.exc).__name__}: {outcome.exc}"
+        if hold is None:
+            self._holds[key] = self.held.start(conn, key, p.envelope.event_id, reason, msg.topic(),
+                                               msg.partition(), now)
+            return
+        kind = "processed" if outcome == "processed" else ("retry" if self._next_hop(msg, outcome.exc)[0] else "dead")
+        self._holds[key] = self.held.head_settled(conn, key, kind, reason, now) or hold
+        if self._holds[key].state == RELEASING:
+            self._maybe_releasing = True
+        elif self._holds[key].state == DEAD_LETTERED:
+            self.alerter.alert(alerts.KEY_HELD, f"key {key} held: its event {hold.head} was dead-lettered; its later "
+                               "events wait until it is replayed, or purged and the key released "
+                               "(`orderpipe held release`)", key=key, event_id=hold.head, reason=reason[:300])
+
+    def _release_held(self) -> None:
+        """Run the held events of released keys this consumer reads, in their order; make the
+        copies a crash kept from being made. Looks at the database only when this consumer
+        released a key itself, or every few seconds (another instance, a restart)."""
+        now = time.monotonic()
+        if not self._maybe_releasing and now < self._release_check_at:
+            return
+        self._maybe_releasing, self._release_check_at = False, now + RELEASE_CHECK_S
+        self._measure_held()
+        assigned = {(p.topic, p.partition) for p in self.consumer.assignment()}
+        heads = self.held.heads_without_copy(self.engine, assigned)
+        failures = [Failure(h, RuntimeError("held event failed on release; its retry copy was not acked"), "")
+                    for h in heads]
+        for key in self.held.releasing(self.engine, assigned):
+            failures += self._release_key(key)
+        if failures:
+            self._deliver_copies(failures)
+            self.held.copies_sent(self.engine, [f.message.event_id for f in failures
+                                                if isinstance(f.message, StoredMessage)])
+
+    def _measure_held(self) -> None:
+        keys, events, oldest = self.held.stats(self.engine)
+        g = self.group.name
+        metrics.HELD_KEYS.labels(g).set(keys)
+        metrics.HELD_EVENTS.labels(g).set(events)
+        age = (utcnow() - (oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC))).total_seconds() if oldest else 0
+        metrics.HELD_OLDEST_SECONDS.labels(g).set(max(0.0, age))
+
+    def _release_key(self, key: str) -> list[Failure]:
+        """The key's held events, one transaction each, until none is left (the key flows again)
+        or one fails and is retried (it is the key's head now). Returns the failures to route."""
+        failures: list[Failure] = []
+        while True:
+            now = utcnow()
+            with self.engine.begin() as conn:
+                held = self.held.next_event(conn, key)
+                if held is None:
+                    self.held.finish(conn, key)
+                    self._holds.pop(key, None)
+                    return failures
+                p = self._prepare_or_fail(held)
+                if isinstance(p, Failure):  # undecodable: a dead letter; the key goes on
+                    self.held.take(conn, held)
+                    failures.append(p)
+                    continue
+                if not insert_ignore(conn, self.service.inbox, self._inbox_row(held, p, now)):
+                    self.held.take(conn, held)  # done before it was held (a redelivery)
+                    continue
+                staged: list[dict] = []
+                outcome = self._handle_claimed(conn, held, p, staged)
+                if outcome == "processed":
+                    self.held.take(conn, held)
+                    add_rows(conn, self.service.outbox, staged)
+                    continue
+                inbox = self.service.inbox
+                conn.execute(delete(inbox).where(inbox.c.group_name == self.group.name,
+                                                 inbox.c.event_id == p.envelope.event_id))
+                failures.append(outcome)
+                if self._next_hop(held, outcome.exc)[0]:
+                    # it is the head now; its row stays until its copy is acked (copies_sent)
+                    self.held.make_head(conn, key, held, f"{type(outcome.exc).__name__}: {outcome.exc}", now)
+                    return failures
+                self.held.take(conn, held)  # not retryable: dead-lettered, the key goes on
 
     # -- pausing: due times, rate limit, circuit breaker --------------------------------------
 
@@ -715,7 +883,7 @@ class ServiceConsumer:
 
     def _add_totals(self, r: BatchResult) -> None:
         t = self.totals
-        for name in ("processed", "duplicates", "retried", "dead_lettered", "deferred", "put_back"):
+        for name in ("processed", "duplicates", "retried", "dead_lettered", "deferred", "held", "put_back"):
             setattr(t, name, getattr(t, name) + getattr(r, name))
         for name in ("processed", "duplicates", "retried", "dead_lettered"):
             if value := getattr(r, name):

@@ -22,12 +22,17 @@ class WorkerControls:
     rate_limit: RateLimit | None = None
     alert_after_attempts: int = 3               # alert when the n-th attempt (or a later one) fails
     breaker: BreakerConfig | None = field(default_factory=BreakerConfig)  # None: no circuit breaker
+    # While an event of a key is in the retry chain, the key's later events wait (held.py)
+    ordered_retries: bool = True
+    held_dead_letter_policy: str = "hold"        # its head dead-lettered: hold the key, or release it
 
     def __post_init__(self):
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if self.alert_after_attempts < 1:
             raise ValueError("alert_after_attempts must be >= 1")
+        if self.held_dead_letter_policy not in ("hold", "release"):
+            raise ValueError("held_dead_letter_policy must be hold or release")
 
     def retry_policy(self, declared_delays_s: tuple[float, ...]) -> RetryPolicy:
         return self.retry or RetryPolicy.fixed(*declared_delays_s)
@@ -58,6 +63,10 @@ class WorkerControls:
             out = replace(out, rate_limit=RateLimit(max_events, per))
         if s.alert_after_attempts is not None:
             out = replace(out, alert_after_attempts=s.alert_after_attempts)
+        if s.ordered_retries is not None:
+            out = replace(out, ordered_retries=s.ordered_retries)
+        if s.held_dead_letter_policy is not None:
+            out = replace(out, held_dead_letter_policy=s.held_dead_letter_policy)
         if s.breaker_enabled is False:
             out = replace(out, breaker=None)
         elif s.breaker_enabled or any(v is not None for v in (s.breaker_window, s.breaker_failure_ratio,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, create_engine, event,
+    JSON, BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, UniqueConstraint,
+    create_engine, event,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -104,6 +105,44 @@ def inbox_table(metadata: MetaData) -> Table:
         Column("partition", Integer, nullable=False),
         Column("offset", BigInteger, nullable=False),
         Column("processed_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    )
+
+
+def held_keys_table(metadata: MetaData) -> Table:
+    """Keys whose events wait for an earlier one in the retry chain (services/runtime/held.py)."""
+    return Table(
+        "held_keys", metadata,
+        Column("group_name", String(64), primary_key=True),
+        Column("key", String(255), primary_key=True),
+        Column("head_event_id", String(64), nullable=False),  # the event the key waits for
+        Column("state", String(16), nullable=False),  # retrying | dead-lettered | releasing
+        Column("reason", String(500), nullable=False),
+        Column("topic", String(249), nullable=False),  # where the key's events come from: who releases
+        Column("partition", Integer, nullable=False),
+        Column("since", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+def held_events_table(metadata: MetaData) -> Table:
+    """The events of held keys, in the order they arrived (`seq`), as they came from Kafka."""
+    return Table(
+        "held_events", metadata,
+        Column("seq", _Seq, primary_key=True, autoincrement=True),
+        Column("group_name", String(64), nullable=False),
+        Column("key", String(255), nullable=False),
+        Column("event_id", String(64), nullable=False),
+        Column("topic", String(249), nullable=False),
+        Column("partition", Integer, nullable=False),
+        Column("offset", BigInteger, nullable=False),
+        Column("timestamp_ms", BigInteger, nullable=False),
+        Column("value", LargeBinary, nullable=True),
+        Column("headers", JSON, nullable=False),
+        Column("held_at", DateTime(timezone=True), nullable=False),
+        # set once its own retry copy is acked, when it failed on release (it is then the head)
+        Column("copy_sent_at", DateTime(timezone=True), nullable=True),
+        UniqueConstraint("group_name", "event_id", name="uq_held_events_group_event"),
+        Index("ix_held_events_group_key_seq", "group_name", "key", "seq"),
     )
 
 

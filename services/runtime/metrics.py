@@ -26,3 +26,7 @@ THROTTLED_SECONDS = Counter("orderpipe_rate_limited_seconds_total",
                             "Time consumption was paused by the rate limit.", ["group"])
 BREAKER_STATE = Gauge("orderpipe_circuit_breaker_state", "0 closed, 1 open, 2 half-open.", ["group"])
 BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
+HELD_KEYS = Gauge("orderpipe_held_keys", "Keys whose later events wait for one in the retry chain (ordered retries).",
+                  ["group"])
+HELD_EVENTS = Gauge("orderpipe_held_events", "Events waiting behind their key's head.", ["group"])
+HELD_OLDEST_SECONDS = Gauge("orderpipe_held_oldest_seconds", "Age of the oldest held key (0: none).", ["group"])

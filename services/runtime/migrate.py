@@ -28,7 +28,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-from services.runtime.db import inbox_table, make_engine, outbox_table
+from services.runtime.db import held_events_table, held_keys_table, inbox_table, make_engine, outbox_table
 from services.runtime.declaration import ServiceDeclaration
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ def service_metadata(service: ServiceDeclaration) -> MetaData:
             outbox_table(metadata)
         if "inbox" not in metadata.tables:
             inbox_table(metadata)
+        if "held_keys" not in metadata.tables:
+            held_keys_table(metadata)
+            held_events_table(metadata)
     return metadata
 
 

@@ -29,6 +29,8 @@ class WorkerSettings(BaseModel):
     rate_limit_max: int | None = None              # at most this many messages ...
     rate_limit_duration_s: float | None = None     # ... per this many seconds
     alert_after_attempts: int | None = None
+    ordered_retries: bool | None = None            # hold a key's later events while one is retried
+    held_dead_letter_policy: Literal["hold", "release"] | None = None  # when that one is dead-lettered
     breaker_enabled: bool | None = None
     breaker_window: int | None = None
     breaker_failure_ratio: float | None = None

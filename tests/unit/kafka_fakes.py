@@ -40,3 +40,6 @@ class FakeConsumer:
 
     def store_offsets(self, offsets=None, **_):
         self.stored.extend(offsets)
+
+    def assignment(self):
+        return []

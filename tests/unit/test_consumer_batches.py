@@ -114,8 +114,10 @@ def test_a_breaker_opening_mid_batch_puts_the_rest_back_and_it_runs_later_as_new
             raise RetryableError("smtp down")
 
     config = BreakerConfig(window=1, failure_ratio=1, cooldown_s=30)
+    # one order's two events, so both run in one lane; without ordered retries, or the second
+    # would wait behind the first (tests/integration/test_ordered_retries.py)
     rig = make_rig(f"batches-breaker-mid-{concurrency}", first_attempt_fails,
-                   controls=WorkerControls(breaker=config, concurrency=concurrency))
+                   controls=WorkerControls(breaker=config, concurrency=concurrency, ordered_retries=False))
     kafka = with_kafka(rig)
     clock = Clock(0.0)
     rig.consumer.breaker = CircuitBreaker(config, clock=clock)

@@ -1,0 +1,105 @@
+"""`orderpipe held`: keys whose later events wait for one in their group's retry chain or
+dead-letter topic (ordered retries, services/runtime/held.py), read from each group's database,
+and releasing a key by hand once its dead letter was purged.
+
+Register with `app.add_typer(held_cmd.app, name="held")`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.runtime.settings import Settings
+
+app = typer.Typer(help="Keys held by ordered retries: list them, release one.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _groups(name: str | None) -> list[str]:
+    from services import registry
+
+    known = [g.name for g in registry.GROUPS]
+    if name is not None and name not in known:
+        _fail(f"unknown group {name!r}; groups: {', '.join(known)}")
+    return [name] if name else known
+
+
+def _engine(group: str):
+    """The group's own database (ORDERPIPE_<GROUP>_DATABASE_URL, or its SQLite file)."""
+    from services.runtime.db import make_engine
+
+    return make_engine(Settings().database_url(group))
+
+
+@app.command("list")
+def list_held(
+    group: Annotated[str | None, typer.Option("--group", "-g", help="Only this consumer group.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Per group, every held key: its state (retrying, dead-lettered, releasing), the event it
+    waits for, why, since when, and how many events wait behind it."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from services.runtime.held import HeldKeys
+
+    rows = []
+    for name in _groups(group):
+        url = Settings().database_url(name)
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+            continue  # the service never ran here: nothing is held
+        engine = _engine(name)
+        try:
+            rows += [{"group": name, **r} for r in HeldKeys.of_group(name).summary(engine)]
+        except SQLAlchemyError as exc:  # not migrated yet, or unreachable: say so and go on
+            reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:150]
+            err.print(f"[yellow]{name}:[/] cannot read its held keys ({reason}); run `orderpipe db upgrade "
+                      f"{name}` or check ORDERPIPE_{name.upper()}_DATABASE_URL", highlight=False, soft_wrap=True)
+        finally:
+            engine.dispose()
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps({**r, "since": r["since"].isoformat()}))
+        return
+    if not rows:
+        console.print("no key is held")
+        return
+    table = Table("group", "key", "state", "waiting", "held for", "head event", "why")
+    now = datetime.now(UTC)
+    for r in rows:
+        since = r["since"] if r["since"].tzinfo else r["since"].replace(tzinfo=UTC)
+        table.add_row(r["group"], r["key"], r["state"], str(r["waiting"]), f"{(now - since).total_seconds():.0f} s",
+                      r["head_event_id"], r["reason"][:120])
+    console.print(table)
+
+
+@app.command("release")
+def release(
+    group: Annotated[str, typer.Option("--group", "-g", help="The consumer group that holds the key.")],
+    key: Annotated[str, typer.Option("--key", "--order-id", help="The held key (order id).")],
+) -> None:
+    """Let a held key go on: its waiting events run, in order, at the group's next check (a few
+    seconds). For a key whose dead-lettered event was purged (`orderpipe dlt purge`); a replayed
+    dead letter releases its key by itself when it succeeds."""
+    from services.runtime.held import HeldKeys
+
+    engine = _engine(_groups(group)[0])
+    try:
+        was = HeldKeys.of_group(group).release(engine, key)
+    finally:
+        engine.dispose()
+    if was is None:
+        _fail(f"group {group} holds no key {key!r} (`orderpipe held list --group {group}`)")
+    console.print(f"{group}: key {key} released (it was {was}); its waiting events run next", highlight=False)

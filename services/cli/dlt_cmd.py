@@ -376,6 +376,27 @@ def _run(plan, kafka, audit, rate: float | None) -> None:
     if not outcome.ok:
         fail(f"{outcome.outcome}: {message}")
     console.print(message, highlight=False)
+    _report_held_keys(plan)
+
+
+def _report_held_keys(plan) -> None:
+    """A dead letter may be the head a held key waits for (ordered retries): a purge releases
+    the key, a replay releases it when it succeeds. Say which, from the groups' databases."""
+    from services.ops.held_keys import held_behind, release_purged
+
+    if plan.action == "purge":
+        heads, problems = release_purged(Settings(), plan)
+        for h in heads:
+            console.print(f"{h.group}: key {h.key} released (its head was purged): its {h.waiting} waiting "
+                          "event(s) run next", highlight=False)
+    else:
+        heads, problems = held_behind(Settings(), plan)
+        for h in heads:
+            console.print(f"{h.group}: key {h.key} is held behind a replayed dead letter: its {h.waiting} waiting "
+                          "event(s) run once the replay succeeds", highlight=False)
+    for problem in problems:
+        err.print(f"[yellow]warning:[/] could not check the keys held behind these dead letters ({problem}); "
+                  "see `orderpipe held list`", highlight=False, soft_wrap=True)
 
 
 @app.command("replay")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -37,13 +36,6 @@ def _groups(name: str | None) -> list[str]:
     return [name] if name else known
 
 
-def _engine(group: str):
-    """The group's own database (ORDERPIPE_<GROUP>_DATABASE_URL, or its SQLite file)."""
-    from services.runtime.db import make_engine
-
-    return make_engine(Settings().database_url(group))
-
-
 @app.command("list")
 def list_held(
     group: Annotated[str | None, typer.Option("--group", "-g", help="Only this consumer group.")] = None,
@@ -53,14 +45,14 @@ def list_held(
     waits for, why, since when, and how many events wait behind it."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from services.ops.held_keys import group_engine
     from services.runtime.held import HeldKeys
 
     rows = []
     for name in _groups(group):
-        url = Settings().database_url(name)
-        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-            continue  # the service never ran here: nothing is held
-        engine = _engine(name)
+        engine = group_engine(Settings(), name)
+        if engine is None:
+            continue  # the service never ran with this data folder: nothing is held
         try:
             rows += [{"group": name, **r} for r in HeldKeys.of_group(name).summary(engine)]
         except SQLAlchemyError as exc:  # not migrated yet, or unreachable: say so and go on
@@ -93,11 +85,19 @@ def release(
     """Let a held key go on: its waiting events run, in order, at the group's next check (a few
     seconds). For a key whose dead-lettered event was purged (`orderpipe dlt purge`); a replayed
     dead letter releases its key by itself when it succeeds."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from services.ops.held_keys import group_engine
     from services.runtime.held import HeldKeys
 
-    engine = _engine(_groups(group)[0])
+    engine = group_engine(Settings(), _groups(group)[0])
+    if engine is None:
+        _fail(f"group {group} has no database here (ORDERPIPE_{group.upper()}_DATABASE_URL or the data folder)")
     try:
         was = HeldKeys.of_group(group).release(engine, key)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot read group {group}'s held keys ({' '.join(str(getattr(exc, 'orig', None) or exc).split())[:150]}); "
+              f"run `orderpipe db upgrade {group}` or check ORDERPIPE_{group.upper()}_DATABASE_URL")
     finally:
         engine.dispose()
     if was is None:

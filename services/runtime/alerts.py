@@ -27,7 +27,7 @@ RETRYING = "retrying"            # failed attempt >= alert_after_attempts, going
 DEAD_LETTERED = "dead_lettered"
 BREAKER_OPENED = "breaker_opened"
 BREAKER_CLOSED = "breaker_closed"
-KEY_HELD = "key_held"            # a held key's head was dead-lettered: its later events wait for an operator
+KEY_HELD = "key_held"            # an event waits behind its key's dead-lettered head: for an operator
 
 _LEVELS = {RETRYING: logging.WARNING, DEAD_LETTERED: logging.ERROR, BREAKER_OPENED: logging.ERROR,
            BREAKER_CLOSED: logging.WARNING}

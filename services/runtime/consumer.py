@@ -684,7 +684,14 @@ class ServiceConsumer:
         if hold is None or hold.head == p.envelope.event_id:
             return False
         self.held.park(conn, key, msg, p.envelope.event_id, now)
+        if hold.state == DEAD_LETTERED:  # it waits for an operator, not for a retry
+            self._alert_key_held(key, hold.head, f"event {p.envelope.event_id} of key {key} waits behind its "
+                                 f"dead-lettered event {hold.head}")
         return True
+
+    def _alert_key_held(self, key: str, head: str, what: str) -> None:
+        self.alerter.alert(alerts.KEY_HELD, f"{what}: replay that dead letter, or purge it (which releases the key)",
+                           key=key, head_event_id=head)
 
     def _hold_changes(self, msg, p: Prepared, outcome: str | Failure) -> bool:
         """Whether this outcome changes a hold: its key's head ran, or it is retried and starts one."""
@@ -713,10 +720,9 @@ class ServiceConsumer:
         self._holds[key] = self.held.head_settled(conn, key, kind, reason, now) or hold
         if self._holds[key].state == RELEASING:
             self._maybe_releasing = True
-        elif self._holds[key].state == DEAD_LETTERED:
-            self.alerter.alert(alerts.KEY_HELD, f"key {key} held: its event {hold.head} was dead-lettered; its later "
-                               "events wait until it is replayed, or purged and the key released "
-                               "(`orderpipe held release`)", key=key, event_id=hold.head, reason=reason[:300])
+        elif self._holds[key].state == DEAD_LETTERED and (waiting := self.held.waiting(conn, key)):
+            self._alert_key_held(key, hold.head, f"{waiting} event(s) of key {key} wait behind its dead-lettered "
+                                 f"event {hold.head}")
 
     def _release_held(self) -> None:
         """Run the held events of released keys this consumer reads, in their order; make the

@@ -150,6 +150,11 @@ class HeldKeys:
                      .values(**values))
         return Hold(head, state)
 
+    def waiting(self, conn: Connection, key: str) -> int:
+        """How many events wait behind the key's head."""
+        return conn.execute(select(func.count()).select_from(self.events).where(
+            self.events.c.group_name == self.group, self.events.c.key == key)).scalar_one()
+
     # -- releasing (the loop, after a batch) ---------------------------------------------------
 
     def releasing(self, engine: Engine, partitions: set[tuple[str, int]], limit: int = 100) -> list[str]:
@@ -211,6 +216,13 @@ class HeldKeys:
             events = conn.execute(select(func.count()).select_from(self.events)
                                   .where(self.events.c.group_name == self.group)).scalar_one()
         return keys, events, oldest
+
+    def headed_by(self, engine: Engine, event_ids: list[str]) -> list[dict]:
+        """The held keys whose head is one of these events (dead letters an operator handles),
+        with how many events wait behind each."""
+        if not event_ids:
+            return []
+        return [r for r in self.summary(engine) if r["head_event_id"] in set(event_ids)]
 
     def release(self, engine: Engine, key: str) -> str | None:
         """An operator lets a key go on (its dead-lettered head was purged): its held events run.

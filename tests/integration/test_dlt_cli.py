@@ -430,3 +430,46 @@ def test_an_unreachable_broker_is_one_clear_line(args):
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("error: cannot reach Kafka at 127.0.0.1:"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+# -- keys held behind a dead letter (ordered retries) ------------------------------------------------
+
+
+def test_a_purge_releases_the_key_held_behind_it_and_a_replay_says_it_will(scenario: Scenario, tmp_path):
+    """The group's database holds keys whose head is a dead letter (services/runtime/held.py):
+    purging A releases A's key; replaying C leaves C's key held until the replay succeeds, and
+    says so."""
+    from sqlalchemy import MetaData
+
+    from services.runtime.db import make_engine, utcnow
+    from services.runtime.held import DEAD_LETTERED, HeldKeys, RELEASING
+
+    s = scenario
+    engine = make_engine(f"sqlite:///{tmp_path / f'{s.group.name}.db'}")
+    held = HeldKeys.of_group(s.group.name)
+    MetaData().create_all(engine, tables=[held.keys, held.events])
+    with engine.begin() as conn:
+        for name in ("A", "C"):
+            letter = s.letters[name]
+            conn.execute(held.keys.insert().values(
+                group_name=s.group.name, key=letter.order_id, head_event_id=letter.event_id, state=DEAD_LETTERED,
+                reason="MailDeliveryError: boom", topic=s.source, partition=letter.partition, since=utcnow(),
+                updated_at=utcnow()))
+            for n in range(2):
+                conn.execute(held.events.insert().values(
+                    group_name=s.group.name, key=letter.order_id, event_id=f"{name}-later-{n}", topic=s.source,
+                    partition=letter.partition, offset=10 + n, timestamp_ms=0, value=b"x", headers=[],
+                    held_at=utcnow()))
+    env = {"ORDERPIPE_DATA_DIR": str(tmp_path)}
+
+    purged = s.cli("dlt", "purge", "--group", s.group.name, "--key", s.letters["A"].order_id, "--yes", env=env)
+    assert purged.exit_code == 0, purged.output
+    assert f"{s.group.name}: key {s.letters['A'].order_id} released (its head was purged): its 2 waiting " \
+           "event(s) run next" in purged.stdout
+    replayed = s.cli("dlt", "replay", "--group", s.group.name, "--key", s.letters["C"].order_id, "--yes", env=env)
+    assert replayed.exit_code == 0, replayed.output
+    assert f"key {s.letters['C'].order_id} is held behind a replayed dead letter: its 2 waiting event(s) run " \
+           "once the replay succeeds" in replayed.stdout
+    states = {r["key"]: r["state"] for r in held.summary(engine)}
+    assert states == {s.letters["A"].order_id: RELEASING, s.letters["C"].order_id: DEAD_LETTERED}
+    engine.dispose()

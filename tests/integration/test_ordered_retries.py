@@ -14,6 +14,8 @@ import pytest
 from sqlalchemy import func, select
 
 from reading import wait_until
+from services.runtime import metrics
+from services.runtime.alerts import KEY_HELD
 from services.runtime.controls import WorkerControls
 from services.runtime.errors import RetryableError
 from services.runtime.failure_headers import RUNTIME_HEADERS
@@ -115,6 +117,8 @@ def test_a_dead_lettered_head_holds_its_key_until_replayed_or_releases_it(rig, d
 
     wait_until(lambda: held_counts(r) == (1, 2) or None, what="the two events behind it held")
     assert r.rows(order) == []
+    # events wait for an operator now, not for a retry: one alert says so
+    assert metrics.ALERTS.labels(r.group.name, KEY_HELD)._value.get() == 1
     held = HeldKeys.of_group(r.group.name)
     [summary] = held.summary(r.engine)
     assert (summary["key"], summary["state"], summary["waiting"]) == (order, "dead-lettered", 2)

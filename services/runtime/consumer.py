@@ -720,7 +720,7 @@ class ServiceConsumer:
         self._holds[key] = self.held.head_settled(conn, key, kind, reason, now) or hold
         if self._holds[key].state == RELEASING:
             self._maybe_releasing = True
-        elif self._holds[key].state == DEAD_LETTERED and (waiting := self.held.waiting(conn, key)):
+        elif self._holds[key].state == DEAD_LETTERED and (waiting := self.held.waiting(conn, key, hold.head)):
             self._alert_key_held(key, hold.head, f"{waiting} event(s) of key {key} wait behind its dead-lettered "
                                  f"event {hold.head}")
 

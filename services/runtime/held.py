@@ -150,10 +150,12 @@ class HeldKeys:
                      .values(**values))
         return Hold(head, state)
 
-    def waiting(self, conn: Connection, key: str) -> int:
-        """How many events wait behind the key's head."""
+    def waiting(self, conn: Connection, key: str, head: str) -> int:
+        """How many events wait behind the key's head (the head's own row, kept while it is
+        retried after failing on release, does not count)."""
         return conn.execute(select(func.count()).select_from(self.events).where(
-            self.events.c.group_name == self.group, self.events.c.key == key)).scalar_one()
+            self.events.c.group_name == self.group, self.events.c.key == key,
+            self.events.c.event_id != head)).scalar_one()
 
     # -- releasing (the loop, after a batch) ---------------------------------------------------
 

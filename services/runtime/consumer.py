@@ -134,6 +134,16 @@ class Lane:
     error: BaseException | None = None
 
 
+@dataclass(frozen=True)
+class _Released:
+    """What releasing one held event did: its outcome (for the breaker), whether a handler ran
+    (for the rate limit), whether its key is done (none left, or it became the new head)."""
+
+    outcome: str | Failure
+    ran: int
+    key_done: bool
+
+
 class _AlreadyDone(Exception):
     """The inbox row appeared between the dedup check and the transaction (another consumer)."""
 
@@ -505,6 +515,9 @@ class ServiceConsumer:
             lane.held += 1
         else:
             lane.failures.append(outcome)
+        self._record_in_breaker(outcome)
+
+    def _record_in_breaker(self, outcome: str | Failure) -> None:
         if self.breaker:
             if outcome == "processed":
                 self.breaker.record_success()
@@ -738,7 +751,16 @@ class ServiceConsumer:
         failures = [Failure(h, RuntimeError("held event failed on release; its retry copy was not acked"), "")
                     for h in heads]
         for key in self.held.releasing(self.engine, assigned):
-            failures += self._release_key(key)
+            budget = self._admission()[0]  # released events count against the breaker and the rate limit
+            if budget == 0:
+                self._maybe_releasing = True  # go on at the next turn of the loop
+                break
+            key_failures, ran, finished = self._release_key(key, budget)
+            failures += key_failures
+            if self.limiter and ran:
+                self.limiter.record(ran)
+            if not finished:
+                self._maybe_releasing = True
         if failures:
             self._deliver_copies(failures)
             self.held.copies_sent(self.engine, [f.message.event_id for f in failures
@@ -752,41 +774,58 @@ class ServiceConsumer:
         age = (utcnow() - (oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC))).total_seconds() if oldest else 0
         metrics.HELD_OLDEST_SECONDS.labels(g).set(max(0.0, age))
 
-    def _release_key(self, key: str) -> list[Failure]:
-        """The key's held events, one transaction each, until none is left (the key flows again)
-        or one fails and is retried (it is the key's head now). Returns the failures to route."""
+    def _release_key(self, key: str, budget: int) -> tuple[list[Failure], int, bool]:
+        """The key's held events, one transaction each, until none is left (the key flows again),
+        one fails and is retried (it is the key's head now), or `budget` events ran or the
+        breaker says stop (the rest go on later). Returns the failures to route, how many events
+        ran, and whether the key is done."""
         failures: list[Failure] = []
-        while True:
-            now = utcnow()
-            with self.engine.begin() as conn:
-                held = self.held.next_event(conn, key)
-                if held is None:
-                    self.held.finish(conn, key)
-                    self._holds.pop(key, None)
-                    return failures
-                p = self._prepare_or_fail(held)
-                if isinstance(p, Failure):  # undecodable: a dead letter; the key goes on
-                    self.held.take(conn, held)
-                    failures.append(p)
-                    continue
-                if not insert_ignore(conn, self.service.inbox, self._inbox_row(held, p, now)):
-                    self.held.take(conn, held)  # done before it was held (a redelivery)
-                    continue
-                staged: list[dict] = []
-                outcome = self._handle_claimed(conn, held, p, staged)
-                if outcome == "processed":
-                    self.held.take(conn, held)
-                    add_rows(conn, self.service.outbox, staged)
-                    continue
-                inbox = self.service.inbox
-                conn.execute(delete(inbox).where(inbox.c.group_name == self.group.name,
-                                                 inbox.c.event_id == p.envelope.event_id))
-                failures.append(outcome)
-                if self._next_hop(held, outcome.exc)[0]:
-                    # it is the head now; its row stays until its copy is acked (copies_sent)
-                    self.held.make_head(conn, key, held, f"{type(outcome.exc).__name__}: {outcome.exc}", now)
-                    return failures
-                self.held.take(conn, held)  # not retryable: dead-lettered, the key goes on
+        ran = 0
+        while ran < budget and self._breaker_allows():
+            try:
+                step = self._release_next(key, failures)
+            except BaseException:
+                self._record_in_breaker("not run")  # a half-open breaker's probe goes back
+                raise
+            self._record_in_breaker(step.outcome)
+            ran += step.ran
+            if step.key_done:
+                return failures, ran, True
+        return failures, ran, False
+
+    def _release_next(self, key: str, failures: list[Failure]) -> _Released:
+        """The key's next held event, in its own transaction; its failure is appended to `failures`."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            held = self.held.next_event(conn, key)
+            if held is None:
+                self.held.finish(conn, key)
+                self._holds.pop(key, None)
+                return _Released("nothing left", ran=0, key_done=True)
+            p = self._prepare_or_fail(held)
+            if isinstance(p, Failure):  # undecodable: a dead letter; the key goes on
+                self.held.take(conn, held)
+                failures.append(p)
+                return _Released(p, ran=0, key_done=False)
+            if not insert_ignore(conn, self.service.inbox, self._inbox_row(held, p, now)):
+                self.held.take(conn, held)  # done before it was held (a redelivery)
+                return _Released("duplicate", ran=0, key_done=False)
+            staged: list[dict] = []
+            outcome = self._handle_claimed(conn, held, p, staged)
+            if outcome == "processed":
+                self.held.take(conn, held)
+                add_rows(conn, self.service.outbox, staged)
+                return _Released(outcome, ran=1, key_done=False)
+            inbox = self.service.inbox
+            conn.execute(delete(inbox).where(inbox.c.group_name == self.group.name,
+                                             inbox.c.event_id == p.envelope.event_id))
+            failures.append(outcome)
+            if self._next_hop(held, outcome.exc)[0]:
+                # it is the head now; its row stays until its copy is acked (copies_sent)
+                self.held.make_head(conn, key, held, f"{type(outcome.exc).__name__}: {outcome.exc}", now)
+                return _Released(outcome, ran=1, key_done=True)
+            self.held.take(conn, held)  # not retryable: dead-lettered, the key goes on
+            return _Released(outcome, ran=1, key_done=False)
 
     # -- pausing: due times, rate limit, circuit breaker --------------------------------------
 

@@ -20,7 +20,8 @@ from services.runtime.controls import WorkerControls
 from services.runtime.errors import RetryableError
 from services.runtime.failure_headers import RUNTIME_HEADERS
 from services.runtime.held import HeldKeys
-from test_retries import Rig, rig, sqlite_url  # noqa: F401 - rig and sqlite_url are fixtures
+from services.runtime.ratelimit import RateLimit
+from test_retries import ManualClock, Rig, rig, sqlite_url  # noqa: F401 - rig and sqlite_url are fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -137,3 +138,36 @@ def test_a_dead_lettered_head_holds_its_key_until_replayed_or_releases_it(rig, d
     wait_until(lambda: held_counts(r) == (0, 0) or None, what="the key released")
     r.stop()
     assert seqs(r, order) == expected
+
+
+def test_releasing_a_key_keeps_to_the_rate_limit(rig):
+    """Held events run against the group's rate limit like any message: a key released with
+    five events behind it does not run them all at once past the limit."""
+    limit, order = 2, f"limited-{uuid.uuid4().hex[:8]}"
+    clock = ManualClock()  # the limiter's windows move on when the test says so
+
+    def head_fails_once(event, tried: int) -> None:
+        if int(event.customer_id) == 0 and tried == 0:
+            raise RetryableError("first try fails")
+
+    r = rig(head_fails_once, retry_delays_s=(0.3,), limiter_clock=clock,
+            controls=WorkerControls(rate_limit=RateLimit(limit, 1.0), breaker=None))
+    for seq in range(6):
+        r.produce_order(order, seq)
+    r.flush()
+
+    def throttled_s() -> float:
+        return metrics.THROTTLED_SECONDS.labels(r.group.name)._value.get()
+
+    per_window: list[int] = []
+    while len(r.rows(order)) < 6:
+        before, waited = len(r.rows(order)), throttled_s()
+        # the loop uses up this window and then waits for the next one (or everything is done)
+        wait_until(lambda: throttled_s() > waited or len(r.rows(order)) == 6 or None,
+                   what="the window used up")
+        per_window.append(len(r.rows(order)) - before)
+        clock.advance(1.0)
+        assert len(per_window) < 30, f"no progress: {per_window}"
+    r.stop()
+    assert seqs(r, order) == [0, 1, 2, 3, 4, 5]
+    assert max(per_window) <= limit, f"handler runs per window: {per_window}; limit {limit}"

@@ -13,10 +13,13 @@ A key's life (`held_keys.state`):
   on release becomes the head (`retrying`) and gets its own retry copy; the rest keep waiting.
 - the head is dead-lettered: the group's policy (`WorkerControls.held_dead_letter_policy`):
   `hold` keeps the key `dead-lettered` until an operator replays the dead letter (its copy is the
-  head again) or releases the key; `release` releases it at once.
+  head again), purges it (`orderpipe dlt purge` releases the key) or releases the key by hand;
+  `release` releases it at once.
 
-Every change of state is in the same transaction as the effect that causes it, so a crash at any
-point redelivers what was not committed and finds the state as it was (the crash-point tests).
+Every change of state is in the same transaction as the effect that causes it, so a crash redelivers
+what was not committed and finds the state as it was. The one gap, a crash between making a held
+event the head and acking its retry copy, is closed by making the copy again (`copy_sent_at`).
+Named crash points on this path, and their crash tests, are still to come (README, Status).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.dlt_cmd import fail, ops_errors
 from services.runtime.settings import Settings
 
 app = typer.Typer(help="Keys held by ordered retries: list them, release one.", no_args_is_help=True)
@@ -22,18 +23,13 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
 def _groups(name: str | None) -> list[str]:
+    """Every group's name, or the one asked for (an unknown one ends the command with the known ones)."""
     from services import registry
+    from services.ops.deadletters import resolve_groups
 
-    known = [g.name for g in registry.GROUPS]
-    if name is not None and name not in known:
-        _fail(f"unknown group {name!r}; groups: {', '.join(known)}")
-    return [name] if name else known
+    with ops_errors():
+        return [g.name for g in resolve_groups(registry.GROUPS, name)]
 
 
 @app.command("list")
@@ -92,14 +88,14 @@ def release(
 
     engine = group_engine(Settings(), _groups(group)[0])
     if engine is None:
-        _fail(f"group {group} has no database here (ORDERPIPE_{group.upper()}_DATABASE_URL or the data folder)")
+        fail(f"group {group} has no database here (ORDERPIPE_{group.upper()}_DATABASE_URL or the data folder)")
     try:
         was = HeldKeys.of_group(group).release(engine, key)
     except SQLAlchemyError as exc:
-        _fail(f"cannot read group {group}'s held keys ({' '.join(str(getattr(exc, 'orig', None) or exc).split())[:150]}); "
+        fail(f"cannot read group {group}'s held keys ({' '.join(str(getattr(exc, 'orig', None) or exc).split())[:150]}); "
               f"run `orderpipe db upgrade {group}` or check ORDERPIPE_{group.upper()}_DATABASE_URL")
     finally:
         engine.dispose()
     if was is None:
-        _fail(f"group {group} holds no key {key!r} (`orderpipe held list --group {group}`)")
+        fail(f"group {group} holds no key {key!r} (`orderpipe held list --group {group}`)")
     console.print(f"{group}: key {key} released (it was {was}); its waiting events run next", highlight=False)

@@ -7,7 +7,6 @@ Register with `app.add_typer(stock_cmd.app, name="stock")`.
 from __future__ import annotations
 
 import json
-import re
 import socket
 from typing import Annotated
 
@@ -15,20 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.dlt_cmd import fail
 from services.runtime.settings import Settings
 
 app = typer.Typer(help="Inventory's stock: list it, put stock in (every change audited).", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
-SKU_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"  # what POST /orders accepts (services/orders/model.py)
 Sku = Annotated[str | None, typer.Option("--sku", help="Only this SKU.")]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def _inventory_engine():
@@ -45,9 +39,22 @@ def _inventory_engine():
     try:
         prepare_database(engine, registry.service("inventory"), settings.db_upgrade_on_start)
     except SQLAlchemyError as exc:
-        _fail(f"inventory's database is not usable ({type(exc).__name__}: {str(exc.orig or exc)[:200]}); "
+        fail(f"inventory's database is not usable ({type(exc).__name__}: {str(exc.orig or exc)[:200]}); "
               "check ORDERPIPE_INVENTORY_DATABASE_URL")
     return engine
+
+
+def _is_sku(text: str) -> bool:
+    """What POST /orders accepts as a SKU (services/orders/model.py: Sku), so stock put in can be ordered."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from services.orders.model import Sku
+
+    try:
+        TypeAdapter(Sku).validate_python(text)
+    except ValidationError:
+        return False
+    return True
 
 
 @app.command("add")
@@ -61,12 +68,12 @@ def add(
     from services.inventory.adjust import MAX_ADD, add_stock
     from services.ops.audit import operator
 
-    if not re.fullmatch(SKU_PATTERN, sku):
-        _fail(f"SKU {sku!r} is not one an order can name: 1 to 64 of A-Z a-z 0-9 . _ -")
+    if not _is_sku(sku):
+        fail(f"SKU {sku!r} is not one an order can name: 1 to 64 of A-Z a-z 0-9 . _ -")
     if quantity > MAX_ADD:
-        _fail(f"at most {MAX_ADD:,} units at a time")
+        fail(f"at most {MAX_ADD:,} units at a time")
     if not reason.strip() or len(reason) > 200:
-        _fail("--reason must say why, in 1 to 200 characters")
+        fail("--reason must say why, in 1 to 200 characters")
     engine = _inventory_engine()
     try:
         done = add_stock(engine, sku, quantity, reason=reason.strip(), operator=operator()[:100],

@@ -18,24 +18,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Table, func, select, update
 from sqlalchemy.engine import Engine
 
-from services import registry
 from services.orders.api import StatusClient, create_app
 from services.orders.tables import idempotency_keys, orders, outbox
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.db import utcnow
-from services.runtime.migrate import upgrade_database
+from test_outbox_promises import orders_engine  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ORDER = {"customer_id": "c-1", "customer_email": "ada@example.com", "currency": "EUR",
          "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": "24.90"}]}
-
-
-@pytest.fixture
-def orders_engine(database_url: str, test_engine) -> Engine:
-    engine = test_engine(database_url)
-    upgrade_database(engine, registry.service("orders"))
-    return engine
 
 
 @pytest.fixture

@@ -86,7 +86,11 @@ def setting_variables() -> set[str]:
 
 
 def all_topics() -> list[TopicSpec]:
-    """Event topics (each with the service that emits its events as its writer), every group's
+    """Event topics (each with the services that emit its events as its writers), every group's
     retry, dead-letter and parking topics, and the operators' audit topic."""
-    writers = {TOPIC_FOR_EVENT[event.event_type()]: s.name for s in SERVICES for event in s.emits}
-    return [replace(t, writer=writers[t.name]) if not t.writer and t.name in writers else t for t in topics_for(GROUPS)]
+    writers: dict[str, list[str]] = {}
+    for s in SERVICES:
+        for event in s.emits:
+            writers.setdefault(TOPIC_FOR_EVENT[event.event_type()], []).append(s.name)
+    return [replace(t, writer=", ".join(writers[t.name])) if not t.writer and t.name in writers else t
+            for t in topics_for(GROUPS)]

@@ -1,11 +1,12 @@
-"""The analytics service, declared: per-minute and per-SKU rollups of orders, units and revenue."""
+"""The analytics service, declared: per-minute and per-SKU rollups of orders, units and revenue,
+corrected when an order is cancelled."""
 
 from __future__ import annotations
 
 from services.analytics.handlers import HANDLERS
 from services.analytics.tables import metadata
 from services.runtime.declaration import StatusStep, consumer_service
-from services.runtime.events import OrderRecorded
+from services.runtime.events import OrderRecorded, StepCompensated
 from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
 
@@ -15,5 +16,5 @@ def build(runtime: Runtime) -> Service:
 
 
 SERVICE = consumer_service(
-    "analytics", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(OrderRecorded,), build=build,
+    "analytics", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(OrderRecorded, StepCompensated), build=build,
     step=StatusStep(done={"OrderRecorded": None}))

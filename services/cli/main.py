@@ -149,6 +149,9 @@ def demo(
     fail_rate: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of e-mail sends that fail transiently (retried); with it, one order in 25 "
                                "has an address the SMTP server refuses (dead-lettered).")] = 0.0,
+    cancel_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of orders cancelled at a random moment within 3 s of being placed "
+                               "(POST /orders/{id}/cancel); each must end CANCELLED with every step compensated.")] = 0.1,
 ) -> None:
     """Start the pipeline on a fresh data folder, place sample orders, and check every outcome."""
     from services.pipeline.demo import demo_env, run_demo
@@ -161,7 +164,8 @@ def demo(
         with console.status("starting broker, topics and services..."):
             info = _start_stack(stack)
         _print_stack(info)
-        ok = run_demo(info, orders=orders, timeout=timeout, seed=seed, console=console, fail_rate=fail_rate)
+        ok = run_demo(info, orders=orders, timeout=timeout, seed=seed, console=console, fail_rate=fail_rate,
+                      cancel_share=cancel_share)
     finally:
         stack.stop()
     raise typer.Exit(0 if ok else 1)
@@ -213,11 +217,15 @@ def status(
         console.print_json(json.dumps(view))
         return
     table = Table(title=f"order {order_id}: {view['state']}" + (f" ({view['reason']})" if view.get("reason") else ""))
-    for column in ("step", "state", "attempts", "detail", "last error", "updated"):
+    steps = view.get("steps", {})
+    cancelled = any(s.get("compensation") for s in steps.values())  # then each step says what it undid
+    for column in ("step", "state", "attempts", "detail", "last error", "updated",
+                   *(("compensation", "what it undid") if cancelled else ())):
         table.add_column(column)
-    for step, s in view.get("steps", {}).items():
+    for step, s in steps.items():
+        undone = (s.get("compensation") or "", s.get("compensation_detail") or "") if cancelled else ()
         table.add_row(step, s.get("state", ""), str(s.get("attempts", 0)), s.get("detail") or "",
-                      s.get("last_error") or "", s.get("updated_at") or "")
+                      s.get("last_error") or "", s.get("updated_at") or "", *undone)
     console.print(table)
 
 

@@ -22,7 +22,7 @@ err = Console(stderr=True)
 @app.command("list")
 def list_orders(
     state: Annotated[list[str] | None, typer.Option(
-        "--state", "-s", help="PENDING, COMPLETED, FAILED or STALLED; repeat or comma-separate for several.")] = None,
+        "--state", "-s", help="PENDING, COMPLETED, FAILED, STALLED or CANCELLED; repeat or comma-separate for several.")] = None,
     since: Annotated[str | None, typer.Option(
         help="Only orders whose status changed since then: 30m, 1h, 2d or an ISO 8601 time.")] = None,
     limit: Annotated[int, typer.Option(min=0, help="At most this many, newest first.")] = 100,
@@ -50,6 +50,8 @@ def list_orders(
     title = f"{answer['count']} order(s)" + (f", showing the newest {len(statuses)}" if len(statuses) < answer["count"] else "")
     table = Table("order", "state", "reason", "steps", "updated", title=title)
     for s in statuses:
-        steps = " ".join(f"{name}:{step['state']}" for name, step in s["steps"].items())
+        # a cancelled order's steps also say where their compensation stands (inventory:done/undo:done)
+        steps = " ".join(f"{name}:{step['state']}" + (f"/undo:{step['compensation']}" if step.get("compensation") else "")
+                         for name, step in s["steps"].items())
         table.add_row(s["order_id"], s["state"], s.get("reason") or "", steps, s["updated_at"])
     console.print(table)

@@ -1,4 +1,4 @@
-"""Email: send the order confirmation over SMTP.
+"""Email: send the order confirmation over SMTP, and one cancellation mail when the order is cancelled.
 
 The SMTP send comes before any database statement and before the commit: with concurrent
 lanes the runtime begins the transaction at the first statement, so sends for different orders
@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.email.mailer import OutgoingMail, message_id_for
-from services.email.tables import sent_emails
-from services.runtime.events import ConfirmationEmailSent, Event, OrderCreated
+from services.email.tables import cancelled_orders, sent_emails
+from services.runtime.cancellation import compensated, was_cancelled_before
+from services.runtime.events import ConfirmationEmailSent, Event, OrderCancelled, OrderCreated
 from services.runtime.handler import UnitOfWork
 
 
@@ -31,7 +32,17 @@ def confirmation_mail(event: OrderCreated, event_id: str, sender: str) -> Outgoi
                         subject=f"Your order {event.order_id}", text=text)
 
 
+def cancellation_mail(event: OrderCancelled, event_id: str, sender: str) -> OutgoingMail:
+    reason = f"\nReason given: {event.reason}\n" if event.reason else ""
+    text = (f"Your order {event.order_id} is cancelled.\n{reason}\n"
+            "Any stock we had set aside for it is released, and if you were invoiced, a credit note follows.\n")
+    return OutgoingMail(message_id=message_id_for(event_id), sender=sender, recipient=event.customer_email,
+                        subject=f"Your order {event.order_id} is cancelled", text=text)
+
+
 def send_confirmation(event: OrderCreated, uow: UnitOfWork) -> list[Event]:
+    if was_cancelled_before(uow, cancelled_orders, event.order_id):
+        return []  # the customer has the cancellation mail already; no confirmation after it
     mail = confirmation_mail(event, uow.envelope.event_id, uow.deps.sender)
     uow.deps.mailer.send(mail)
     uow.conn.execute(sent_emails.insert().values(order_id=event.order_id, message_id=mail.message_id,
@@ -40,4 +51,13 @@ def send_confirmation(event: OrderCreated, uow: UnitOfWork) -> list[Event]:
                                   sent_at=uow.now)]
 
 
-HANDLERS = {OrderCreated: [send_confirmation]}
+def send_cancellation(event: OrderCancelled, uow: UnitOfWork) -> list[Event]:
+    """One cancellation mail, whatever the order's state (the inbox runs each event once; the
+    orders service writes one OrderCancelled per order)."""
+    mail = cancellation_mail(event, uow.envelope.event_id, uow.deps.sender)
+    uow.deps.mailer.send(mail)
+    return compensated(uow, cancelled_orders, event.order_id,
+                       f"cancellation mail {mail.message_id} sent to {mail.recipient}")
+
+
+HANDLERS = {OrderCreated: [send_confirmation], OrderCancelled: [send_cancellation]}

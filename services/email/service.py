@@ -1,4 +1,5 @@
-"""The e-mail service, declared: one confirmation mail per order, over SMTP."""
+"""The e-mail service, declared: one confirmation mail per order, and one cancellation mail per
+cancelled order, over SMTP."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from services.email.settings import EmailSettings
 from services.email.tables import metadata
 from services.runtime.controls import WorkerControls
 from services.runtime.declaration import StatusStep, consumer_service
-from services.runtime.events import ConfirmationEmailSent
+from services.runtime.events import ConfirmationEmailSent, StepCompensated
 from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
 
@@ -30,5 +31,5 @@ def build(runtime: Runtime) -> Service:
 
 
 SERVICE = consumer_service(
-    "email", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(ConfirmationEmailSent,),
+    "email", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(ConfirmationEmailSent, StepCompensated),
     build=build, settings=EmailSettings, step=StatusStep(done={"ConfirmationEmailSent": "message_id"}))

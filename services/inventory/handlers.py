@@ -1,13 +1,17 @@
-"""Inventory: reserve every line of an order, or reject the order whole."""
+"""Inventory: reserve every line of an order, or reject the order whole; give a cancelled
+order's stock back."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, select, update
 
-from services.inventory.tables import reservations, stock
-from services.runtime.events import Event, MissingStock, OrderCreated, ReservedLine, StockRejected, StockReserved
+from services.inventory.tables import cancelled_orders, reservations, stock
+from services.runtime.cancellation import compensated, is_cancelled
+from services.runtime.events import (
+    Event, MissingStock, OrderCancelled, OrderCreated, ReservedLine, StockRejected, StockReserved,
+)
 from services.runtime.handler import UnitOfWork
 
 
@@ -17,9 +21,16 @@ _AVAILABLE_LOCKED = _AVAILABLE.with_for_update()  # PostgreSQL: two instances of
 _TAKE = (update(stock).where(stock.c.sku == bindparam("line_sku"))
          .values(available=stock.c.available - bindparam("qty"), reserved=stock.c.reserved + bindparam("qty")))
 _RESERVE = reservations.insert()
+_RESERVED_FOR = (select(reservations.c.sku, reservations.c.quantity)
+                 .where(reservations.c.order_id == bindparam("order_id")).order_by(reservations.c.sku))
+_GIVE_BACK = (update(stock).where(stock.c.sku == bindparam("line_sku"))
+              .values(available=stock.c.available + bindparam("qty"), reserved=stock.c.reserved - bindparam("qty")))
+_FORGET_RESERVATIONS = delete(reservations).where(reservations.c.order_id == bindparam("order_id"))
 
 
 def reserve_stock(event: OrderCreated, uow: UnitOfWork) -> list[Event]:
+    if is_cancelled(uow, cancelled_orders, event.order_id):
+        return []  # the cancellation came first: nothing is reserved, nothing to give back later
     wanted = Counter()
     for line in event.lines:
         wanted[line.sku] += line.quantity
@@ -40,4 +51,20 @@ def reserve_stock(event: OrderCreated, uow: UnitOfWork) -> list[Event]:
     return [StockReserved(order_id=event.order_id, lines=lines, reserved_at=uow.now)]
 
 
-HANDLERS = {OrderCreated: [reserve_stock]}
+def release_stock(event: OrderCancelled, uow: UnitOfWork) -> list[Event]:
+    """Give back what the order reserved (nothing if it was rejected or not seen yet: then its
+    OrderCreated, when it comes, reserves nothing)."""
+    if is_cancelled(uow, cancelled_orders, event.order_id):
+        return []
+    query = _RESERVED_FOR.with_for_update() if uow.conn.dialect.name == "postgresql" else _RESERVED_FOR
+    reserved = uow.conn.execute(query, {"order_id": event.order_id}).all()
+    if reserved:
+        uow.conn.execute(_GIVE_BACK, [{"line_sku": sku, "qty": qty} for sku, qty in reserved])
+        uow.conn.execute(_FORGET_RESERVATIONS, {"order_id": event.order_id})
+        action = "released " + ", ".join(f"{qty} x {sku}" for sku, qty in reserved)
+    else:
+        action = "nothing was reserved: nothing to release"
+    return compensated(uow, cancelled_orders, event.order_id, action)
+
+
+HANDLERS = {OrderCreated: [reserve_stock], OrderCancelled: [release_stock]}

@@ -1,4 +1,5 @@
-"""The inventory service, declared: it reserves stock for every order or rejects it whole."""
+"""The inventory service, declared: it reserves stock for every order or rejects it whole, and
+gives a cancelled order's stock back."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from services.inventory.handlers import HANDLERS
 from services.inventory.settings import InventorySettings
 from services.inventory.tables import metadata, stock
 from services.runtime.declaration import StatusStep, consumer_service
-from services.runtime.events import StockRejected, StockReserved
+from services.runtime.events import StepCompensated, StockRejected, StockReserved
 from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
 
@@ -31,7 +32,7 @@ def build(runtime: Runtime) -> Service:
 
 
 SERVICE = consumer_service(
-    "inventory", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(StockReserved, StockRejected),
+    "inventory", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(StockReserved, StockRejected, StepCompensated),
     build=build, settings=InventorySettings,
     # A rejected order fails as a whole: no step after it can make it succeed.
     step=StatusStep(done={"StockReserved": None}, failed={"StockRejected": "reason"}))

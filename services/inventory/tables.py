@@ -1,6 +1,11 @@
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table
 
+from services.runtime.cancellation import cancelled_orders_table
+
 metadata = MetaData()
+
+# The orders this service compensated after their cancellation (services/runtime/cancellation.py).
+cancelled_orders = cancelled_orders_table(metadata)
 
 stock = Table(
     "stock", metadata,

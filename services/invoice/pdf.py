@@ -42,6 +42,8 @@ class InvoiceLine:
 
 @dataclass(frozen=True)
 class InvoiceDocument:
+    """An invoice, or a credit note (`kind`) crediting the invoice `credits` line by line."""
+
     number: str
     order_id: str
     customer_id: str
@@ -49,6 +51,8 @@ class InvoiceDocument:
     currency: str
     lines: list[InvoiceLine]
     issued_at: datetime
+    kind: str = "Invoice"
+    credits: str | None = None
 
     @property
     def total(self) -> Decimal:
@@ -85,19 +89,21 @@ def _build(doc: InvoiceDocument) -> FPDF:
     pdf.set_creation_date(_aware(doc.issued_at))
     pdf.set_producer("orderpipe invoice")
     pdf.set_creator("orderpipe")
-    pdf.set_title(_latin1(f"Invoice {doc.number}"))
+    pdf.set_title(_latin1(f"{doc.kind} {doc.number}"))
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_page()
     nl = {"new_x": XPos.LMARGIN, "new_y": YPos.NEXT}
 
     pdf.set_font("Helvetica", style="B", size=20)
-    pdf.cell(0, 12, _latin1(f"Invoice {doc.number}"), **nl)
+    pdf.cell(0, 12, _latin1(f"{doc.kind} {doc.number}"), **nl)
     pdf.ln(2)
 
     pdf.set_font("Helvetica", size=11)
     issued = _aware(doc.issued_at).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    credits = (("Credits invoice", doc.credits),) if doc.credits else ()
     for label, value in (
-        ("Invoice number", doc.number),
+        (f"{doc.kind} number", doc.number),
+        *credits,
         ("Order", doc.order_id),
         ("Customer", doc.customer_id),
         ("E-mail", doc.customer_email),
@@ -123,7 +129,8 @@ def _build(doc: InvoiceDocument) -> FPDF:
     pdf.ln(4)
 
     pdf.set_font("Helvetica", style="B", size=12)
-    pdf.cell(0, 9, _latin1(f"Total: {format_amount(doc.total, doc.currency)}"), align="R", **nl)
+    total = "Total credited" if doc.credits else "Total"
+    pdf.cell(0, 9, _latin1(f"{total}: {format_amount(doc.total, doc.currency)}"), align="R", **nl)
     return pdf
 
 

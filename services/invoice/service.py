@@ -1,11 +1,12 @@
-"""The invoice service, declared: waits for the stock decision, then one PDF invoice per reserved order."""
+"""The invoice service, declared: waits for the stock decision, then one PDF invoice per reserved
+order; one credit note per cancelled order that was invoiced."""
 
 from __future__ import annotations
 
 from services.invoice.handlers import HANDLERS, InvoiceDeps
 from services.invoice.tables import metadata
 from services.runtime.declaration import StatusStep, consumer_service
-from services.runtime.events import InvoiceIssued
+from services.runtime.events import InvoiceIssued, StepCompensated
 from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
 
@@ -20,6 +21,6 @@ def build(runtime: Runtime) -> Service:
 
 
 SERVICE = consumer_service(
-    "invoice", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(InvoiceIssued,), build=build,
+    "invoice", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(InvoiceIssued, StepCompensated), build=build,
     # A rejected order gets no invoice: the step is skipped, not pending.
     step=StatusStep(done={"InvoiceIssued": "invoice_number"}, skipped_on=("StockRejected",)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import httpx
@@ -19,10 +19,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services.orders.body_limit import BodyLimit
+from services.orders.cancel import Cancellation, UnknownOrder, cancel_order
 from services.orders.idempotency import KEY_PATTERN, Answer, IdempotencyKeys, KeyReused, fingerprint
-from services.orders.model import OrderAccepted, PlaceOrder, Problem
+from services.orders.model import CancelOrder, OrderAccepted, OrderCancelAccepted, PlaceOrder, Problem
 from services.orders.place import place_order
-from services.orders.tables import orders
+from services.orders.tables import cancellations, orders
 from services.runtime.codec import Codec
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,16 @@ class StatusClient:
         return r.json()
 
 
-PLACE_ORDER = "POST /orders"  # the operation an Idempotency-Key of POST /orders belongs to
+# The operations an Idempotency-Key belongs to: a key is remembered per operation.
+PLACE_ORDER = "POST /orders"
+CANCEL_ORDER = "POST /orders/{order_id}/cancel"
 
 IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", pattern=KEY_PATTERN,
-    description="Any unique string (a UUID): the same key with the same body within "
+    description="Any unique string (a UUID): the same key with the same request within "
                 "ORDERPIPE_API_IDEMPOTENCY_KEY_TTL_HOURS (24 h) returns the first answer, with "
-                "`Idempotent-Replayed: true`, and never places a second order; with another body it is a 422.")]
+                "`Idempotent-Replayed: true`, and does nothing again; with another request it is a 422.")]
+DATABASE_DOWN = {"model": Problem, "description": "The database could not store the request; nothing was recorded."}
 
 
 def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_bytes: int = 65_536,
@@ -98,21 +102,21 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
             response.headers["Idempotent-Replayed"] = "true"
         return OrderAccepted(order_id=order_id, status_url=status_url)
 
-    def first_answer(key: str, request_print: str) -> Answer | None:
+    def first_answer(operation: str, key: str, request_print: str) -> Answer | None:
         try:
-            return keys.answer(PLACE_ORDER, key, request_print)
+            return keys.answer(operation, key, request_print)
         except KeyReused as exc:
             raise HTTPException(422, detail=str(exc)) from None
 
     @app.post("/orders", status_code=202, response_model=OrderAccepted, responses={
         413: {"model": Problem, "description": "The body is larger than ORDERPIPE_API_MAX_BODY_BYTES; nothing was read."},
         422: {"description": "The body is not a valid order, or the Idempotency-Key came with another body."},
-        503: {"model": Problem, "description": "The database could not store the order; nothing was recorded."}})
+        503: DATABASE_DOWN})
     def post_order(request: PlaceOrder, response: Response, idempotency_key: IdempotencyKey = None) -> OrderAccepted:
         remember = None
         if idempotency_key is not None:
             request_print = fingerprint(PLACE_ORDER, request.canonical())
-            if (first := first_answer(idempotency_key, request_print)) is not None:
+            if (first := first_answer(PLACE_ORDER, idempotency_key, request_print)) is not None:
                 return accepted(response, first.body["order_id"], replayed=True)
 
             def remember(conn, event) -> None:  # in the order's own transaction
@@ -122,16 +126,62 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
             event = place_order(engine, codec, request, also=remember)
         except IntegrityError:
             # the same key's first request committed while this one ran: this order was not stored
-            if idempotency_key is not None and (first := first_answer(idempotency_key, request_print)) is not None:
+            if idempotency_key is not None and (
+                    first := first_answer(PLACE_ORDER, idempotency_key, request_print)) is not None:
                 return accepted(response, first.body["order_id"], replayed=True)
             raise
         except SQLAlchemyError as exc:
             # The database failed, not the request: the order and its outbox row are one
             # transaction, so nothing was recorded and the client may simply try again.
-            log.warning("order not stored: database error", extra={"error": str(exc)[:300]})
-            raise HTTPException(503, detail="the order could not be stored (database unavailable); nothing was "
-                                            "recorded, try again", headers={"Retry-After": "1"}) from None
+            raise database_down("order", exc) from None
         return accepted(response, event.order_id)
+
+    @app.post("/orders/{order_id}/cancel", status_code=202, response_model=OrderCancelAccepted, responses={
+        200: {"model": OrderCancelAccepted, "description": "The order was cancelled already: nothing was done again."},
+        404: {"model": Problem, "description": "No such order."},
+        422: {"description": "The body is not valid, or the Idempotency-Key came with another request."},
+        503: DATABASE_DOWN})
+    def post_cancel(order_id: str, response: Response, request: CancelOrder | None = None,
+                    idempotency_key: IdempotencyKey = None) -> OrderCancelAccepted:
+        """Cancel the order: recorded with its OrderCancelled in one transaction (202). Every
+        service then undoes its part: inventory releases the stock, invoice issues a credit
+        note if it issued an invoice, email sends one cancellation mail, analytics corrects its
+        rollups; the order's status ends in CANCELLED with each step's compensation."""
+        reason = request.reason if request is not None else None
+        remember = None
+        if idempotency_key is not None:
+            request_print = fingerprint(CANCEL_ORDER, {"order_id": order_id, "reason": reason})
+            if (first := first_answer(CANCEL_ORDER, idempotency_key, request_print)) is not None:
+                response.status_code = first.status_code
+                response.headers["Idempotent-Replayed"] = "true"
+                return OrderCancelAccepted(**first.body)
+
+            def remember(conn, cancellation: Cancellation) -> None:  # in the cancellation's own transaction
+                keys.remember(conn, CANCEL_ORDER, idempotency_key, request_print,
+                              Answer(202, cancelled(cancellation).model_dump(mode="json")))
+        try:
+            cancellation = cancel_order(engine, codec, order_id, reason, also=remember)
+        except UnknownOrder as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+        except IntegrityError:
+            # the same key's first request committed while this one ran
+            if idempotency_key is not None and (
+                    first := first_answer(CANCEL_ORDER, idempotency_key, request_print)) is not None:
+                response.status_code = first.status_code
+                response.headers["Idempotent-Replayed"] = "true"
+                return OrderCancelAccepted(**first.body)
+            raise
+        except SQLAlchemyError as exc:
+            raise database_down("cancellation", exc) from None
+        if cancellation.already:
+            response.status_code = 200
+        response.headers["Location"] = f"/orders/{order_id}"
+        return cancelled(cancellation)
+
+    def cancelled(cancellation: Cancellation) -> OrderCancelAccepted:
+        return OrderCancelAccepted(order_id=cancellation.order_id, cancelled_at=_utc(cancellation.cancelled_at).isoformat(),
+                                   reason=cancellation.reason, status_url=f"/orders/{cancellation.order_id}",
+                                   already_cancelled=cancellation.already)
 
     @app.get("/orders", responses={
         400: {"model": Problem, "description": "The order-status view refused the query (unknown state, bad time)."},
@@ -150,11 +200,15 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
     @app.get("/orders/{order_id}", responses={404: {"model": Problem, "description": "No such order."}})
     def get_order(order_id: str) -> dict:
         with engine.connect() as conn:
-            row = conn.execute(select(orders).where(orders.c.order_id == order_id)).mappings().first()
+            row = conn.execute(select(orders, cancellations.c.cancelled_at, cancellations.c.reason)
+                               .outerjoin(cancellations, cancellations.c.order_id == orders.c.order_id)
+                               .where(orders.c.order_id == order_id)).mappings().first()
         if row is None:
             raise HTTPException(404, detail=f"order {order_id} not found")
         body = {"order_id": order_id, "customer_id": row["customer_id"], "currency": row["currency"],
-                "total": str(row["total"]), "created_at": row["created_at"].isoformat()}
+                "total": str(row["total"]), "created_at": _utc(row["created_at"]).isoformat()}
+        if row["cancelled_at"] is not None:  # recorded here at once; the view shows it once folded
+            body["cancelled"] = {"cancelled_at": _utc(row["cancelled_at"]).isoformat(), "reason": row["reason"]}
         try:
             view = status.get(order_id)
         except StatusUnavailable as exc:
@@ -185,6 +239,16 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def database_down(what: str, exc: SQLAlchemyError) -> HTTPException:
+    log.warning(f"{what} not stored: database error", extra={"error": str(exc)[:300]})
+    return HTTPException(503, detail=f"the {what} could not be stored (database unavailable); nothing was "
+                                     "recorded, try again", headers={"Retry-After": "1"})
+
+
+def _utc(at: datetime) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=UTC)  # SQLite gives times back without their zone
 
 
 def _json_safe(value: Any) -> Any:

@@ -46,6 +46,14 @@ class PlaceOrder(BaseModel):
 CENT = Decimal("0.01")
 
 
+class CancelOrder(BaseModel):
+    """The body of POST /orders/{order_id}/cancel; it may be left out."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(default=None, min_length=1, max_length=200,
+                               description="Why, in the customer's words; shown in the order's status.")
+
+
 class Problem(BaseModel):
     """Why a request was refused or could not be served."""
 
@@ -55,3 +63,12 @@ class Problem(BaseModel):
 class OrderAccepted(BaseModel):
     order_id: str
     status_url: str
+
+
+class OrderCancelAccepted(BaseModel):
+    order_id: str
+    cancelled_at: str  # ISO 8601: when the (first) cancel was recorded
+    reason: str | None
+    status_url: str
+    already_cancelled: bool = Field(description="True when an earlier request had cancelled the order: "
+                                                "nothing was done again.")

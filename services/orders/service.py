@@ -1,5 +1,6 @@
-"""The orders service, declared: the HTTP API that records orders (order row and OrderCreated in
-the outbox, one transaction) and the relay that publishes the outbox to `orders.created`. Two
+"""The orders service, declared: the HTTP API that records orders and cancellations (each row
+with its OrderCreated / OrderCancelled in the outbox, one transaction) and the relay that
+publishes the outbox to `orders.created` and `orders.cancelled`. Two
 processes on one database; each is built here from the settings (`orderpipe run orders-api`,
 `orderpipe run orders-relay`)."""
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from services.orders.settings import OrdersApiSettings
 from services.orders.tables import metadata, outbox
 from services.runtime.declaration import Process, ServiceDeclaration
-from services.runtime.events import OrderCreated
+from services.runtime.events import OrderCancelled, OrderCreated
 from services.runtime.settings import Settings
 
 
@@ -74,4 +75,4 @@ def run_relay(settings: Settings) -> None:
 SERVICE = ServiceDeclaration(
     name="orders", metadata=metadata, migrations=Path(__file__).resolve().parent / "migrations",
     processes=(Process("orders-api", run_api, health_port=False), Process("orders-relay", run_relay)),
-    emits=(OrderCreated,), settings=OrdersApiSettings)
+    emits=(OrderCreated, OrderCancelled), settings=OrdersApiSettings)

@@ -15,6 +15,14 @@ orders = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# At most one per order: the primary key is what keeps a second cancel from cancelling twice.
+cancellations = Table(
+    "cancellations", metadata,
+    Column("order_id", String(36), primary_key=True),
+    Column("reason", String(200), nullable=True),
+    Column("cancelled_at", DateTime(timezone=True), nullable=False),
+)
+
 # The first answer to each Idempotency-Key (services/orders/idempotency.py), kept until expires_at.
 idempotency_keys = Table(
     "idempotency_keys", metadata,

@@ -20,6 +20,10 @@ from services.inventory.catalog import CATALOG
 from services.runtime.settings import Settings
 
 FINAL_STATES = {"COMPLETED", "FAILED"}
+CANCELLED = "CANCELLED"
+# Cancelled sample orders are cancelled this long after they were placed, at random: before,
+# while and after the services handle them.
+CANCEL_WITHIN_S = 3.0
 # With --fail-rate, one order in REFUSED_EVERY has an address the SMTP server refuses for good
 # (the sink refuses the reserved .invalid domain): its e-mail is dead-lettered, so the order is
 # expected to end STALLED, never COMPLETED. Never the same order as a sold-out one (i % 20 == 19).
@@ -35,13 +39,17 @@ def demo_env(fail_rate: float) -> dict[str, str]:
 class SampleOrder:
     body: dict
     expected: str  # COMPLETED; FAILED when it asks for a SKU that is never stocked; STALLED when
-    #                its e-mail address is refused (dead-lettered)
+    #                its e-mail address is refused (dead-lettered); CANCELLED when it is cancelled
+    cancel_after_s: float | None = None  # cancelled this long after it was placed
 
 
-def sample_orders(n: int, seed: int = 7, reject_every: int = 20, refuse_every: int = 0) -> list[SampleOrder]:
+def sample_orders(n: int, seed: int = 7, reject_every: int = 20, refuse_every: int = 0,
+                  cancel_share: float = 0.0) -> list[SampleOrder]:
     """Deterministic sample orders; every `reject_every`-th one includes the sold-out SKU, and
-    with `refuse_every`, every such one has an address the SMTP server refuses."""
+    with `refuse_every`, every such one has an address the SMTP server refuses. A `cancel_share`
+    of the others (rejected ones too) is cancelled within CANCEL_WITHIN_S of being placed."""
     rng = random.Random(seed)
+    cancel_rng = random.Random(seed + 1)  # its own: the orders stay the same whatever the share
     stocked = [item for item in CATALOG if item.stocked]
     sold_out = [item for item in CATALOG if not item.stocked]
     orders = []
@@ -57,7 +65,11 @@ def sample_orders(n: int, seed: int = 7, reject_every: int = 20, refuse_every: i
             "currency": "EUR",
             "lines": [{"sku": it.sku, "quantity": rng.randint(1, 4), "unit_price": str(it.unit_price)} for it in items],
         }
-        orders.append(SampleOrder(body, "FAILED" if rejected else "STALLED" if refused else "COMPLETED"))
+        cancel_after = (round(cancel_rng.uniform(0, CANCEL_WITHIN_S), 2)
+                        if not refused and cancel_rng.random() < cancel_share else None)
+        expected = CANCELLED if cancel_after is not None else "FAILED" if rejected else "STALLED" if refused \
+            else "COMPLETED"
+        orders.append(SampleOrder(body, expected, cancel_after))
     return orders
 
 
@@ -112,13 +124,33 @@ class FailureTopics:
 
 
 def place_all(client: httpx.Client, orders: list[SampleOrder], progress: Progress) -> dict[str, SampleOrder]:
+    """Place the orders, and cancel those to be cancelled when their moment comes (between
+    placements, then waiting for the last ones)."""
     task = progress.add_task("placing orders", total=len(orders))
-    placed = {}
+    to_cancel = sum(1 for order in orders if order.cancel_after_s is not None)
+    cancel_task = progress.add_task("cancelling orders", total=to_cancel) if to_cancel else None
+    placed: dict[str, SampleOrder] = {}
+    due: list[tuple[float, str]] = []  # (when, order id)
+
+    def cancel_due(until: float) -> None:
+        due.sort()
+        while due and due[0][0] <= until:
+            when, order_id = due.pop(0)
+            time.sleep(max(0.0, when - time.monotonic()))
+            client.post(f"/orders/{order_id}/cancel", json={"reason": "demo: the customer changed their mind"},
+                        headers={"Idempotency-Key": f"demo-cancel-{order_id}"}).raise_for_status()
+            progress.advance(cancel_task)
+
     for order in orders:
         r = client.post("/orders", json=order.body)
         r.raise_for_status()
-        placed[r.json()["order_id"]] = order
+        order_id = r.json()["order_id"]
+        placed[order_id] = order
+        if order.cancel_after_s is not None:
+            due.append((time.monotonic() + order.cancel_after_s, order_id))
         progress.advance(task)
+        cancel_due(time.monotonic())
+    cancel_due(float("inf"))
     return placed
 
 
@@ -156,7 +188,13 @@ def _step_states(order_id: str, view: dict, failures: FailureTopics | None) -> d
 def _final_state(order_id: str, view: dict, failures: FailureTopics | None) -> str | None:
     """The order's final state, or None while it is still moving. FAILED is final at once but an
     order is only settled when no step is pending (a FAILED order still sends its e-mail);
-    STALLED when the rest is settled and a step was dead-lettered."""
+    STALLED when the rest is settled and a step was dead-lettered; CANCELLED once every step's
+    compensation is done."""
+    if view.get("state") == CANCELLED:
+        compensations = [s.get("compensation") for s in view.get("steps", {}).values() if s.get("compensation")]
+        if "dead_lettered" in compensations:
+            return f"{CANCELLED} (a compensation dead-lettered)"
+        return CANCELLED if all(c == "done" for c in compensations) else None
     steps = _step_states(order_id, view, failures)
     if any(state in ("pending", "retrying") for state in steps.values()):
         return None
@@ -165,8 +203,9 @@ def _final_state(order_id: str, view: dict, failures: FailureTopics | None) -> s
     return "STALLED" if "dead_lettered" in steps.values() else None
 
 
-def run_demo(info, *, orders: int, timeout: float, seed: int, console: Console, fail_rate: float = 0.0) -> bool:
-    samples = sample_orders(orders, seed, refuse_every=REFUSED_EVERY if fail_rate else 0)
+def run_demo(info, *, orders: int, timeout: float, seed: int, console: Console, fail_rate: float = 0.0,
+             cancel_share: float = 0.0) -> bool:
+    samples = sample_orders(orders, seed, refuse_every=REFUSED_EVERY if fail_rate else 0, cancel_share=cancel_share)
     started = time.monotonic()
     failures = FailureTopics(info.bootstrap_servers, Settings().extra_client_config)
     try:
@@ -216,6 +255,15 @@ def run_demo(info, *, orders: int, timeout: float, seed: int, console: Console, 
         console.print(f"[bold red]{len(wrong)} of {len(placed)} orders did not reach their expected final state[/]")
         return False
     stalled = f", {expected['STALLED']} stalled (e-mail address refused, dead-lettered)" if expected["STALLED"] else ""
+    cancelled = ""
+    if expected[CANCELLED]:
+        views = [final[oid] for oid, order in placed.items() if order.expected == CANCELLED]
+        credited = sum(1 for v in views if v["steps"].get("invoice", {}).get("compensation_detail", "")
+                       .startswith("credit note"))
+        released = sum(1 for v in views if v["steps"].get("inventory", {}).get("compensation_detail", "")
+                       .startswith("released"))
+        cancelled = (f", {expected[CANCELLED]} cancelled: stock released for {released}, "
+                     f"{credited} credit note{'s' if credited != 1 else ''}")
     console.print(f"[bold green]all {len(placed)} orders reached their expected final state[/] "
-                  f"({expected['COMPLETED']} completed, {expected['FAILED']} rejected for stock{stalled})")
+                  f"({expected['COMPLETED']} completed, {expected['FAILED']} rejected for stock{stalled}{cancelled})")
     return True

@@ -580,7 +580,10 @@ class ServiceConsumer:
                     return "held"
             with _LazyTransaction(self.engine, lambda c: insert_ignore(c, inbox, self._inbox_row(msg, p))) as tx:
                 try:
-                    uow = UnitOfWork(None, p.envelope, self.group.name, self.service.deps, begin=tx.begin)
+                    # reads before the transaction begins go to a connection of their own: this
+                    # key's earlier events are committed already (a lane runs them one by one)
+                    uow = UnitOfWork(None, p.envelope, self.group.name, self.service.deps, begin=tx.begin,
+                                     engine=self.engine)
                     self._run_handlers(p, uow)
                     uow.conn  # noqa: B018 - begins (with the inbox row) if the handlers never used it
                 except _AlreadyDone:

@@ -91,11 +91,28 @@ class OrderRecorded(Event):
     recorded_at: datetime
 
 
+class OrderCancelled(Event):
+    customer_id: str
+    customer_email: str  # the cancellation mail's recipient: the cancel may be read before the order
+    reason: str | None = None
+    cancelled_at: datetime
+
+
+class StepCompensated(Event):
+    """A service undid its part of a cancelled order (each service emits one per cancelled order)."""
+
+    step: str
+    action: str
+    document: str | None = None  # the number of a document it issued (a credit note)
+    compensated_at: datetime
+
+
 # Every event type by name; a service's own ones join it when its declaration registers them
 # (services/runtime/contracts.py).
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
-    for cls in (OrderCreated, StockReserved, StockRejected, ConfirmationEmailSent, InvoiceIssued, OrderRecorded)
+    for cls in (OrderCreated, StockReserved, StockRejected, ConfirmationEmailSent, InvoiceIssued, OrderRecorded,
+                OrderCancelled, StepCompensated)
 }
 
 # Consumers read every event as the schema version their model was built on (Avro resolution),

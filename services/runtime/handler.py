@@ -10,7 +10,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import MetaData, Table
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine, Result
+from sqlalchemy.sql import Executable
 
 from services.runtime import envelope as env
 from services.runtime.bulk import BulkInsert
@@ -29,10 +30,21 @@ class UnitOfWork:
     of `conn`: do slow I/O (an SMTP send) before touching the database."""
 
     def __init__(self, conn: Connection | None, envelope: env.Envelope, group: str, deps: Any = None,
-                 now: datetime | None = None, *, begin: Callable[[], Connection] | None = None):
-        self._conn, self._begin = conn, begin
+                 now: datetime | None = None, *, begin: Callable[[], Connection] | None = None,
+                 engine: Engine | None = None):
+        self._conn, self._begin, self._engine = conn, begin, engine
         self.envelope, self.group, self.deps = envelope, group, deps
         self.now = now or utcnow()
+
+    def read(self, statement: Executable) -> Result:
+        """Run a query in the transaction once it has begun; before that, on a short connection
+        of its own, so the transaction (and SQLite's write lock) still begins only when the
+        handler writes, after its slow I/O."""
+        if self._conn is not None or self._engine is None:
+            return self.conn.execute(statement)
+        with self._engine.connect() as conn:
+            result = conn.execute(statement)
+            return result.freeze()()
 
     @property
     def conn(self) -> Connection:

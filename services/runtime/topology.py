@@ -23,6 +23,8 @@ EMAIL_SENT = "email.sent"
 INVOICES_ISSUED = "invoices.issued"
 ANALYTICS_RECORDED = "analytics.recorded"
 ORDERS_STATUS = "orders.status"
+ORDERS_CANCELLED = "orders.cancelled"
+ORDERS_COMPENSATED = "orders.compensated"
 # Operators' record of every dead-letter replay and purge (JSON, one partition: one total order).
 AUDIT = "orderpipe.audit"
 
@@ -84,6 +86,10 @@ EVENT_TOPICS: list[TopicSpec] = [
     TopicSpec(INVOICES_ISSUED, event_types=("InvoiceIssued",),
               doc="An invoice PDF was issued (only for orders whose stock was reserved)."),
     TopicSpec(ANALYTICS_RECORDED, event_types=("OrderRecorded",), doc="The order was added to the analytics rollups."),
+    TopicSpec(ORDERS_CANCELLED, event_types=("OrderCancelled",),
+              doc="Every cancelled order (at most one event per order)."),
+    TopicSpec(ORDERS_COMPENSATED, event_types=("StepCompensated",),
+              doc="What each service undid for a cancelled order: one event per service and order."),
     TopicSpec(ORDERS_STATUS, cleanup_policy="compact", event_types=("OrderStatus",), writer="order-status (Faust)",
               doc="The latest status of every order (compacted, keyed by order id)."),
 ]

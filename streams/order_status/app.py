@@ -41,7 +41,6 @@ from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, STATUS_INPUTS
 from streams.order_status import transport
 from streams.order_status.fold import (
-    STATUS_EVENT_TYPE,
     TABLE_NAME,
     Metrics,
     apply_event,
@@ -49,6 +48,7 @@ from streams.order_status.fold import (
     fold_until_done,
     partition_of,
     status_headers,
+    status_value,
 )
 from streams.order_status.inputs import failure_topics, sla_message
 from streams.order_status.sla import DEFAULT_SLA_S, SlaWatch, default_sla_check_interval, sla_topic_name
@@ -164,8 +164,8 @@ def create_app(
         count_and_alert(applied, metrics, webhook)
         status = applied.status
         sla_watch.note(status)
-        await status_topic.send(key=status.order_id.encode(), value=codec.encode(
-            STATUS_EVENT_TYPE, status.to_avro()), headers=status_headers(status, event))
+        await status_topic.send(key=status.order_id.encode(), value=status_value(codec, status),
+                                headers=status_headers(status, event))
 
     def still_owned(event: EventT) -> bool:
         return event.message.tp in app.consumer.assignment()

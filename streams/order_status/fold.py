@@ -3,8 +3,9 @@
 `apply_event` reads one message (`read_input`: event topics, retry and dead-letter copies, the
 SLA topic), folds it with the pure `next_status` (status.py) and writes the table; `fold_until_done`
 retries it in place until it succeeds (an exception must never reach Faust);
-`count_and_alert` keeps the metrics and raises alerts; `status_headers` makes the envelope of
-the status published to orders.status. The wiring is in app.py.
+`count_and_alert` keeps the metrics and raises alerts; `status_value` and `status_headers` make
+the status published to orders.status (Avro, schema version `STATUS_SCHEMA_VERSION`) and its
+envelope. The wiring is in app.py.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ log = logging.getLogger("orderpipe.order_status")
 
 TABLE_NAME = "order-status"  # the Faust table of every order's status (JSON), and its changelog
 STATUS_EVENT_TYPE = "OrderStatus"
-STATUS_SCHEMA_VERSION = 1
+# The version the status is encoded with and its envelope names: pinned, not the registry's latest,
+# so that a newer schema checked in before the code writing it cannot be picked by accident.
+STATUS_SCHEMA_VERSION = 2
 # Status message ids are derived, not random: re-publishing the status caused by the same input
 # event (after a crash between the publish and the offset commit) carries the same event id.
 _STATUS_ID_NAMESPACE = uuid.UUID("6f1d7c1e-54a3-4d0e-9a52-3b1b0c0d5e57")
@@ -57,6 +60,7 @@ class Metrics:
     republished: int = 0
     sla_exceeded: int = 0
     dead_lettered: int = 0
+    compensation_dead_lettered: int = 0
     fold_retries: int = 0
     started: float = field(default_factory=time.time)
 
@@ -69,6 +73,9 @@ class Metrics:
             ("sla_exceeded_total", "Orders found unfinished after the SLA (alerts raised).", self.sla_exceeded),
             ("dead_lettered_total", "Order steps that reached a dead-letter topic (alerts raised).",
              self.dead_lettered),
+            ("compensation_dead_lettered_total",
+             "Compensations of cancelled orders that reached a dead-letter topic (alerts raised).",
+             self.compensation_dead_lettered),
             ("fold_retries_total", "Inputs folded again after a failure (each is retried until it succeeds).",
              self.fold_retries),
         ):
@@ -184,8 +191,8 @@ async def fold_until_done(fold_one: Callable[[EventT], Awaitable[None]], event: 
 
 def count_and_alert(applied: Applied, metrics: Metrics, webhook: Alerter | None = None) -> None:
     """Count the change; raise an alert (one JSON log line at ERROR, and a POST to the alert
-    webhook when one is configured) when an order passes its SLA or one of its steps is
-    dead-lettered."""
+    webhook when one is configured) when an order passes its SLA, one of its steps is
+    dead-lettered, or the compensation of one of its steps (the order was cancelled) is."""
     if applied.republish:
         metrics.republished += 1
         return
@@ -198,6 +205,10 @@ def count_and_alert(applied: Applied, metrics: Metrics, webhook: Alerter | None 
         if step.state == "dead_lettered" and (before is None or before.steps[name].state != "dead_lettered"):
             metrics.dead_lettered += 1
             _alert(webhook, "step_dead_lettered", status, step=name, error=step.last_error, detail=step.detail)
+        if step.compensation == "dead_lettered" and (
+                before is None or before.steps[name].compensation != "dead_lettered"):
+            metrics.compensation_dead_lettered += 1
+            _alert(webhook, "compensation_dead_lettered", status, step=name, detail=step.compensation_detail)
 
 
 def _alert(webhook: Alerter | None, alert: str, status: OrderStatus, **fields: Any) -> None:
@@ -207,6 +218,11 @@ def _alert(webhook: Alerter | None, alert: str, status: OrderStatus, **fields: A
     if webhook is not None:
         webhook.post(json.loads(json.dumps({**payload, "group": "order-status",
                                             "at": datetime.now(UTC).isoformat()}, default=str)))
+
+
+def status_value(codec: Codec, status: OrderStatus) -> bytes:
+    """The status as published to orders.status: Avro with the schema its headers name."""
+    return codec.encode(STATUS_EVENT_TYPE, status.to_avro(), version=STATUS_SCHEMA_VERSION)
 
 
 def status_headers(status: OrderStatus, cause: EventT) -> list[tuple[str, bytes]]:

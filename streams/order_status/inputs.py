@@ -3,11 +3,15 @@
 Three kinds of topics feed the fold, all keyed by order id and partitioned alike (murmur2,
 same partition count), so one worker sees all of an order's messages:
 
-- the event topics (`STATUS_INPUTS`): the decoded event is the fold input as it is;
+- the event topics (`STATUS_INPUTS`): the decoded event is the fold input as it is; among them
+  orders.cancelled (OrderCancelled) and orders.compensated (StepCompensated, one per service);
 - every group's retry and dead-letter topics (`<topic>.<group>.retry.<n>`, `<topic>.<group>.dlt`):
   the value is the ORIGINAL event (e.g. OrderCreated), copied by the consumer runtime. The
   step is the one of the group that failed (the `x-group` header), never the copied event's
-  type; attempt and error come from the `x-attempt` / `x-exception-*` headers;
+  type; attempt and error come from the `x-attempt` / `x-exception-*` headers. The source
+  topic tells what failed: a copy of an orders.cancelled event is the group's *compensation*
+  failing (CompensationRetrying / CompensationDeadLettered), any other its step
+  (StepRetrying / StepDeadLettered);
 - the SLA topic, written by the worker's own SLA timer.
 
 Pure functions only; the Faust agent in app.py does the I/O.
@@ -24,8 +28,10 @@ from typing import Any, Literal
 from services.runtime.envelope import EVENT_ID
 from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
 from services import registry
-from services.runtime.topology import ConsumerGroup
+from services.runtime.topology import ORDERS_CANCELLED, ConsumerGroup
 from streams.order_status.status import (
+    COMPENSATION_DEAD_LETTERED,
+    COMPENSATION_RETRYING,
     STEPS,
     SLA_EXCEEDED,
     STEP_DEAD_LETTERED,
@@ -63,7 +69,9 @@ class FoldInput:
 
 
 def failure_input(topic: str, where: FailureTopic, headers: dict[str, str], order_id: str) -> FoldInput:
-    """A retry or dead-letter copy of an event, as a StepRetrying / StepDeadLettered input."""
+    """A retry or dead-letter copy of an event, as a StepRetrying / StepDeadLettered input, or for
+    a copy of an OrderCancelled as a CompensationRetrying / CompensationDeadLettered one: the
+    group failed to undo its part of the order, which says nothing about the step's own work."""
     group = headers.get(H_GROUP) or where.group
     step = group if group in STEPS else None  # a consumer group's step has its name
     if step is None:
@@ -83,7 +91,11 @@ def failure_input(topic: str, where: FailureTopic, headers: dict[str, str], orde
     # the same failure read twice.
     original = headers.get(EVENT_ID) or "no-event-id"
     event_id = f"{original}:{group}:{where.kind}:{attempt}"
-    return FoldInput(STEP_DEAD_LETTERED if where.kind == "dlt" else STEP_RETRYING, record, event_id)
+    if where.source == ORDERS_CANCELLED:
+        event_type = COMPENSATION_DEAD_LETTERED if where.kind == "dlt" else COMPENSATION_RETRYING
+    else:
+        event_type = STEP_DEAD_LETTERED if where.kind == "dlt" else STEP_RETRYING
+    return FoldInput(event_type, record, event_id)
 
 
 def sla_message(order_id: str, deadline: datetime) -> bytes:

@@ -1,8 +1,9 @@
 """The whole pipeline as `orderpipe up` starts it: every process, the broker, real databases.
 
-Places orders through the HTTP API and checks outcomes where they live: each order's final
-status, stock levels, invoices and their PDFs, e-mails received by the SMTP sink, analytics
-rollups. Runs on SQLite (the embedded default) and on PostgreSQL.
+Places orders through the HTTP API, cancels a fifth of them at random moments (before, while
+and after the services handle them), and checks outcomes where they live: each order's final
+status, stock levels, invoices, credit notes and their PDFs, e-mails received by the SMTP sink,
+analytics rollups. Runs on SQLite (the embedded default) and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from services.email.smtp_sink import read_maildir
 from services.email.tables import sent_emails
 from services.inventory.settings import InventorySettings
 from services.inventory.tables import reservations, stock
-from services.invoice.tables import invoices
+from services.invoice.tables import credit_notes, invoices
 from services.runtime.db import make_engine
 from services.runtime.settings import Settings
 
@@ -62,7 +63,7 @@ def test_orders_flow_end_to_end(tmp_path: Path, database_urls: dict[str, str], s
     data_dir = tmp_path / "data"
     overrides = {k.removeprefix("ORDERPIPE_").lower(): v for k, v in database_urls.items()}
     settings = Settings(data_dir=data_dir, **overrides)
-    samples = sample_orders(ORDERS, seed=11)
+    samples = sample_orders(ORDERS, seed=11, cancel_share=0.2)
     with Stack(settings, data_dir=data_dir, broker=stack_broker, extra_env=database_urls) as info:
         pids = dict(info.processes)
         quiet = Console(file=open(os.devnull, "w"))
@@ -73,8 +74,11 @@ def test_orders_flow_end_to_end(tmp_path: Path, database_urls: dict[str, str], s
         states = {oid: view["state"] for oid, view in final.items()}
         assert states == {oid: order.expected for oid, order in placed.items()}
         reserved = {oid for oid, order in placed.items() if order.expected == "COMPLETED"}
-        rejected = set(placed) - reserved
-        assert rejected, "the sample must include orders for the sold-out SKU"
+        cancelled = {oid for oid, order in placed.items() if order.expected == "CANCELLED"}
+        rejected = set(placed) - reserved - cancelled
+        assert rejected and cancelled, "the sample must include rejected and cancelled orders"
+        for oid in cancelled:
+            assert all(step["compensation"] == "done" for step in final[oid]["steps"].values()), final[oid]
         for oid in rejected:
             assert "SKU-OUT" in final[oid]["reason"]
             assert final[oid]["steps"]["invoice"]["state"] == "skipped"
@@ -86,9 +90,9 @@ def test_orders_flow_end_to_end(tmp_path: Path, database_urls: dict[str, str], s
         assert "COMPLETED" in cli.stdout
 
         _check_inventory(settings, placed, reserved)
-        _check_invoices(settings, info.data_dir, reserved)
-        _check_emails(settings, info.maildir, placed)
-        _check_analytics(settings, placed)
+        _check_invoices(settings, info.data_dir, reserved, cancelled)
+        _check_emails(settings, info.maildir, placed, cancelled)
+        _check_analytics(settings, {oid: order for oid, order in placed.items() if oid not in cancelled})
     for name, pid in pids.items():
         assert not _alive(pid), f"{name} (pid {pid}) still running after stop"
 
@@ -114,28 +118,41 @@ def _check_inventory(settings: Settings, placed, reserved: set[str]) -> None:
     assert levels["SKU-OUT"].reserved == 0
 
 
-def _check_invoices(settings: Settings, data_dir: Path, reserved: set[str]) -> None:
+def _check_invoices(settings: Settings, data_dir: Path, reserved: set[str], cancelled: set[str]) -> None:
+    """One invoice per reserved order, and per cancelled one that was invoiced before its
+    cancellation reached the invoice service; a credit note for exactly each of the latter."""
     engine = make_engine(settings.database_url("invoice"))
     with engine.connect() as conn:
         rows = conn.execute(select(invoices).order_by(invoices.c.number)).all()
+        notes = conn.execute(select(credit_notes).order_by(credit_notes.c.number)).all()
     engine.dispose()
-    assert {r.order_id for r in rows} == reserved, "exactly one invoice per reserved order, none for rejected"
-    assert [r.number for r in rows] == list(range(1, len(reserved) + 1)), "invoice numbers are gapless"
-    for r in rows:
+    invoiced = {r.order_id for r in rows}
+    assert invoiced - cancelled == reserved, "exactly one invoice per reserved order, none for rejected"
+    assert {n.order_id for n in notes} == invoiced & cancelled, "a credit note for each invoiced cancelled order"
+    assert [r.number for r in rows] == list(range(1, len(rows) + 1)), "invoice numbers are gapless"
+    assert [n.number for n in notes] == list(range(1, len(notes) + 1)), "credit note numbers are gapless"
+    number_of = {r.order_id: r.number for r in rows}
+    assert all(n.invoice_number == number_of[n.order_id] for n in notes)
+    for r in [*rows, *notes]:
         pdf = data_dir / "invoices" / r.pdf_path
         assert pdf.read_bytes().startswith(b"%PDF")
 
 
-def _check_emails(settings: Settings, maildir: Path, placed) -> None:
+def _check_emails(settings: Settings, maildir: Path, placed, cancelled: set[str]) -> None:
+    """One confirmation per order that stayed placed; one cancellation mail per cancelled order,
+    after at most one confirmation (none when the cancel reached e-mail first)."""
     received = read_maildir(maildir)
-    by_recipient = Counter(m["To"] for m in received)
-    assert sorted(by_recipient) == sorted(order.body["customer_email"] for order in placed.values())
-    assert set(by_recipient.values()) == {1}, "one e-mail per order"
+    confirmations = Counter(m["To"] for m in received if not m["Subject"].endswith(" is cancelled"))
+    cancellations = Counter(m["To"] for m in received if m["Subject"].endswith(" is cancelled"))
+    email_of = {oid: order.body["customer_email"] for oid, order in placed.items()}
+    assert cancellations == Counter(email_of[oid] for oid in cancelled), "one cancellation mail per cancelled order"
+    assert {email_of[oid] for oid in set(placed) - cancelled} <= set(confirmations)
+    assert set(confirmations.values()) == {1}, "at most one confirmation per order"
     engine = make_engine(settings.database_url("email"))
     with engine.connect() as conn:
         recorded = {r.message_id for r in conn.execute(select(sent_emails.c.message_id))}
     engine.dispose()
-    assert recorded == {m["Message-ID"] for m in received}
+    assert recorded == {m["Message-ID"] for m in received if not m["Subject"].endswith(" is cancelled")}
 
 
 def _check_analytics(settings: Settings, placed) -> None:
@@ -143,7 +160,7 @@ def _check_analytics(settings: Settings, placed) -> None:
     with engine.connect() as conn:
         orders, units, revenue = conn.execute(
             select(func.sum(per_minute.c.orders), func.sum(per_minute.c.units), func.sum(per_minute.c.revenue))).one()
-        sku_units = dict(conn.execute(select(per_sku.c.sku, per_sku.c.units)).all())
+        sku_units = dict(conn.execute(select(per_sku.c.sku, per_sku.c.units).where(per_sku.c.units != 0)).all())
     engine.dispose()
     bodies = [order.body for order in placed.values()]
     assert orders == len(placed)

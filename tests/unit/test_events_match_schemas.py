@@ -26,10 +26,12 @@ from services.runtime.events import (
     Event,
     InvoiceIssued,
     MissingStock,
+    OrderCancelled,
     OrderCreated,
     OrderLine,
     OrderRecorded,
     ReservedLine,
+    StepCompensated,
     StockRejected,
     StockReserved,
 )
@@ -167,6 +169,10 @@ SAMPLES: list[Event] = [
     InvoiceIssued(order_id="o-1", invoice_number="INV-000001", total=Decimal("53.30"), currency="EUR",
                   pdf_path="INV-000001.pdf", issued_at=AT),
     OrderRecorded(order_id="o-1", units=3, revenue=Decimal("-0.01"), currency="EUR", recorded_at=AT),
+    OrderCancelled(order_id="o-1", customer_id="c-1", customer_email="ada@example.com", reason="ordered twice",
+                   cancelled_at=AT),
+    StepCompensated(order_id="o-1", step="invoice", action="credit note CN-000001 for invoice INV-000001",
+                    document="CN-000001", compensated_at=AT),
 ]
 
 

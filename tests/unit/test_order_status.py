@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from services.runtime.codec import Codec, EmbeddedRegistry
-from streams.order_status.fold import Metrics, fold_until_done
+from streams.order_status.fold import STATUS_SCHEMA_VERSION, Metrics, fold_until_done, status_value
 from streams.order_status.status import (
     MAX_APPLIED_EVENT_IDS,
     STEP_DEAD_LETTERED,
@@ -166,8 +166,10 @@ def test_json_round_trip() -> None:
 def test_avro_record_matches_the_schema() -> None:
     codec = Codec(EmbeddedRegistry())
     status = fold(REJECTED_ORDER)
-    decoded = codec.decode(codec.encode("OrderStatus", status.to_avro()))
-    assert decoded.event_type == "OrderStatus" and decoded.schema_id == 7
+    decoded = codec.decode(status_value(codec, status))
+    # the version the envelope names (STATUS_SCHEMA_VERSION), whatever the registry's latest is
+    assert decoded.event_type == "OrderStatus" and decoded.schema_id == 11
+    assert codec.registry.by_id(decoded.schema_id).version == STATUS_SCHEMA_VERSION == 2
     record = decoded.record
     assert (record["order_id"], record["state"], record["reason"]) == (ORDER, "FAILED", status.reason)
     steps = {s["step"]: s for s in record["steps"]}
@@ -175,6 +177,7 @@ def test_avro_record_matches_the_schema() -> None:
         "inventory": "failed", "email": "done", "invoice": "skipped", "analytics": "done"}
     assert steps["invoice"]["updated_at"] == status.steps["invoice"].updated_at
     assert steps["inventory"]["detail"] == status.reason and steps["inventory"]["attempts"] == 1
+    assert all(s["compensation"] is None and s["compensation_detail"] is None for s in steps.values())
 
 
 # -- the failure path: retry and dead-letter copies, read by the group's x-group header -----------

@@ -262,12 +262,25 @@ def test_a_changed_decimal_scale_fails_although_the_avro_checker_allows_it(schem
         ("total", "decimal scale changed from 2 to 3: old amounts would be misread")] * 2
 
 
-def test_a_removed_enum_symbol_fails(schemas: Path):
-    add_version(schemas, "OrderStatus", lambda s: field_of(s, "state")["type"]["symbols"].remove("STALLED"))
+def _without_stalled(schema: dict, keep_default: bool) -> None:
+    state = field_of(schema, "state")["type"]
+    state["symbols"].remove("STALLED")
+    if not keep_default:
+        del state["default"]
 
-    [problem] = check_compatibility(schemas)
-    assert (problem.field, problem.reader_version, problem.writer_version) == ("state", 2, 1)
-    assert "STALLED" in problem.message
+
+def test_a_removed_enum_symbol_fails(schemas: Path):
+    add_version(schemas, "OrderStatus", lambda s: _without_stalled(s, keep_default=False))
+
+    problems = check_compatibility(schemas)
+    assert {(p.field, p.reader_version, p.writer_version) for p in problems} == {("state", 3, 1), ("state", 3, 2)}
+    assert all("STALLED" in p.message for p in problems)
+
+
+def test_a_removed_enum_symbol_is_read_as_the_enums_default(schemas: Path):
+    add_version(schemas, "OrderStatus", lambda s: _without_stalled(s, keep_default=True))
+
+    assert check_compatibility(schemas) == []  # v3 reads a STALLED written by v1 or v2 as PENDING
 
 
 def test_removing_a_field_or_adding_an_optional_one_is_backward_compatible(schemas: Path):

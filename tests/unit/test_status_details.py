@@ -157,7 +157,8 @@ def test_the_published_record_carries_each_step_last_error():
     status = fold(created(), (STEP_RETRYING, {"step": "email", "attempt": 1, "error": "SMTP: closed"}, "ev-r"))
     steps = {s["step"]: s for s in status.to_avro()["steps"]}
     assert steps["email"] == {"step": "email", "state": "retrying", "attempts": 1, "last_error": "SMTP: closed",
-                              "detail": None, "updated_at": at(1)}
+                              "detail": None, "updated_at": at(1), "compensation": None,
+                              "compensation_detail": None}
     assert steps["invoice"]["last_error"] is None
 
 

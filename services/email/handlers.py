@@ -57,7 +57,7 @@ def send_cancellation(event: OrderCancelled, uow: UnitOfWork) -> list[Event]:
     mail = cancellation_mail(event, uow.envelope.event_id, uow.deps.sender)
     uow.deps.mailer.send(mail)
     return compensated(uow, cancelled_orders, event.order_id,
-                       f"cancellation mail {mail.message_id} sent to {mail.recipient}")
+                       f"cancellation mail {mail.message_id} sent to {mail.recipient}", document=mail.message_id)
 
 
 HANDLERS = {OrderCreated: [send_confirmation], OrderCancelled: [send_cancellation]}

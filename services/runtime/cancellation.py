@@ -30,6 +30,7 @@ def cancelled_orders_table(metadata: MetaData) -> Table:
         "cancelled_orders", metadata,
         Column("order_id", String(64), primary_key=True),
         Column("compensation", String(ACTION_LIMIT), nullable=False),  # what the service did, in words
+        Column("document", String(255), nullable=True),  # what it issued: a credit note's number, a mail's Message-ID
         Column("compensated_at", DateTime(timezone=True), nullable=False),
     )
 
@@ -61,7 +62,7 @@ def compensated(uow: UnitOfWork, table: Table, order_id: str, action: str,
     """Record the compensation in the handler's transaction and return its StepCompensated;
     nothing when it was recorded before (then it had already been done)."""
     action = action[:ACTION_LIMIT]
-    if not insert_ignore(uow.conn, table, {"order_id": order_id, "compensation": action,
+    if not insert_ignore(uow.conn, table, {"order_id": order_id, "compensation": action, "document": document,
                                            "compensated_at": uow.now}):
         return []
     return [StepCompensated(order_id=order_id, step=uow.group, action=action, document=document,

@@ -103,7 +103,7 @@ class StepCompensated(Event):
 
     step: str
     action: str
-    document: str | None = None  # the number of a document it issued (a credit note)
+    document: str | None = None  # what it issued: a credit note's number, a cancellation mail's Message-ID
     compensated_at: datetime
 
 

@@ -3,10 +3,12 @@
 The whole pipeline runs as `orderpipe up` starts it (real broker, real SMTP sink), on SQLite and
 on PostgreSQL. While a few hundred orders flow, the orders relay and the inventory, email,
 invoice and analytics services are each SIGKILLed several times at random moments and restarted
-by the supervisor. Then, for every order: its final state; one invoice per reserved order and
-none for rejected ones, numbered without gaps; one e-mail per order by Message-ID (resends after
-a crash between the SMTP accept and the commit are counted and carry the same Message-ID);
-stock = initial - reserved; analytics totals = orders placed. And bounds on what a crash may
+by the supervisor; a fifth of the orders are cancelled meanwhile. Then, for every order: its
+final state; one invoice per reserved order and none for rejected ones, a credit note for each
+cancelled order that was invoiced, both numbered without gaps; one e-mail per order by
+Message-ID and one cancellation mail per cancelled order (resends after a crash between the
+SMTP accept and the commit are counted and carry the same Message-ID); stock = initial -
+reserved by the orders that stayed placed; analytics totals = those orders. And bounds on what a crash may
 cost: only mails a kill caught in flight are resent, every outbox is published, no dead letter,
 every group's committed offsets at the end of its inputs and retry topics. See `crash_harness.py`.
 

@@ -444,6 +444,7 @@ class ServiceConsumer:
                         outcome = "duplicate"
                     elif self._parked(conn, msg, p, now):
                         outcome = "held"  # its claim is given back below: it runs when released
+                        crash_point("held.after_park")
                     else:
                         fresh.discard(p.envelope.event_id)  # a second copy in this batch is a duplicate
                         outcome = self._handle_claimed(conn, msg, p, staged)
@@ -576,8 +577,10 @@ class ServiceConsumer:
                 if conn.execute(select(inbox.c.event_id).where(
                         inbox.c.group_name == self.group.name, inbox.c.event_id == p.envelope.event_id)).first():
                     return "duplicate"
-                if self._parked(conn, msg, p, utcnow()):
-                    return "held"
+                parked = self._parked(conn, msg, p, utcnow())
+            if parked:
+                crash_point("held.after_park")
+                return "held"
             with _LazyTransaction(self.engine, lambda c: insert_ignore(c, inbox, self._inbox_row(msg, p))) as tx:
                 try:
                     # reads before the transaction begins go to a connection of their own: this
@@ -765,7 +768,9 @@ class ServiceConsumer:
             if not finished:
                 self._maybe_releasing = True
         if failures:
+            crash_point("held.after_release_failure")
             self._deliver_copies(failures)
+            crash_point("held.after_release_copy_acked")
             self.held.copies_sent(self.engine, [f.message.event_id for f in failures
                                                 if isinstance(f.message, StoredMessage)])
 
@@ -791,6 +796,8 @@ class ServiceConsumer:
                 self._record_in_breaker("not run")  # a half-open breaker's probe goes back
                 raise
             self._record_in_breaker(step.outcome)
+            if step.outcome == "processed":
+                crash_point("held.after_release_commit")
             ran += step.ran
             if step.key_done:
                 return failures, ran, True

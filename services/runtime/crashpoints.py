@@ -30,6 +30,13 @@ POINTS = {
     "consumer.after_copies_produced": "retry and dead-letter copies produced, not acked yet",
     "consumer.after_copies_acked": "copies acked by the broker, offsets not stored",
     "consumer.after_offsets_stored": "offsets stored in the client, not committed to the broker",
+    # ordered retries per key, in the consumer loop (services/runtime/held.py)
+    "held.after_park": "an event stored behind its key's retried head (committed with several lanes; in the "
+                       "batch's open transaction with one lane), its offset not stored",
+    "held.after_release_commit": "a held event released: ran and committed, the key's next not started",
+    "held.after_release_failure": "a released event failed and is its key's head now (committed), its retry copy "
+                                  "not produced",
+    "held.after_release_copy_acked": "that retry copy acked by the broker, not yet marked sent in the database",
     # the outbox relays (services/runtime/outbox.py)
     "relay.after_produce": "outbox rows produced, not acked yet",
     "relay.after_ack": "rows acked by the broker, not marked published",

@@ -64,6 +64,7 @@ PARTITIONS = 3
 EMAIL_LANES = 8
 CONSUMER_POINTS = [p for p in POINTS if p.startswith("consumer.")]
 RELAY_POINTS = [p for p in POINTS if p.startswith("relay.")]
+HELD_POINTS = [p for p in POINTS if p.startswith("held.")]
 # The e-mail handler sends before its first statement, which begins the message's transaction
 # with the inbox claim: a kill at these points falls between an SMTP send and its commit, in
 # each lane at most once.
@@ -95,7 +96,8 @@ class Case:
         return f"{self.input_topic}.{self.group}.dlt"
 
 
-def _env(service: str, case: Case, bootstrap: str, smtp_port: int | None, crash_at: str | None) -> dict[str, str]:
+def _env(service: str, case: Case, bootstrap: str, smtp_port: int | None, crash_at: str | None,
+         extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
            "KAFKA_BOOTSTRAP_SERVERS": bootstrap, f"ORDERPIPE_{service.upper()}_DATABASE_URL": case.database_url,
            "ORDERPIPE_HEALTH_PORT": "0", "ORDERPIPE_LOG_JSON": "false", "ORDERPIPE_FETCH_WAIT_MAX_MS": "100",
@@ -104,15 +106,17 @@ def _env(service: str, case: Case, bootstrap: str, smtp_port: int | None, crash_
     if smtp_port:
         env.update(ORDERPIPE_SMTP_HOST="127.0.0.1", ORDERPIPE_SMTP_PORT=str(smtp_port))
     env.pop("ORDERPIPE_CRASH_AT", None)
+    env.update(extra or {})
     if crash_at:
         env["ORDERPIPE_CRASH_AT"] = crash_at
     return env
 
 
-def _start(service: str, case: Case, bootstrap: str, smtp_port: int | None, crash_at: str | None) -> None:
+def _start(service: str, case: Case, bootstrap: str, smtp_port: int | None, crash_at: str | None,
+           extra_env: dict[str, str] | None = None) -> None:
     with case.log.open("ab") as log:
         case.proc = subprocess.Popen([sys.executable, str(WORKER), service, case.group, "0.2"], cwd=REPO,
-                                     env=_env(service, case, bootstrap, smtp_port, crash_at),
+                                     env=_env(service, case, bootstrap, smtp_port, crash_at, extra_env),
                                      stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -153,12 +157,13 @@ def _inbox_ids(engine, group: str) -> set[str]:
 
 
 def _check_offsets_not_ahead(bootstrap: str, case: Case) -> None:
-    """After the kill: below each committed offset, every message's work is committed. Notes
-    whether the dead letter may be produced again after the restart."""
+    """After the kill: below each committed offset, every message's work is committed (or the
+    message is stored behind its key's retried head, ordered retries). Notes whether the dead
+    letter may be produced again after the restart."""
     committed = _committed(bootstrap, case)
     engine = make_engine(case.database_url)
     try:
-        done = _inbox_ids(engine, case.group) if _has_inbox(engine) else set()
+        done = _inbox_ids(engine, case.group) | _held_ids(engine, case.group) if _has_inbox(engine) else set()
     finally:
         engine.dispose()
     dead = {h.get(EVENT_ID) for *_, h in read_all(bootstrap, case.dlt_topic)}
@@ -168,6 +173,16 @@ def _check_offsets_not_ahead(bootstrap: str, case: Case) -> None:
             assert ok, f"{case.point}: offset {offset} of partition {partition} committed, its work is not"
         elif key == "undecodable":
             case.dead_letter_may_repeat = headers.get(EVENT_ID) in dead or case.point in COPY_MAY_BE_IN_FLIGHT
+
+
+def _held_ids(engine, group: str) -> set[str]:
+    from sqlalchemy import inspect
+
+    if not inspect(engine).has_table("held_events"):
+        return set()
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT event_id FROM held_events WHERE group_name = :g"), {"g": group}).all()
+    return {r.event_id for r in rows}
 
 
 def _has_inbox(engine) -> bool:
@@ -296,3 +311,135 @@ def test_email_killed_at_each_consumer_point(kafka_bootstrap, database_factory, 
         finally:
             engine.dispose()
         assert dict(rows) == dict.fromkeys(case.orders, 1), f"{case.point}: not one sent_emails row per order"
+
+
+# -- ordered retries per key: the held path --------------------------------------------------------
+
+EMAIL_FAIL_RATE = 0.5
+# Each order's two events (OrderCreated, then OrderCancelled, one key): the confirmation fails
+# first (its key is held, the cancel is stored behind it), then the cancellation mail goes through
+# at once, or fails too when it is released (it becomes the head). Message-IDs come from event
+# ids, and the injected failures from the Message-IDs, so the ids are chosen for each pattern.
+PATTERNS = [(True, False), (True, True), (False, False)]  # (confirmation fails, cancellation fails)
+
+
+def _event_id_that(fails: bool) -> str:
+    from services.email.faults import injected_failures
+    from services.email.mailer import message_id_for
+
+    while True:
+        event_id = new_event_id()
+        if injected_failures(message_id_for(event_id), EMAIL_FAIL_RATE) == (1 if fails else 0):
+            return event_id  # one failure at most: the worker's retry chain has one tier
+
+
+def _place_orders_and_cancels(bootstrap: str, case: Case) -> dict[str, str]:
+    """ORDERS orders, each created and then cancelled, and one undecodable message. The creates'
+    event ids go to `case.orders`; returns the cancels' (order id -> event id)."""
+    from services.runtime.events import OrderCancelled
+
+    producer = make_producer(settings_for(bootstrap))
+    cancels = {}
+    at = datetime.now(UTC).replace(microsecond=0)
+    for i in range(ORDERS):
+        order_id = str(uuid.uuid4())
+        create_fails, cancel_fails = PATTERNS[i % len(PATTERNS)]
+        created = OrderCreated(order_id=order_id, customer_id=f"c{i}", customer_email=f"c{i}@example.com",
+                               currency="EUR", lines=[OrderLine(sku="SKU-001", quantity=1, unit_price=Decimal("5"))],
+                               total=Decimal("5"), created_at=at)
+        cancelled = OrderCancelled(order_id=order_id, customer_id=f"c{i}", customer_email=f"c{i}@example.com",
+                                   cancelled_at=at)
+        ids = []
+        for event, fails in ((created, create_fails), (cancelled, cancel_fails)):
+            envelope = Envelope(_event_id_that(fails), event.event_type(), event.schema_version, order_id)
+            producer.produce(case.input_topic, key=order_id.encode(), headers=envelope.to_headers(),
+                             value=CODEC.encode(event.event_type(), event.model_dump(), event.schema_version))
+            ids.append(envelope.event_id)
+        case.orders[order_id], cancels[order_id] = ids
+        if i == ORDERS // 2:
+            producer.produce(case.input_topic, key=b"undecodable", value=b"\x00not avro at all",
+                             headers=[(EVENT_ID, new_event_id().encode())])
+    assert producer.flush(15) == 0
+    return cancels
+
+
+def test_email_killed_at_each_held_key_point(kafka_bootstrap, database_factory, tmp_path):
+    """Ordered retries' own gaps: an event stored behind its retried head, a released event
+    committed, a released event failed (made the head) before and after its retry copy. After
+    the restart every order has one confirmation and then one cancellation mail, in that order,
+    and nothing is left held."""
+    from services.email.mailer import message_id_for
+    from services.email.tables import cancelled_orders
+
+    faults = {"ORDERPIPE_EMAIL_FAIL_RATE": str(EMAIL_FAIL_RATE)}
+    with SmtpSink(tmp_path / "mail") as sink:
+        cases, cancels = [], {}
+        for point in HELD_POINTS:
+            case = Case(point, unique_name("cp-held"), database_factory(), {}, tmp_path / f"{point}.log")
+            topics = [case.input_topic, f"{case.input_topic}.{case.group}.retry.1", case.dlt_topic]
+            ensure_topics({"bootstrap.servers": kafka_bootstrap}, [TopicSpec(t, partitions=PARTITIONS) for t in topics])
+            cancels[point] = _place_orders_and_cancels(kafka_bootstrap, case)
+            cases.append(case)
+        for case in cases:
+            _start("email", case, kafka_bootstrap, sink.port, crash_at=case.point, extra_env=faults)
+        for case in cases:
+            try:
+                code = case.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                case.proc.kill()
+                raise AssertionError(f"{case.point} was never reached; see {case.log}") from None
+            assert code == -signal.SIGKILL, f"{case.point}: exited with {code}, not killed there; see {case.log}"
+            _check_offsets_not_ahead(kafka_bootstrap, case)
+        for case in cases:  # without the faults: a mail's injected failure would come again in a new process
+            _start("email", case, kafka_bootstrap, sink.port, crash_at=None)
+        try:
+            for case in cases:
+                engine = make_engine(case.database_url)
+                try:
+                    every_event = set(case.orders.values()) | set(cancels[case.point].values())
+
+                    def finished() -> bool:
+                        if _inbox_ids(engine, case.group) < every_event or _held_ids(engine, case.group):
+                            return False
+                        with engine.connect() as conn:
+                            unpublished = conn.execute(
+                                text("SELECT count(*) FROM outbox WHERE published_at IS NULL")).scalar_one()
+                            held_keys = conn.execute(text("SELECT count(*) FROM held_keys")).scalar_one()
+                        return unpublished == 0 and held_keys == 0
+
+                    wait_until(finished, timeout=120, what=f"{case.point}: every order mailed and released")
+                finally:
+                    engine.dispose()
+        finally:
+            for case in cases:
+                if case.proc.poll() is None:
+                    _stop(case)
+        mails = sink.messages()  # in arrival order
+
+    for case in cases:
+        committed, ends = _committed(kafka_bootstrap, case), Counter(p for p, *_ in read_all(kafka_bootstrap, case.input_topic))
+        assert committed == {p: ends[p] for p in range(PARTITIONS)}, f"{case.point}: input not consumed to its end"
+        confirmation = {order: message_id_for(event_id) for order, event_id in case.orders.items()}
+        cancellation = {order: message_id_for(event_id) for order, event_id in cancels[case.point].items()}
+        arrivals = [m["Message-ID"] for m in mails]
+        for order in case.orders:
+            assert confirmation[order] in arrivals and cancellation[order] in arrivals, f"{case.point}: {order}"
+            assert arrivals.index(confirmation[order]) < arrivals.index(cancellation[order]), \
+                f"{case.point}: order {order} got its cancellation mail before its confirmation"
+        mine = Counter(mid for mid in arrivals if mid in {*confirmation.values(), *cancellation.values()})
+        resends = sum(mine.values()) - len(mine)
+        # several lanes: other lanes may be between a send and its commit when one parks and is killed
+        allowed = EMAIL_LANES if case.point == "held.after_park" else 0
+        assert resends <= allowed, f"{case.point}: {resends} mails sent twice (at most {allowed})"
+        engine = make_engine(case.database_url)
+        try:
+            with engine.connect() as conn:
+                confirmed = dict(conn.execute(select(sent_emails.c.order_id, func.count())
+                                              .group_by(sent_emails.c.order_id)).all())
+                compensated = set(conn.execute(select(cancelled_orders.c.order_id)).scalars())
+        finally:
+            engine.dispose()
+        assert confirmed == dict.fromkeys(case.orders, 1), f"{case.point}: not one confirmation per order"
+        assert compensated == set(case.orders), f"{case.point}: not one cancellation per order"
+        dead = read_all(kafka_bootstrap, case.dlt_topic)
+        assert {key for _, _, key, _, _ in dead} == {"undecodable"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.inventory.catalog import CATALOG
 from services.orders.idempotency import KeyReused
-from services.orders.model import PlaceOrder
+from services.orders.model import CancelOrder, OrderCancelAccepted, PlaceOrder
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 SECTION = README.split("### Try the API by hand", 1)[1].split("\n### ", 1)[0]
@@ -33,3 +33,11 @@ def test_the_sku_table_is_the_catalog():
 def test_the_quoted_refusal_is_the_apis():
     quoted = str(KeyReused("3f1c9a2e-order-1"))
     assert quoted.replace(" ", "") in re.sub(r"\s+", "", SECTION)
+
+
+def test_the_cancel_example_is_valid_and_its_answer_has_the_apis_fields():
+    body = re.search(r"/cancel \\\n.*?-d '(\{.*?\})'", SECTION, re.S)[1]
+    assert CancelOrder.model_validate(json.loads(body)).reason == "ordered the wrong size"
+    answer = json.loads(re.search(r'^(\{"order_id":.*"already_cancelled":false\})$', SECTION, re.M)[1])
+    assert OrderCancelAccepted.model_validate(answer).already_cancelled is False
+    assert set(answer) == set(OrderCancelAccepted.model_fields)

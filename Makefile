@@ -22,7 +22,8 @@ up: install
 	$(VENV)/bin/orderpipe up
 
 # The unit tier once; the integration and e2e tiers once on each broker (BROKERS=kafka for one).
-# Apache Kafka is assembled from Maven Central on first use (needs Java 17+ and Maven).
+# Apache Kafka, and the Schema Registry of the login tests, are assembled from Maven Central on
+# first use (needs Java 17+ and Maven).
 BROKERS ?= embedded kafka
 test: install
 	$(PY) -m pytest tests/unit

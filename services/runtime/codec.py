@@ -17,6 +17,7 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -180,8 +181,11 @@ class ConfluentRegistry:
             self._client.get_subjects()
         except SchemaRegistryError as exc:
             if exc.http_status_code in (401, 403):
+                # A refusal without a JSON body (Apicurio's is empty) leaves confluent-kafka no message
+                # (error code -1, "Unknown Schema Registry Error: b''"): say what the status says.
+                reason = exc.error_message if exc.error_code != -1 else HTTPStatus(exc.http_status_code).phrase
                 raise RegistryRefused(
-                    f"the Schema Registry at {self.url} refused the login: {exc.error_message} "
+                    f"the Schema Registry at {self.url} refused the login: {reason} "
                     f"(HTTP {exc.http_status_code}; check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO)") from None
         except Exception:  # unreachable now: the lookups that need it retry
             pass

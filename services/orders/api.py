@@ -152,9 +152,7 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
         if idempotency_key is not None:
             request_print = fingerprint(CANCEL_ORDER, {"order_id": order_id, "reason": reason})
             if (first := first_answer(CANCEL_ORDER, idempotency_key, request_print)) is not None:
-                response.status_code = first.status_code
-                response.headers["Idempotent-Replayed"] = "true"
-                return OrderCancelAccepted(**first.body)
+                return replayed(response, first)
 
             def remember(conn, cancellation: Cancellation) -> None:  # in the cancellation's own transaction
                 keys.remember(conn, CANCEL_ORDER, idempotency_key, request_print,
@@ -163,20 +161,21 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
             cancellation = cancel_order(engine, codec, order_id, reason, also=remember)
         except UnknownOrder as exc:
             raise HTTPException(404, detail=str(exc)) from None
-        except IntegrityError:
-            # the same key's first request committed while this one ran
-            if idempotency_key is not None and (
-                    first := first_answer(CANCEL_ORDER, idempotency_key, request_print)) is not None:
-                response.status_code = first.status_code
-                response.headers["Idempotent-Replayed"] = "true"
-                return OrderCancelAccepted(**first.body)
-            raise
         except SQLAlchemyError as exc:
             raise database_down("cancellation", exc) from None
+        if cancellation.already and idempotency_key is not None and (
+                first := first_answer(CANCEL_ORDER, idempotency_key, request_print)) is not None:
+            return replayed(response, first)  # the same key's first request cancelled it while this one ran
         if cancellation.already:
             response.status_code = 200
         response.headers["Location"] = f"/orders/{order_id}"
         return cancelled(cancellation)
+
+    def replayed(response: Response, first: Answer) -> OrderCancelAccepted:
+        response.status_code = first.status_code
+        response.headers["Idempotent-Replayed"] = "true"
+        response.headers["Location"] = first.body["status_url"]
+        return OrderCancelAccepted(**first.body)
 
     def cancelled(cancellation: Cancellation) -> OrderCancelAccepted:
         return OrderCancelAccepted(order_id=cancellation.order_id, cancelled_at=_utc(cancellation.cancelled_at).isoformat(),

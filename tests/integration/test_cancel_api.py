@@ -114,3 +114,14 @@ def test_the_same_idempotency_key_gets_the_first_answer_and_another_request_a_42
         assert refused.status_code == 422
         assert "already used with a different request" in refused.json()["detail"]
     assert [e["order_id"] for e in cancelled_events(orders_engine)] == [order_id]
+
+
+def test_cancels_with_one_key_at_once_all_get_the_first_answer(api, orders_engine):
+    order_id = placed(api)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: cancel(api, order_id, {"reason": "twice"}, key="cancel-race"), range(16)))
+
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.text for a in answers}) == 1
+    assert sum("Idempotent-Replayed" not in a.headers for a in answers) == 1
+    assert len(cancelled_events(orders_engine)) == 1

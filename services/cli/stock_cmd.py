@@ -1,5 +1,5 @@
 """`orderpipe stock`: what inventory has, and putting stock in by hand (audited in inventory's
-own database: services/inventory/adjust.py).
+own database and published as StockAdjusted through inventory's outbox: services/inventory/adjust.py).
 
 Register with `app.add_typer(stock_cmd.app, name="stock")`.
 """
@@ -44,6 +44,25 @@ def _inventory_engine():
     return engine
 
 
+def _stock_adjusted_codec():
+    """The codec inventory's process encodes with (codec_from_settings: SCHEMA_REGISTRY_URL or the
+    embedded registry), with StockAdjusted's schema registered already: a registry that refuses
+    the login or does not answer ends the command here, before anything changes."""
+    from services.runtime.codec import RegistryRefused, codec_from_settings, without_userinfo
+    from services.runtime.events import StockAdjusted
+
+    settings = Settings()
+    try:
+        codec = codec_from_settings(settings)
+        codec.registry.version(StockAdjusted.event_type(), StockAdjusted.schema_version)
+    except RegistryRefused as exc:
+        fail(f"{exc}; nothing was changed")
+    except Exception as exc:  # noqa: BLE001 - unreachable, a timeout, an error answer: one line, no traceback
+        fail(f"the Schema Registry at {without_userinfo(settings.schema_registry_url or '')} did not register "
+             f"StockAdjusted ({type(exc).__name__}); nothing was changed; check SCHEMA_REGISTRY_URL")
+    return codec
+
+
 def _is_sku(text: str) -> bool:
     """What POST /orders accepts as a SKU (services/orders/model.py: Sku), so stock put in can be ordered."""
     from pydantic import TypeAdapter, ValidationError
@@ -64,7 +83,8 @@ def add(
     reason: Annotated[str, typer.Option("--reason", "-r", help="Why, for the audit trail, e.g. 'delivery 4711'.")],
 ) -> None:
     """Put QUANTITY units of SKU into stock: available at once to new orders, recorded with who,
-    from which host and why (`orderpipe stock history`)."""
+    from which host and why (`orderpipe stock history`), and published as StockAdjusted to
+    stock.adjusted by inventory's outbox relay (while inventory is not running, it waits there)."""
     from services.inventory.adjust import MAX_ADD, add_stock
     from services.ops.audit import operator
 
@@ -74,14 +94,16 @@ def add(
         fail(f"at most {MAX_ADD:,} units at a time")
     if not reason.strip() or len(reason) > 200:
         fail("--reason must say why, in 1 to 200 characters")
+    codec = _stock_adjusted_codec()
     engine = _inventory_engine()
     try:
         done = add_stock(engine, sku, quantity, reason=reason.strip(), operator=operator()[:100],
-                         host=socket.gethostname()[:255])
+                         host=socket.gethostname()[:255], codec=codec)
     finally:
         engine.dispose()
     console.print(f"{done.sku}: +{done.delta:,}, {done.available_after:,} available "
-                  f"(recorded for {done.operator}: {done.reason!r})", highlight=False)
+                  f"(recorded for {done.operator}: {done.reason!r}); StockAdjusted queued in inventory's outbox, "
+                  "published to stock.adjusted by inventory's relay", highlight=False, soft_wrap=True)
 
 
 @app.command("list")

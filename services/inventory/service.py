@@ -11,7 +11,7 @@ from services.inventory.handlers import HANDLERS
 from services.inventory.settings import InventorySettings
 from services.inventory.tables import metadata, stock
 from services.runtime.declaration import StatusStep, consumer_service
-from services.runtime.events import StepCompensated, StockRejected, StockReserved
+from services.runtime.events import StepCompensated, StockAdjusted, StockRejected, StockReserved
 from services.runtime.handler import Service
 from services.runtime.service_main import Runtime
 
@@ -32,7 +32,9 @@ def build(runtime: Runtime) -> Service:
 
 
 SERVICE = consumer_service(
-    "inventory", package_file=__file__, metadata=metadata, handlers=HANDLERS, emits=(StockReserved, StockRejected, StepCompensated),
+    "inventory", package_file=__file__, metadata=metadata, handlers=HANDLERS,
+    # StockAdjusted: not from a handler but from `orderpipe stock add` (adjust.py), through this outbox.
+    emits=(StockReserved, StockRejected, StepCompensated, StockAdjusted),
     build=build, settings=InventorySettings,
     # A rejected order fails as a whole: no step after it can make it succeed.
     step=StatusStep(done={"StockReserved": None}, failed={"StockRejected": "reason"}))

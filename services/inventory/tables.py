@@ -1,6 +1,7 @@
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table
 
 from services.runtime.cancellation import cancelled_orders_table
+from services.runtime.db import outbox_table
 
 metadata = MetaData()
 
@@ -21,6 +22,11 @@ reservations = Table(
     Column("quantity", Integer, nullable=False),
     Column("reserved_at", DateTime(timezone=True), nullable=False),
 )
+
+# The runtime's outbox (runtime_tables_v1, in 0001_initial), declared here rather than added by
+# the runtime so that `orderpipe stock add` (adjust.py) writes its StockAdjusted to the very table
+# the inventory process's relay publishes: `Service` and `service_metadata` reuse this one.
+outbox = outbox_table(metadata)
 
 # Every change of stock made by hand (`orderpipe stock add`), who and why: the audit trail.
 stock_adjustments = Table(

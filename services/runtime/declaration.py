@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import MetaData
 
 from services.runtime.contracts import EventContract, register
-from services.runtime.events import Event
+from services.runtime.events import BaseEvent, Event
 from services.runtime.handler import Handler, Service
 from services.runtime.topology import DEFAULT_RETRY_DELAYS_S, TOPIC_FOR_EVENT, ConsumerGroup
 
@@ -64,7 +64,7 @@ class ServiceDeclaration:
     migrations: Path  # its Alembic revisions
     processes: tuple[Process, ...]
     handlers: Mapping[type[Event], list[Handler]] = field(default_factory=dict)
-    emits: tuple[type[Event], ...] = ()
+    emits: tuple[type[BaseEvent], ...] = ()
     build: Callable[[Runtime], Service] | None = None  # a consumer's Service, from its process's Runtime
     retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
     step: StatusStep | None = None
@@ -85,7 +85,7 @@ class ServiceDeclaration:
 
 
 def consumer_service(name: str, *, package_file: str, metadata: MetaData,
-                     handlers: Mapping[type[Event], list[Handler]], emits: tuple[type[Event], ...],
+                     handlers: Mapping[type[Event], list[Handler]], emits: tuple[type[BaseEvent], ...],
                      build: Callable[[Runtime], Service], step: StatusStep | None = None,
                      settings: type[ServiceSettings] | None = None, events: tuple[EventContract, ...] = (),
                      retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S) -> ServiceDeclaration:

@@ -1,7 +1,8 @@
 """Envelope headers carried by every message we produce.
 
 The event id is the dedup key everywhere (inbox rows, Message-IDs); the correlation id is the
-order id; the causation id is the event id of the message that caused this one.
+order id (a StockAdjusted's: its SKU, the event's key); the causation id is the event id of the
+message that caused this one.
 """
 
 from __future__ import annotations

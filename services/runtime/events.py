@@ -14,17 +14,36 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class Event(BaseModel):
-    """Base of every event. `schema_version` is the version this code writes."""
+class BaseEvent(BaseModel):
+    """Base of every event. `schema_version` is the version this code writes; `key()` is the
+    aggregate id, the outbox row's `aggregateid` and so the Kafka key (what the topic's
+    `TopicSpec.key` names), and `aggregate_type` the outbox row's `aggregatetype`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     schema_version: ClassVar[int] = 1
-
-    order_id: str
+    aggregate_type: ClassVar[str]
 
     @classmethod
     def event_type(cls) -> str:
         return cls.__name__
+
+    def key(self) -> str:
+        raise NotImplementedError
+
+
+class Event(BaseEvent):
+    """An event about one order, keyed by its order id: every event but inventory's StockAdjusted,
+    and what services' own event types (services/runtime/contracts.py) extend.
+
+    `order_id` lives here rather than on BaseEvent so that an event about something else (a SKU)
+    need not carry one, while every order event, and every plugin's, keeps it unchanged."""
+
+    aggregate_type: ClassVar[str] = "order"
+
+    order_id: str
+
+    def key(self) -> str:
+        return self.order_id
 
 
 class OrderLine(BaseModel):
@@ -107,12 +126,29 @@ class StepCompensated(Event):
     compensated_at: datetime
 
 
+class StockAdjusted(BaseEvent):
+    """Stock put in by hand (`orderpipe stock add`), from inventory's outbox: about a SKU, not an
+    order, so keyed by the SKU (every change of one SKU on one partition, in order)."""
+
+    aggregate_type: ClassVar[str] = "stock"
+
+    sku: str
+    delta: int
+    available_after: int
+    reason: str
+    operator: str
+    adjusted_at: datetime
+
+    def key(self) -> str:
+        return self.sku
+
+
 # Every event type by name; a service's own ones join it when its declaration registers them
 # (services/runtime/contracts.py).
-EVENT_TYPES: dict[str, type[Event]] = {
+EVENT_TYPES: dict[str, type[BaseEvent]] = {
     cls.__name__: cls
     for cls in (OrderCreated, StockReserved, StockRejected, ConfirmationEmailSent, InvoiceIssued, OrderRecorded,
-                OrderCancelled, StepCompensated)
+                OrderCancelled, StepCompensated, StockAdjusted)
 }
 
 # Consumers read every event as the schema version their model was built on (Avro resolution),

@@ -28,7 +28,7 @@ from services.runtime.codec import Codec
 from services.runtime.crashpoints import crash_point
 from services.runtime.db import utcnow
 from services.runtime.envelope import Envelope
-from services.runtime.events import Event
+from services.runtime.events import BaseEvent
 from services.runtime.kafka import raise_if_denied
 from services.runtime.lag import OUTBOX_BACKLOG
 from services.runtime.topology import TOPIC_FOR_EVENT
@@ -36,12 +36,13 @@ from services.runtime.topology import TOPIC_FOR_EVENT
 log = logging.getLogger(__name__)
 
 
-def outbox_row(codec: Codec, event: Event, envelope: Envelope) -> dict[str, Any]:
-    """The outbox row (Debezium's outbox columns plus headers and created_at) for one event."""
+def outbox_row(codec: Codec, event: BaseEvent, envelope: Envelope) -> dict[str, Any]:
+    """The outbox row (Debezium's outbox columns plus headers and created_at) for one event;
+    its aggregate id, the Kafka key, is `event.key()`: the order id, a StockAdjusted's SKU."""
     return {
         "id": envelope.event_id,
-        "aggregatetype": "order",
-        "aggregateid": event.order_id,
+        "aggregatetype": event.aggregate_type,
+        "aggregateid": event.key(),
         "type": envelope.event_type,
         "topic": TOPIC_FOR_EVENT[envelope.event_type],
         "payload": codec.encode(envelope.event_type, event.model_dump(), envelope.schema_version),
@@ -50,7 +51,7 @@ def outbox_row(codec: Codec, event: Event, envelope: Envelope) -> dict[str, Any]
     }
 
 
-def add_event(conn: Connection, outbox: Table, codec: Codec, event: Event, envelope: Envelope) -> None:
+def add_event(conn: Connection, outbox: Table, codec: Codec, event: BaseEvent, envelope: Envelope) -> None:
     """Stage an event for publication inside the caller's transaction."""
     add_rows(conn, outbox, [outbox_row(codec, event, envelope)])
 
@@ -78,7 +79,8 @@ class LeadershipLost(RuntimeError):
 
 
 class OutboxRelay:
-    """Publishes unpublished outbox rows in `seq` order, key = aggregate id (the order id).
+    """Publishes unpublished outbox rows in `seq` order, key = aggregate id (the order id; a
+    StockAdjusted's SKU).
 
     It selects every unpublished row rather than "rows after the last seq I saw", so a row
     whose transaction commits late (a lower seq committing after a higher one) is never skipped.

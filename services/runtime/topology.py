@@ -25,6 +25,7 @@ ANALYTICS_RECORDED = "analytics.recorded"
 ORDERS_STATUS = "orders.status"
 ORDERS_CANCELLED = "orders.cancelled"
 ORDERS_COMPENSATED = "orders.compensated"
+STOCK_ADJUSTED = "stock.adjusted"
 # Operators' record of every dead-letter replay and purge (JSON, one partition: one total order).
 AUDIT = "orderpipe.audit"
 
@@ -90,6 +91,9 @@ EVENT_TOPICS: list[TopicSpec] = [
               doc="Every cancelled order (at most one event per order)."),
     TopicSpec(ORDERS_COMPENSATED, event_types=("StepCompensated",),
               doc="What each service undid for a cancelled order: one event per service and order."),
+    # Not an order's topic: keyed by SKU. The order-status view reads it with the others and skips it.
+    TopicSpec(STOCK_ADJUSTED, key="sku", event_types=("StockAdjusted",),
+              doc="Stock put in by hand (`orderpipe stock add`): one event per addition, with its audit record."),
     TopicSpec(ORDERS_STATUS, cleanup_policy="compact", event_types=("OrderStatus",), writer="order-status (Faust)",
               doc="The latest status of every order (compacted, keyed by order id)."),
 ]

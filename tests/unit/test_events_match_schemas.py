@@ -32,6 +32,7 @@ from services.runtime.events import (
     OrderRecorded,
     ReservedLine,
     StepCompensated,
+    StockAdjusted,
     StockRejected,
     StockReserved,
 )
@@ -173,6 +174,8 @@ SAMPLES: list[Event] = [
                    cancelled_at=AT),
     StepCompensated(order_id="o-1", step="invoice", action="credit note CN-000001 for invoice INV-000001",
                     document="CN-000001", compensated_at=AT),
+    StockAdjusted(sku="SKU-1", delta=500, available_after=1_000_500, reason="delivery 4711", operator="ops-alice",
+                  adjusted_at=AT),
 ]
 
 

@@ -122,6 +122,19 @@ def test_apply_event_skips_what_it_cannot_read() -> None:
     assert table == {}
 
 
+def test_apply_event_skips_a_stock_adjustment_quietly(caplog) -> None:
+    """stock.adjusted is an event topic the view reads, but keyed by SKU and with no order_id:
+    skipped as an event type the view does not fold, before the key check could warn about it."""
+    adjusted = {"sku": "SKU-1", "delta": 5, "available_after": 9, "reason": "delivery", "operator": "ops",
+                "adjusted_at": T0}
+    headers = {k: v.decode() for k, v in Envelope("ev-adjusted", "StockAdjusted", 1, "SKU-1").to_headers()}
+    table: dict = {}
+    with caplog.at_level("DEBUG", logger="orderpipe.order_status"):
+        assert apply_event(message("stock.adjusted", 0, CODEC.encode("StockAdjusted", adjusted), headers, key="SKU-1"),
+                           CODEC, table) is None
+    assert table == {} and caplog.records == []
+
+
 def test_alerts_are_counted_once_per_transition() -> None:
     table: dict = {}
     metrics = Metrics()

@@ -9,7 +9,8 @@ Promises pinned here:
   dropped; the inbox claims return exactly the new keys, also for batches larger than one
   statement's parameter limit; other dialects are refused by name;
 - `outbox_row`: Debezium's `aggregatetype` is "order", and the payload is written in the envelope's
-  schema version (not the latest);
+  schema version (not the latest); a StockAdjusted is a "stock" aggregate whose id (the Kafka key)
+  is its SKU;
 - `OutboxRelay.publish_batch`: publishes at most `batch_size` (500) rows per batch with topic, key,
   value and headers from the row; reports the count to `on_published`; a flush waits at most 30 s in
   5 s slices, sampling the backlog gauge at most every 5 s meanwhile; a failed delivery names the
@@ -24,7 +25,7 @@ Promises pinned here:
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import KafkaError
@@ -38,7 +39,7 @@ from services.runtime.bulk import BulkInsert
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.db import inbox_table, make_engine, outbox_table, utcnow
 from services.runtime.envelope import Envelope, new_event_id
-from services.runtime.events import OrderCreated
+from services.runtime.events import OrderCreated, StockAdjusted
 from services.runtime.handler import INBOX_ROW_COLUMNS
 from services.runtime.outbox import OUTBOX_ROW_COLUMNS, DeliveryFailed, OutboxRelay, outbox_row
 from test_injected_failures import order_created, order_recorded, stage_outbox_row
@@ -192,6 +193,14 @@ def test_an_outbox_row_is_an_order_aggregate_written_in_the_envelope_schema_vers
     decoded = CODEC.decode(row["payload"])
     assert decoded.schema_id == CODEC.registry.version("OrderCreated", 1).id
     assert OrderCreated.schema_version == 2  # so the version above is not just the latest
+
+
+def test_a_stock_adjustment_is_a_stock_aggregate_keyed_by_its_sku():
+    event = StockAdjusted(sku="SKU-9", delta=5, available_after=7, reason="delivery", operator="ops",
+                          adjusted_at=datetime(2026, 1, 2, tzinfo=UTC))
+    row = outbox_row(CODEC, event, Envelope("e-2", "StockAdjusted", 1, "SKU-9"))
+    assert (row["aggregatetype"], row["aggregateid"], row["topic"]) == ("stock", "SKU-9", "stock.adjusted")
+    assert StockAdjusted.model_validate(CODEC.decode(row["payload"]).record) == event
 
 
 # -- the relay ----------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ $(MUTATE_VENV)/.installed: pyproject.toml
 clean:
 	rm -rf .data build *.egg-info .pytest_cache mutants
 
-# `make bench`: the benchmark on the embedded broker (~20 min; BENCH_ARGS=--quick for ~4,
+# `make bench`: the benchmark on the embedded broker (~20 min; BENCH_ARGS=--quick for ~6,
 # BENCH_ARGS='--soak 300' for the 5-minute memory check), BENCH_ARGS='--broker kafka' on a local
 # Apache Kafka (Java 17+ and Maven). Writes bench/results/ (latest.json, latest-kafka.json).
 .PHONY: bench

@@ -35,6 +35,8 @@ class Sizes:
     e2e_sustainable_seconds: float = 60  # (d) at half the capacity (the soak length with --soak)
     e2e_concurrency: int = 32  # (d) requests in flight during the capacity phase
     recovery_orders: int = 100_000
+    ordering_orders: int = 10_000  # (f) orders of 3 events each per ordered-retries case
+    ordering_rounds: int = 3       # (f) each case this often, on and off alternating; the best counts
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,11 +46,13 @@ PROFILES: dict[str, Sizes] = {
     # Seconds, not minutes: proves every section runs and writes numbers (tests, CI).
     "smoke": Sizes(raw_messages=2_000, relay_rows=300, consumer_messages=1_500, naive_messages=60,
                    e2e_rate=20, e2e_seconds=3, e2e_capacity_orders=60, e2e_concurrency=8,
-                   e2e_sustainable_seconds=3, recovery_orders=300),
+                   e2e_sustainable_seconds=3, recovery_orders=300, ordering_orders=300,
+                   ordering_rounds=1),
     # raw_messages as in "full": 50,000 took 0.05 to 0.1 s, too short a window for a stable ceiling.
     "quick": Sizes(raw_messages=300_000, relay_rows=10_000, consumer_messages=5_000, naive_messages=500,
                    e2e_rate=250, e2e_seconds=10, e2e_capacity_orders=1_500, e2e_sustainable_seconds=20,
-                   recovery_orders=10_000),
+                   recovery_orders=10_000, ordering_orders=3_000,
+                   ordering_rounds=2),
     "full": Sizes(raw_messages=300_000, relay_rows=30_000, consumer_messages=20_000, naive_messages=2_000,
                   e2e_rate=250, e2e_seconds=20, e2e_capacity_orders=5_000, e2e_sustainable_seconds=60),
 }

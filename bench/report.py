@@ -52,6 +52,10 @@ def rows(result: dict) -> list[dict]:
         for effect, fig in cases.items():
             if "per_s" in fig:
                 add("e", f"naive (1 tx + 1 commit per msg), {db}, {effect}", fig, "events/s", "raw consume", consume)
+    for db, cases in result.get("ordering", {}).items():
+        for name, fig in cases.items():
+            if "per_s" in fig:
+                add("f", f"ordering per key, {db}, no-op, {name}", fig, "events/s", "raw consume", consume)
     cap = result.get("e2e", {}).get("capacity", {})
     if cap:
         add("d", "end to end, POST accepted", {}, "orders/s", "raw produce", produce, cap["post_per_s"])
@@ -81,6 +85,30 @@ def targets(result: dict) -> list[dict]:
             if e2e["latency"].get("overloaded"):
                 note += " (above the measured capacity)"
         out.append({"key": key, "label": label, "target": target, "value": value, "met": met, "note": note})
+    return out
+
+
+def ordering_costs(result: dict) -> dict:
+    """Per database, what ordered retries per key cost (section f): the throughput with them on
+    over the throughput with them off, without failures and with them, and what ordering did
+    when events failed (held with it on; out of order without it)."""
+    from bench.ordering import CASES, case_name  # the case names the section writes
+
+    out = {}
+    for db, cases in result.get("ordering", {}).items():
+        on, off, on_failing, off_failing = (cases.get(case_name(o, f), {}) for o, f in CASES)
+
+        def ratio(a, b, key="per_s"):
+            return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
+
+        out[db] = {"no_failures_on_off": ratio(on, off), "failures_on_off": ratio(on_failing, off_failing),
+                   "no_failures_on_off_cpu": ratio(on, off, "per_cpu_s"),
+                   "failures_on_off_cpu": ratio(on_failing, off_failing, "per_cpu_s"),
+                   "rounds": on.get("rounds", 1), "events_per_order": on_failing.get("events_per_order"),
+                   "failing_orders": on_failing.get("failing_orders"), "orders": on_failing.get("orders"),
+                   "retry_delay_s": on_failing.get("retry_delay_s"), "held": on_failing.get("held"),
+                   "out_of_order_on": on_failing.get("out_of_order"),
+                   "out_of_order_off": off_failing.get("out_of_order")}
     return out
 
 
@@ -140,6 +168,20 @@ def print_report(result: dict, console: Console | None = None) -> None:
         batched = result.get("consumer", {}).get(d, {}).get("noop", {}).get("per_s")
         if noop and batched:
             console.print(f"batching buys x{batched / noop:.1f} on {d} (no-op effect)")
+    for d, cost in (result.get("ordering_cost") or ordering_costs(result)).items():
+        if cost["no_failures_on_off"] and cost["failures_on_off"]:
+            cpu = {k: "" if cost.get(f"{k}_cpu") is None else f" (x{cost[f'{k}_cpu']:.2f} per CPU-second)"
+                   for k in ("no_failures_on_off", "failures_on_off")}
+            console.print(
+                f"ordering per key costs on {d} (no-op service, {cost['events_per_order']} events per order; "
+                f"throughput with ordered_retries on / off, best of {cost['rounds']} round"
+                f"{'s' if cost['rounds'] != 1 else ''}): x{cost['no_failures_on_off']:.2f}"
+                f"{cpu['no_failures_on_off']} when nothing fails, the lookup of each batch's held keys; "
+                f"x{cost['failures_on_off']:.2f}{cpu['failures_on_off']} over the whole run when "
+                f"{cost['failing_orders']:,} of {cost['orders']:,} orders fail once and are retried after "
+                f"{cost['retry_delay_s']:g} s, the cost of holding {cost['held']:,} later events in the database "
+                f"and releasing them one transaction each ({cost['out_of_order_on']} ran out of order; with it off "
+                f"{cost['out_of_order_off']:,} ran before their order's failed event)")
     rec = result.get("recovery")
     if rec:
         if rec.get("available"):
@@ -181,7 +223,7 @@ def write_chart(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(20, 7), gridspec_kw={"width_ratios": [2.2, 0.8, 1.4]})
 
     ax = axes[0]
-    colors = {"a": "#555555", "b": "#1f77b4", "c": "#2ca02c", "d": "#d62728", "e": "#ff7f0e"}
+    colors = {"a": "#555555", "b": "#1f77b4", "c": "#2ca02c", "d": "#d62728", "e": "#ff7f0e", "f": "#9467bd"}
     labels = [r["what"] + (f"  ({_pct(r['ratio'])} of raw)" if r["ratio"] else "") for r in tput]
     ax.barh(range(len(tput)), [r["value"] for r in tput], color=[colors[r["section"]] for r in tput])
     ax.set_yticks(range(len(tput)), labels, fontsize=8)
@@ -190,7 +232,8 @@ def write_chart(result: dict, path: Path) -> None:
     ax.set_xlabel("per second (log scale)")
     for i, r in enumerate(tput):
         ax.text(r["value"], i, f" {r['value']:,.0f}", va="center", fontsize=7)
-    ax.set_title("throughput: (a) raw client, (b) relay, (c) idempotent consumer, (e) naive, (d) end to end",
+    ax.set_title("throughput: (a) raw client, (b) relay, (c) idempotent consumer, (e) naive, "
+                 "(f) ordered retries on/off, (d) end to end",
                  fontsize=9)
 
     ax = axes[1]

@@ -2,11 +2,12 @@
 
 Sections (all in one run, on one kind of local broker throughout: `--broker embedded`, Tansu in
 memory, the default, or `--broker kafka`, Apache Kafka on one KRaft node; a fresh instance for
-a-c/e, one for d, one for recovery, so no section pays for another's data):
+a-c/e/f, one for d, one for recovery, so no section pays for another's data):
   raw       (a) confluent-kafka produce and consume: the ceiling
   relay     (b) outbox rows -> broker acks (OutboxRelay.publish_batch), SQLite and PostgreSQL
   consumer  (c) the real ServiceConsumer, SQLite and PostgreSQL, no-op and real effects
   naive     (e) one transaction and one offset commit per message
+  ordering  (f) what ordering per key costs: ordered retries on vs off, without and with failures
   e2e       (d) the whole pipeline (Stack): orders/s POST to COMPLETED, latency, memory
   recovery      order-status recovery time, when streams.order_status offers a function for it
 Writes bench/results/bench-<timestamp>.json and .png, and latest.json / latest.png; on Apache
@@ -27,15 +28,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench import consumers, e2e, raw, recovery, relay
+from bench import consumers, e2e, ordering, raw, recovery, relay
 from bench.common import (BROKERS, DEFAULT_POSTGRES_URL, OutsideCpu, broker_cpu_clock, broker_meta,
                           client_settings, machine_info, postgres_reachable, results_suffix, scratch_postgres,
                           sizes_for)
-from bench.report import print_report, rows, targets, write_chart, write_json
+from bench.report import ordering_costs, print_report, rows, targets, write_chart, write_json
 from services.tools.brokers import BrokerUnavailable, local_broker
 from services.runtime.settings import Settings
 
-SECTIONS = ("raw", "relay", "consumer", "naive", "e2e", "recovery")
+SECTIONS = ("raw", "relay", "consumer", "naive", "ordering", "e2e", "recovery")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 EFFECTS = ("noop", "analytics", "inventory")
 WARM_UP_MESSAGES = 50_000  # before the sections on a fresh broker (a JVM's JIT); at most raw_messages
@@ -109,7 +110,7 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
     log(f"broker: {result['meta']['broker']['description']}")
     outside = OutsideCpu()
     outside.mark("start")
-    needs_broker = {"raw", "relay", "consumer", "naive"} & set(sections)
+    needs_broker = {"raw", "relay", "consumer", "naive", "ordering"} & set(sections)
     try:
         if needs_broker:
             local = local_broker(broker, workdir / "broker")
@@ -167,6 +168,23 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
                             (out_dir / f"{name}.txt").write_text(profiler.output_text(unicode=False, color=False))
                             (out_dir / f"{name}.html").write_text(profiler.output_html())
                             profiles[name] = str(out_dir / f"{name}.txt")
+                if "ordering" in sections:
+                    log(f"(f) ordered retries per key: pre-producing {sizes.ordering_orders:,} orders of "
+                        f"{ordering.EVENTS_PER_ORDER} events each")
+                    feed = ordering.produce_feed(settings, sizes.ordering_orders)
+                    result["ordering"] = {}
+                    for db in databases:
+                        runs: dict[str, list[dict]] = {}
+                        for n in range(sizes.ordering_rounds):
+                            for ordered, failing in ordering.cases(n):
+                                name = ordering.case_name(ordered, failing)
+                                log(f"(f) {name} on {db}, round {n + 1} of {sizes.ordering_rounds}: "
+                                    f"{len(feed.events):,} events")
+                                with db_url(db, "ordering") as url:
+                                    runs.setdefault(name, []).append(ordering.run_case(
+                                        settings, feed, url, ordered=ordered, failures=failing,
+                                        broker_cpu=broker_cpu))
+                        result["ordering"][db] = {name: ordering.best(figs) for name, figs in runs.items()}
             finally:
                 gc.collect()  # the sections' leftover clients go first: no reconnect noise once it stops
                 local.stop()
@@ -185,11 +203,14 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
 
     result["rows"] = rows(result)
     result["targets"] = targets(result)
+    if "ordering" in result:
+        result["ordering_cost"] = ordering_costs(result)
     result["meta"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["meta"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     # what other work used meanwhile, in cores: the load average counts the bench's own processes
     result["meta"]["outside_cpu_cores"] = {
         "whole_run": outside.cores("start", "recovery_end"),
+        # the broker sections, ordering (f) included (key kept as older results have it)
         "raw_relay_consumer_naive": outside.cores("start", "clients_end") if needs_broker else None,
         "e2e": outside.cores("clients_end", "e2e_end") if "e2e" in sections else None,
         "recovery": outside.cores("e2e_end", "recovery_end") if "recovery" in sections else None}
@@ -236,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--note", default=None, help="added to the machine note in the results")
     parser.add_argument("--rate", type=float, default=None, help="offered load of the latency phase, orders/s")
     parser.add_argument("--consumer-messages", type=int, default=None)
+    parser.add_argument("--ordering-orders", type=int, default=None,
+                        help="orders (3 events each) per ordered-retries case (10,000 in the full run)")
     parser.add_argument("--recovery-orders", type=int, default=None,
                         help="orders in the order-status recovery section (100,000 in the full run)")
     args = parser.parse_args(argv)
@@ -246,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_bench(profile=args.profile or "full", out_dir=args.out, soak=args.soak, sections=sections,
                   postgres_url=args.postgres_url, profile_hot=args.profile_hot, note=args.note, broker=args.broker,
-                  e2e_rate=args.rate, consumer_messages=args.consumer_messages, recovery_orders=args.recovery_orders)
+                  e2e_rate=args.rate, consumer_messages=args.consumer_messages, recovery_orders=args.recovery_orders,
+                  ordering_orders=args.ordering_orders)
     except BrokerUnavailable as exc:  # no Java or Maven for --broker kafka, a port taken: one line
         parser.exit(1, f"error: {exc}\n")
 

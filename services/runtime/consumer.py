@@ -756,12 +756,13 @@ class ServiceConsumer:
         heads = self.held.heads_without_copy(self.engine, assigned)
         failures = [Failure(h, RuntimeError("held event failed on release; its retry copy was not acked"), "")
                     for h in heads]
+        released = BatchResult()  # counted like a batch's messages (totals and metrics)
         for key in self.held.releasing(self.engine, assigned):
             budget = self._admission()[0]  # released events count against the breaker and the rate limit
             if budget == 0:
                 self._maybe_releasing = True  # go on at the next turn of the loop
                 break
-            key_failures, ran, finished = self._release_key(key, budget)
+            key_failures, ran, finished = self._release_key(key, budget, released)
             failures += key_failures
             if self.limiter and ran:
                 self.limiter.record(ran)
@@ -769,10 +770,11 @@ class ServiceConsumer:
                 self._maybe_releasing = True
         if failures:
             crash_point("held.after_release_failure")
-            self._deliver_copies(failures)
+            released.retried, released.dead_lettered = self._deliver_copies(failures)
             crash_point("held.after_release_copy_acked")
             self.held.copies_sent(self.engine, [f.message.event_id for f in failures
                                                 if isinstance(f.message, StoredMessage)])
+        self._add_totals(released)
 
     def _measure_held(self) -> None:
         keys, events, oldest = self.held.stats(self.engine)
@@ -782,7 +784,7 @@ class ServiceConsumer:
         age = (utcnow() - (oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC))).total_seconds() if oldest else 0
         metrics.HELD_OLDEST_SECONDS.labels(g).set(max(0.0, age))
 
-    def _release_key(self, key: str, budget: int) -> tuple[list[Failure], int, bool]:
+    def _release_key(self, key: str, budget: int, released: BatchResult) -> tuple[list[Failure], int, bool]:
         """The key's held events, one transaction each, until none is left (the key flows again),
         one fails and is retried (it is the key's head now), or `budget` events ran or the
         breaker says stop (the rest go on later). Returns the failures to route, how many events
@@ -797,7 +799,10 @@ class ServiceConsumer:
                 raise
             self._record_in_breaker(step.outcome)
             if step.outcome == "processed":
+                released.processed += 1
                 crash_point("held.after_release_commit")
+            elif step.outcome == "duplicate":
+                released.duplicates += 1
             ran += step.ran
             if step.key_done:
                 return failures, ran, True

@@ -30,6 +30,7 @@ def _positive(fig: dict, *keys: str) -> None:
 
 def test_bench_smoke_writes_every_section(tmp_path, monkeypatch, stack_broker):
     from bench.common import postgres_reachable
+    from bench.ordering import CASES, case_name
     from bench.run import SECTIONS, run_bench
 
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)  # the bench starts brokers of its own
@@ -58,6 +59,11 @@ def test_bench_smoke_writes_every_section(tmp_path, monkeypatch, stack_broker):
         for case in ("noop", "analytics", "inventory", "noop + relay thread"):
             _positive(result["consumer"][db][case], "count", "per_s", "per_cpu_s")
         _positive(result["naive"][db]["noop"], "count", "per_s")
+        for ordered, failing in CASES:  # (f) ordered retries on and off, without and with failures
+            _positive(result["ordering"][db][case_name(ordered, failing)], "count", "per_s", "per_cpu_s")
+        cost = result["ordering_cost"][db]
+        _positive(cost, "no_failures_on_off", "failures_on_off", "held")
+        assert cost["out_of_order_on"] == 0 and cost["out_of_order_off"] > 0, cost  # what ordering buys
 
     e2e = result["e2e"]
     assert e2e["broker"] == stack_broker
@@ -97,3 +103,4 @@ def test_bench_smoke_writes_every_section(tmp_path, monkeypatch, stack_broker):
     else:
         assert any("chart" in s for s in result["skipped"])
     assert "targets" in out.getvalue()  # the table was printed
+    assert "ordering per key costs on sqlite" in out.getvalue()

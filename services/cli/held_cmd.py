@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.dlt_cmd import fail, ops_errors
+from services.ops.errors import database_problem
 from services.runtime.settings import Settings
 
 app = typer.Typer(help="Keys held by ordered retries: list them, release one.", no_args_is_help=True)
@@ -52,7 +53,7 @@ def list_held(
         try:
             rows += [{"group": name, **r} for r in HeldKeys.of_group(name).summary(engine)]
         except SQLAlchemyError as exc:  # not migrated yet, or unreachable: say so and go on
-            reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:150]
+            reason = database_problem(exc)
             err.print(f"[yellow]{name}:[/] cannot read its held keys ({reason}); run `orderpipe db upgrade "
                       f"{name}` or check ORDERPIPE_{name.upper()}_DATABASE_URL", highlight=False, soft_wrap=True)
         finally:
@@ -92,10 +93,11 @@ def release(
     try:
         was = HeldKeys.of_group(group).release(engine, key)
     except SQLAlchemyError as exc:
-        fail(f"cannot read group {group}'s held keys ({' '.join(str(getattr(exc, 'orig', None) or exc).split())[:150]}); "
+        fail(f"cannot read group {group}'s held keys ({database_problem(exc)}); "
               f"run `orderpipe db upgrade {group}` or check ORDERPIPE_{group.upper()}_DATABASE_URL")
     finally:
         engine.dispose()
     if was is None:
         fail(f"group {group} holds no key {key!r} (`orderpipe held list --group {group}`)")
-    console.print(f"{group}: key {key} released (it was {was}); its waiting events run next", highlight=False)
+    console.print(f"{group}: key {key} released (it was {was}); its waiting events run next", highlight=False,
+                  soft_wrap=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from services.ops.errors import database_problem
 from services.runtime.db import make_engine
 from services.runtime.held import HeldKeys
 from services.runtime.settings import Settings
@@ -50,7 +51,7 @@ def _heads(settings: Settings, items, release: bool) -> tuple[list[HeldHead], li
                     held.release(engine, row["key"])
                 found.append(HeldHead(group, row["key"], row["waiting"]))
         except SQLAlchemyError as exc:
-            problems.append(f"{group}: {' '.join(str(getattr(exc, 'orig', None) or exc).split())[:150]}")
+            problems.append(f"{group}: {database_problem(exc)}")
         finally:
             engine.dispose()
     return found, problems

@@ -91,23 +91,6 @@ def clients(timeout: float = 10.0):
         kafka.close()
 
 
-def selection(group: str | None, source: str | None, since: str | None, until: str | None, exception: str | None,
-              key: str | None, event_type: str | None, include_handled: bool = False, limit: int | None = None):
-    from services.ops.deadletters import Filter, dlt_topics, parse_time, resolve_groups
-    from services import registry
-    from services.ops.reprocess import Selection
-
-    groups = resolve_groups(registry.GROUPS, group)
-    targets = dlt_topics(groups, source)
-    if not targets:
-        inputs = sorted({s for g in groups for s in g.inputs})
-        raise OpsError(f"no dead-letter topic for input topic {source!r}"
-                       + (f" in group {group!r}" if group else "") + f"; inputs: {', '.join(inputs)}")
-    flt = Filter(since=parse_time(since) if since else None, until=parse_time(until) if until else None,
-                 exception_type=exception, key=key, event_type=event_type)
-    return Selection(targets, flt, include_handled, limit)
-
-
 def _table(*columns: str, **kwargs) -> Table:
     """The first column (a REF or run id) never breaks; long values wrap instead of ending in '…'."""
     table = Table(**kwargs)
@@ -138,6 +121,8 @@ def list_(
 ) -> None:
     """Dead letters not yet handled: counts per group and exception type without filters, else the messages."""
     from services.ops.reprocess import collect
+
+    from services.ops.reprocess import selection
 
     with ops_errors():
         sel = selection(group, topic, since, until, exception, key, event_type, include_handled, limit)
@@ -413,7 +398,7 @@ def replay(
     dry_run: DryRun = False, yes: Yes = False, timeout: Timeout = 10.0,
 ) -> None:
     """Put dead letters back: into the group's retry chain (default) or onto the original topic."""
-    from services.ops.reprocess import REPLAY_TO, collect, plan_replay
+    from services.ops.reprocess import REPLAY_TO, collect, plan_replay, selection
 
     with ops_errors():
         if to not in REPLAY_TO:
@@ -446,6 +431,8 @@ def purge(
 ) -> None:
     """Mark the selected dead letters handled without replaying them; nothing else is touched."""
     from services.ops.reprocess import collect, plan_purge
+
+    from services.ops.reprocess import selection
 
     with ops_errors():
         sel = selection(group, topic, since, until, exception, key, event_type, False, limit)

@@ -26,7 +26,7 @@ from typing import Any
 from services.ops.audit import AuditLog, Run
 from services.ops.broker import OPS_GROUP, OpsKafka, TopicPart, scan, watermarks
 from services.ops.deadletters import (H_PARKED_AT, H_REPLAY_COUNT, H_REPLAY_OF, H_REPLAY_RUN, DeadLetter, DltTopic,
-                                      Filter)
+                                      Filter, dlt_topics, parse_time, resolve_groups)
 from services.ops.errors import OpsError
 from services.ops.handled import HandledState
 from services.runtime import failure_headers as fh
@@ -74,6 +74,23 @@ def load_state(kafka: OpsKafka, audit: AuditLog, parts: Iterable[TopicPart],
     parts = list(parts)
     records = audit.read(metadata) if records is None else records
     return HandledState.load(kafka.committed(OPS_GROUP, parts), records)
+
+
+def selection(group: str | None = None, source: str | None = None, since: str | None = None,
+              until: str | None = None, exception: str | None = None, key: str | None = None,
+              event_type: str | None = None, include_handled: bool = False, limit: int | None = None) -> Selection:
+    """The dead letters an operator means, from the filters of `orderpipe dlt` (and the console's)."""
+    from services import registry
+
+    groups = resolve_groups(registry.GROUPS, group)
+    targets = dlt_topics(groups, source)
+    if not targets:
+        inputs = sorted({s for g in groups for s in g.inputs})
+        raise OpsError(f"no dead-letter topic for input topic {source!r}"
+                       + (f" in group {group!r}" if group else "") + f"; inputs: {', '.join(inputs)}")
+    flt = Filter(since=parse_time(since) if since else None, until=parse_time(until) if until else None,
+                 exception_type=exception, key=key, event_type=event_type)
+    return Selection(targets, flt, include_handled, limit)
 
 
 def collect(kafka: OpsKafka, audit: AuditLog, selection: Selection) -> Snapshot:

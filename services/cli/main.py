@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import (
-    bench_cmd, db_cmd, deploy_cmd, dlt_cmd, held_cmd, ops_cmd, orders_cmd, schemas_cmd, stock_cmd, tail_cmd,
+    bench_cmd, console_cmd, db_cmd, deploy_cmd, dlt_cmd, held_cmd, ops_cmd, orders_cmd, schemas_cmd, stock_cmd, tail_cmd,
 )
 from services.tools.brokers import BROKER_KINDS
 from services.runtime.settings import InvalidSettings, Settings, checked_settings, invalid_settings, settings_model
@@ -37,6 +37,7 @@ app.add_typer(dlt_cmd.app, name="dlt")  # `orderpipe dlt list|show|replay|purge|
 app.add_typer(ops_cmd.app)  # `orderpipe lag`
 app.add_typer(orders_cmd.app, name="orders")  # `orderpipe orders list --state FAILED --since 1h`
 app.add_typer(held_cmd.app, name="held")  # `orderpipe held list`, `orderpipe held release --group G --key K`
+app.add_typer(console_cmd.app, name="console")  # `orderpipe console hash-password --name ada --role operator`
 app.add_typer(stock_cmd.app, name="stock")  # `orderpipe stock add SKU-009 500 --reason 'delivery 4711'`
 app.add_typer(bench_cmd.app)  # `orderpipe bench`
 topics_app.command("describe")(ops_cmd.topics_describe)
@@ -69,6 +70,8 @@ def up(
     fresh: Annotated[bool, typer.Option(help="Delete the data folder first (required after an embedded run).")] = False,
     api_port: Annotated[int, typer.Option(help="Port of the orders HTTP API.", envvar="ORDERPIPE_API_PORT")] = 8000,
     status_port: Annotated[int, typer.Option(help="Port of the order-status view (Faust web).")] = 6066,
+    console_port: Annotated[int, typer.Option(help="Port of the ops web console.",
+                                              envvar="ORDERPIPE_CONSOLE_PORT")] = 8010,
 ) -> None:
     """Start the whole pipeline (a local broker unless KAFKA_BOOTSTRAP_SERVERS is set) until Ctrl-C.
 
@@ -77,7 +80,7 @@ def up(
     from services.pipeline.stack import Stack
 
     stack = Stack(_settings_of_every_service(), data_dir=data_dir, broker=broker.value, fresh=fresh, api_port=api_port,
-                  status_port=status_port, progress=_progress)
+                  status_port=status_port, console_port=console_port, progress=_progress)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # Ctrl-C stops everything gracefully, also when `up` was started with SIGINT ignored (a
@@ -129,6 +132,10 @@ def _print_stack(info) -> None:
     table.add_row("broker", f"{info.bootstrap_servers} ({what}, cluster {info.cluster_id})")
     table.add_row("orders API", f"{info.api_url}  (POST /orders, GET /orders/{{id}}, /docs)")
     table.add_row("order-status view", f"{info.status_url}/status/{{id}}/")
+    table.add_row("ops console", info.console_url)
+    if info.console_login:
+        table.add_row("ops console login", f"{info.console_login[0]}, password {info.console_login[1]} (made for "
+                                           "this run; ORDERPIPE_CONSOLE_USERS chooses the users)")
     if info.smtp:
         table.add_row("SMTP sink", f"{info.smtp}, mail stored in {info.maildir}")
     table.add_row("health, metrics", ", ".join(f"{n} {url}" for n, url in info.health.items())
@@ -184,8 +191,13 @@ def run(process: Annotated[str, typer.Argument(
     from services.runtime.logs import setup_logging
 
     known = registry.processes()
+    if process == "ops-console":  # no service's: the operators' web console (services/console)
+        from services.console.process import main as run_console
+
+        run_console()
+        return
     if process not in known:
-        fail(f"unknown service {process!r}; choose one of: {', '.join(known)}")
+        fail(f"unknown service {process!r}; choose one of: {', '.join([*known, 'ops-console'])}")
     settings = checked_settings([registry.service_of(process).settings])
     setup_logging(process, settings.log_level, settings.log_json)
     if not settings.kafka_bootstrap_servers:

@@ -2,14 +2,16 @@
 
 Broker (a local one of the chosen kind, embedded Tansu or Apache Kafka, unless
 KAFKA_BOOTSTRAP_SERVERS points at a cluster), topics, SMTP sink, the orders API and
-relay, the consumer services (every process services/registry.py declares) and the Faust
-order-status worker. Every child dies with us
+relay, the consumer services (every process services/registry.py declares), the Faust
+order-status worker and the operators' web console. Every child dies with us
 (PR_SET_PDEATHSIG), and `stop()` ends them gracefully.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import sys
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from services import registry
+from services.console.auth import hash_password
 from services.runtime.admin import ensure_topics
 from services.tools.brokers import LocalBroker, free_port, local_broker, wait_for_broker
 from services.runtime.settings import Settings
@@ -47,6 +50,9 @@ class StackInfo:
     # process -> base URL of its /healthz, /readyz, /metrics (orders-api and order-status serve
     # them on their own ports: api_url, status_url)
     health: dict[str, str] = field(default_factory=dict)
+    console_url: str = ""
+    # The operator `up` made for its console when ORDERPIPE_CONSOLE_USERS was not set: (name, password).
+    console_login: tuple[str, str] | None = None
 
 
 def check_data_dir(data_dir: Path, cluster_id: str, embedded: bool, fresh: bool) -> None:
@@ -77,7 +83,8 @@ def check_data_dir(data_dir: Path, cluster_id: str, embedded: bool, fresh: bool)
 
 class Stack:
     def __init__(self, settings: Settings, *, data_dir: Path, broker: str = "embedded", fresh: bool = False,
-                 api_port: int | None = None, status_port: int | None = None, smtp_sink: bool = True,
+                 api_port: int | None = None, status_port: int | None = None, console_port: int | None = None,
+                 smtp_sink: bool = True,
                  extra_env: dict[str, str] | None = None, process_env: dict[str, dict[str, str]] | None = None,
                  progress=lambda line: None):
         self.settings = settings
@@ -87,6 +94,7 @@ class Stack:
         self.fresh = fresh
         self.api_port = api_port or free_port()
         self.status_port = status_port or free_port()
+        self.console_port = console_port or free_port()
         self.smtp_sink = smtp_sink
         self.extra_env = extra_env or {}
         # per process, over the rest: e.g. each process its own Kafka user (ORDERPIPE_KAFKA_CLIENT_CONFIG)
@@ -159,10 +167,20 @@ class Stack:
             "--data-dir", str(self.data_dir / "order-status"), "--web-port", str(self.status_port)],
             {**env, **self.process_env.get("order-status", {})}))
 
+        console_url = f"http://127.0.0.1:{self.console_port}"
+        console_env, console_login = {**env, "ORDERPIPE_CONSOLE_PORT": str(self.console_port)}, None
+        if not (env.get("ORDERPIPE_CONSOLE_USERS") or os.environ.get("ORDERPIPE_CONSOLE_USERS")):
+            # A local stack gets one operator with a password of its own, printed by `up`.
+            console_login = ("admin", secrets.token_urlsafe(12))
+            console_env["ORDERPIPE_CONSOLE_USERS"] = f"admin:operator:{hash_password(console_login[1])}"
+        self.supervisor.start(ProcessSpec("ops-console", [py, "-m", "services.console"],
+                                          {**console_env, **self.process_env.get("ops-console", {})}))
+
         self._wait_http(f"{api_url}/healthz", "orders-api", timeout)
         self._wait_http(f"{status_url}/status/", "order-status", timeout)
+        self._wait_http(f"{console_url}/healthz", "ops-console", timeout)
         self.info = StackInfo(bootstrap, cluster_id, embedded, kind, self.data_dir, api_url, status_url, smtp, maildir,
-                              log_dir, self.supervisor.pids(), health)
+                              log_dir, self.supervisor.pids(), health, console_url, console_login)
         return self.info
 
     def _wait_http(self, url: str, name: str, timeout: float) -> None:

@@ -54,7 +54,7 @@ def _alive(pid: int) -> bool:
 def _start_up(data: Path, broker: str, api_port: int) -> tuple[subprocess.Popen, str]:
     """`orderpipe up` until it says it is running; its output so far."""
     proc = _orderpipe("up", "--broker", broker, "--data-dir", str(data), "--api-port", str(api_port),
-                      "--status-port", str(free_port()))
+                      "--status-port", str(free_port()), "--console-port", str(free_port()))
     lines: list[str] = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -80,9 +80,16 @@ def test_up_runs_until_ctrl_c_and_leaves_no_processes(tmp_path: Path, stack_brok
     proc, output = _start_up(tmp_path / "data", stack_broker, api_port)
     try:
         assert "pipeline is running" in output, output
-        for shown in ("broker", "orders API", "order-status view", "SMTP sink", "data folder", "logs"):
+        for shown in ("broker", "orders API", "order-status view", "ops console", "SMTP sink", "data folder", "logs"):
             assert shown in output
         assert httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=30).status_code == 200
+        # the console `up` printed, with the operator it made for this run
+        console_url = re.search(r"ops console\s*│\s*(http://127\.0\.0\.1:\d+)", output)[1]
+        password = re.search(r"admin, password (\S+) ", output)[1]
+        with httpx.Client(base_url=console_url, timeout=30) as browser:
+            assert browser.post("/login", data={"name": "admin", "password": password}).status_code == 303
+            overview = browser.get("/")
+            assert overview.status_code == 200 and "Lag per group" in overview.text and "admin (operator)" in overview.text
         children = _descendants(proc.pid)
         assert len(children) >= 9, f"expected broker + 8 service processes, got {children}"
         printed = {int(p) for p in re.findall(r"\((\d+)\)", output)}
@@ -96,7 +103,7 @@ def test_up_runs_until_ctrl_c_and_leaves_no_processes(tmp_path: Path, stack_brok
         # each service finished on SIGTERM by itself (committing its batch), none was cut short
         logs = tmp_path / "data" / "logs"
         for name in ("orders-api", "orders-relay", "inventory", "email", "invoice", "analytics", "order-status",
-                     "smtp-sink"):
+                     "ops-console", "smtp-sink"):
             stops = re.findall(r"stopped \((.+?)\)", (logs / f"{name}.log").read_text())
             assert stops == ["exit code 0"], f"{name}: {stops}"
     finally:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,6 +25,9 @@ from services.console.overview import Overview, read_overview
 from services.runtime.settings import Settings
 
 log = logging.getLogger("orderpipe.console")
+
+# The page modules beyond the overview, each `register(app, ctx)`: added in the next steps.
+PAGES: tuple[Callable[[FastAPI, "ConsoleContext"], None], ...] = ()
 
 # Everything from this origin only; the styles are inline in each page, scripts only from /static.
 SECURITY_HEADERS = {
@@ -45,6 +49,18 @@ LIVE_JS = """
   }, 5000);
 })();
 """
+
+
+@dataclass(frozen=True)
+class ConsoleContext:
+    """What every page module gets (`register(app, ctx)`): the settings, the readers (the same as
+    the command line's) and the two checks every page and every change goes through."""
+
+    settings: Settings
+    status: Any  # StatusClient: the order-status view
+    kafka_clients: Callable[[], AbstractContextManager]  # (OpsKafka, AuditLog), as the CLI opens them
+    session_of: Callable[[Request], Session]  # the request's session; else to the login (303)
+    change_form: Callable[..., Awaitable[dict[str, str]]]  # a change's form, after CSRF, origin and role checks
 
 
 class NotLoggedIn(Exception):
@@ -159,8 +175,9 @@ def create_console(settings: Settings, users: Users, sessions: Sessions, status:
         return JSONResponse({**view.__dict__, "held": {g: {**h, "oldest": h["oldest"].isoformat()}
                                                        for g, h in view.held.items()}})
 
-    app.state.session_of = session_of  # for the pages added by other modules
-    app.state.change_form = change_form
+    ctx = ConsoleContext(settings, status, kafka_clients, session_of, change_form)
+    for register in PAGES:
+        register(app, ctx)
     return app
 
 

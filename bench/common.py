@@ -37,6 +37,9 @@ class Sizes:
     recovery_orders: int = 100_000
     ordering_orders: int = 10_000  # (f) orders of 3 events each per ordered-retries case
     ordering_rounds: int = 3       # (f) each case this often, on and off alternating; the best counts
+    bullmq_jobs: int = 20_000      # (g) the peer, BullMQ: no-op jobs
+    bullmq_pg_jobs: int = 20_000   # (g) BullMQ jobs with one PostgreSQL transaction each (dedup + outbox row)
+    bullmq_pg_pool: int = 50       # (g) node-postgres connections, one per concurrent job (10 did ~15% fewer jobs/s)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,12 +50,13 @@ PROFILES: dict[str, Sizes] = {
     "smoke": Sizes(raw_messages=2_000, relay_rows=300, consumer_messages=1_500, naive_messages=60,
                    e2e_rate=20, e2e_seconds=3, e2e_capacity_orders=60, e2e_concurrency=8,
                    e2e_sustainable_seconds=3, recovery_orders=300, ordering_orders=300,
-                   ordering_rounds=1),
+                   ordering_rounds=1, bullmq_jobs=1_500, bullmq_pg_jobs=300,
+                   bullmq_pg_pool=10),  # make test's broker passes run side by side: 2 x 50 would near max_connections
     # raw_messages as in "full": 50,000 took 0.05 to 0.1 s, too short a window for a stable ceiling.
     "quick": Sizes(raw_messages=300_000, relay_rows=10_000, consumer_messages=5_000, naive_messages=500,
                    e2e_rate=250, e2e_seconds=10, e2e_capacity_orders=1_500, e2e_sustainable_seconds=20,
                    recovery_orders=10_000, ordering_orders=3_000,
-                   ordering_rounds=2),
+                   ordering_rounds=2, bullmq_jobs=10_000, bullmq_pg_jobs=5_000),
     "full": Sizes(raw_messages=300_000, relay_rows=30_000, consumer_messages=20_000, naive_messages=2_000,
                   e2e_rate=250, e2e_seconds=20, e2e_capacity_orders=5_000, e2e_sustainable_seconds=60),
 }

@@ -56,6 +56,12 @@ def rows(result: dict) -> list[dict]:
         for name, fig in cases.items():
             if "per_s" in fig:
                 add("f", f"ordering per key, {db}, no-op, {name}", fig, "events/s", "raw consume", consume)
+    peer = result.get("bullmq", {})
+    if peer.get("available"):
+        for case in BULLMQ_CASES:
+            fig = peer.get(case, {})
+            if "per_s" in fig:
+                add("g", f"{bullmq_label(peer)}, {BULLMQ_CASES[case]}", fig, "jobs/s")
     cap = result.get("e2e", {}).get("capacity", {})
     if cap:
         add("d", "end to end, POST accepted", {}, "orders/s", "raw produce", produce, cap["post_per_s"])
@@ -63,6 +69,71 @@ def rows(result: dict) -> list[dict]:
             cap["completed_per_s"])
         add("d", "end to end, POST to COMPLETED (sustained)", {}, "orders/s", "raw produce", produce,
             cap["sustained_per_s"])
+    return out
+
+
+# (g) the peer: its cases, and which orderpipe consumer figure (c) is held against which of them
+BULLMQ_CASES = {"noop": "no-op jobs", "postgresql": "PostgreSQL jobs (dedup + outbox row, 1 tx per job)"}
+BULLMQ_SHORT = {"noop": "no-op", "postgresql": "PostgreSQL, dedup + outbox"}
+BULLMQ_PAIRS = (  # (database, orderpipe effect, BullMQ case)
+    ("sqlite", "noop", "noop"),
+    ("postgresql", "noop", "noop"),
+    ("postgresql", "noop", "postgresql"),  # the same rows per message: an inbox (dedup) row and an outbox row
+    ("postgresql", "inventory", "postgresql"),
+    ("postgresql", "analytics", "postgresql"),
+)
+
+
+def bullmq_label(peer: dict) -> str:
+    versions = peer.get("versions", {})
+    return f"BullMQ {versions.get('bullmq', '5')} on Redis {versions.get('redis', '?')}"
+
+
+def _total_cpu_per_s(fig: dict) -> float | None:
+    """Messages per CPU-second of the measuring process and the broker (Tansu, Kafka, Redis)
+    together; the PostgreSQL server is in neither."""
+    cpu = (fig.get("cpu_s") or 0) + (fig.get("broker_cpu_s") or 0)
+    return fig["count"] / cpu if cpu and fig.get("count") else None
+
+
+def bullmq_ratios(result: dict) -> list[dict]:
+    """Each orderpipe consumer figure (c) over the matching BullMQ figure (g) of the same run:
+    per wall-second, per CPU-second of the consumer process (Python vs Node), and per CPU-second
+    of that process and the broker together (Tansu or Kafka vs Redis). A pair whose side was not
+    run says why in `missing`."""
+    sections = result["meta"].get("sections", [])
+    peer = result.get("bullmq") or {}
+    skipped = result.get("skipped", [])
+    out = []
+    for db, effect, case in BULLMQ_PAIRS:
+        ours = result.get("consumer", {}).get(db, {}).get(effect, {})
+        theirs = peer.get(case, {}) if peer.get("available") else {}
+        missing = []
+        if "per_s" not in ours:
+            if "consumer" not in sections:
+                missing.append("orderpipe: the consumer section was not run (--only)")
+            elif db == "postgresql" and any(s.startswith("PostgreSQL cases") for s in skipped):
+                missing.append("orderpipe: PostgreSQL not reachable")
+            else:
+                missing.append(f"orderpipe: no {db} {effect} figure")
+        if "per_s" not in theirs:
+            if "bullmq" not in sections:
+                missing.append("BullMQ: the bullmq section was not run (--only)")
+            elif not peer.get("available"):
+                missing.append(f"BullMQ: skipped ({peer.get('reason', 'not run')})")
+            else:
+                missing.append(f"BullMQ: {peer.get(f'{case}_skipped', f'no {case} figure')}")
+
+        def ratio(a, b):
+            return round(a / b, 3) if a and b else None
+
+        out.append({"orderpipe": f"consumer, {db}, {effect}", "bullmq": BULLMQ_SHORT[case],
+                    "database": db, "effect": effect, "case": case,
+                    "orderpipe_per_s": ours.get("per_s"), "bullmq_per_s": theirs.get("per_s"),
+                    "ratio": None if missing else ratio(ours["per_s"], theirs["per_s"]),
+                    "cpu_ratio": None if missing else ratio(ours.get("per_cpu_s"), theirs.get("per_cpu_s")),
+                    "total_cpu_ratio": None if missing else ratio(_total_cpu_per_s(ours), _total_cpu_per_s(theirs)),
+                    "missing": "; ".join(missing)})
     return out
 
 
@@ -192,6 +263,9 @@ def print_report(result: dict, console: Console | None = None) -> None:
                 f"(restart on its RocksDB store)")
         else:
             console.print(f"order-status recovery ({rec['orders']:,} orders): {rec['reason']}")
+    peer = result.get("bullmq")
+    if peer is not None:
+        print_bullmq(result, console)
     tt = Table(title="targets")
     for col in ("target", "goal", "measured", "met"):
         tt.add_column(col)
@@ -205,6 +279,42 @@ def print_report(result: dict, console: Console | None = None) -> None:
     broker = meta.get("broker")
     console.print(f"broker: {broker['description'] if isinstance(broker, dict) else broker}")
     console.print(f"machine: {meta['machine_note']}")
+
+
+def _x(ratio) -> str:
+    return "" if ratio is None else f"x{ratio:.2f}"
+
+
+def print_bullmq(result: dict, console: Console) -> None:
+    """(g): what BullMQ did, and each orderpipe consumer figure as a ratio to it."""
+    peer = result["bullmq"]
+    if not peer.get("available"):
+        console.print(f"(g) BullMQ: skipped, {escape(peer.get('reason', 'not run'))}")
+        return
+    settings = peer.get("settings", {})
+    for case, what in BULLMQ_CASES.items():
+        fig = peer.get(case)
+        if fig:
+            pool = f", pg pool of {settings.get('pg_pool')}" if case == "postgresql" else ""
+            console.print(
+                f"(g) {bullmq_label(peer)} (Node {peer['versions'].get('node')}), {what}, concurrency "
+                f"{settings.get('concurrency')}{pool}: "
+                f"{fig['per_s']:,.0f} jobs/s, {fig.get('per_cpu_s') or 0:,.0f} per Node CPU-second, Redis "
+                f"{_fmt(fig.get('broker_us_per_msg'))} µs CPU per job ({fig['count']:,} jobs after the first; "
+                f"added at {fig['add']['per_s']:,.0f} jobs/s)")
+        elif f"{case}_skipped" in peer:
+            console.print(f"(g) {bullmq_label(peer)}, {what}: not run, {escape(peer[f'{case}_skipped'])}")
+    ratios = result.get("bullmq_ratios") or bullmq_ratios(result)
+    rt = Table(title=f"orderpipe vs {bullmq_label(peer)}, same run (x > 1: orderpipe does more)")
+    missing = any(r["missing"] for r in ratios)
+    for col, justify in (("orderpipe (c)", "left"), ("events/s", "right"), ("BullMQ (g)", "left"),
+                         ("jobs/s", "right"), ("ratio", "right"), ("per process CPU-s", "right"),
+                         ("per CPU-s incl. broker", "right"), *((("not compared", "left"),) if missing else ())):
+        rt.add_column(col, justify=justify)
+    for r in ratios:
+        rt.add_row(r["orderpipe"], _fmt(r["orderpipe_per_s"]), r["bullmq"], _fmt(r["bullmq_per_s"]), _x(r["ratio"]),
+                   _x(r["cpu_ratio"]), _x(r["total_cpu_ratio"]), *((escape(r["missing"]),) if missing else ()))
+    console.print(rt)
 
 
 def write_json(result: dict, path: Path) -> None:
@@ -223,7 +333,8 @@ def write_chart(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(20, 7), gridspec_kw={"width_ratios": [2.2, 0.8, 1.4]})
 
     ax = axes[0]
-    colors = {"a": "#555555", "b": "#1f77b4", "c": "#2ca02c", "d": "#d62728", "e": "#ff7f0e", "f": "#9467bd"}
+    colors = {"a": "#555555", "b": "#1f77b4", "c": "#2ca02c", "d": "#d62728", "e": "#ff7f0e", "f": "#9467bd",
+              "g": "#8c564b"}
     labels = [r["what"] + (f"  ({_pct(r['ratio'])} of raw)" if r["ratio"] else "") for r in tput]
     ax.barh(range(len(tput)), [r["value"] for r in tput], color=[colors[r["section"]] for r in tput])
     ax.set_yticks(range(len(tput)), labels, fontsize=8)
@@ -233,7 +344,7 @@ def write_chart(result: dict, path: Path) -> None:
     for i, r in enumerate(tput):
         ax.text(r["value"], i, f" {r['value']:,.0f}", va="center", fontsize=7)
     ax.set_title("throughput: (a) raw client, (b) relay, (c) idempotent consumer, (e) naive, "
-                 "(f) ordered retries on/off, (d) end to end",
+                 "(f) ordered retries on/off, (g) BullMQ, (d) end to end",
                  fontsize=9)
 
     ax = axes[1]

@@ -2,12 +2,15 @@
 
 Sections (all in one run, on one kind of local broker throughout: `--broker embedded`, Tansu in
 memory, the default, or `--broker kafka`, Apache Kafka on one KRaft node; a fresh instance for
-a-c/e/f, one for d, one for recovery, so no section pays for another's data):
+a-c/e/f, one for d, one for recovery, so no section pays for another's data; bullmq runs on none,
+between them):
   raw       (a) confluent-kafka produce and consume: the ceiling
   relay     (b) outbox rows -> broker acks (OutboxRelay.publish_batch), SQLite and PostgreSQL
   consumer  (c) the real ServiceConsumer, SQLite and PostgreSQL, no-op and real effects
   naive     (e) one transaction and one offset commit per message
   ordering  (f) what ordering per key costs: ordered retries on vs off, without and with failures
+  bullmq    (g) the peer: BullMQ 5 workers on a Redis of its own (no-op jobs; jobs with one
+                PostgreSQL transaction each), each consumer figure of (c) as a ratio to it
   e2e       (d) the whole pipeline (Stack): orders/s POST to COMPLETED, latency, memory
   recovery      order-status recovery time, when streams.order_status offers a function for it
 Writes bench/results/bench-<timestamp>.json and .png, and latest.json / latest.png; on Apache
@@ -28,15 +31,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench import consumers, e2e, ordering, raw, recovery, relay
+from bench import consumers, e2e, ordering, peer, raw, recovery, relay
 from bench.common import (BROKERS, DEFAULT_POSTGRES_URL, OutsideCpu, broker_cpu_clock, broker_meta,
                           client_settings, machine_info, postgres_reachable, results_suffix, scratch_postgres,
                           sizes_for)
-from bench.report import ordering_costs, print_report, rows, targets, write_chart, write_json
+from bench.report import (bullmq_ratios, ordering_costs, print_report, rows, targets, write_chart,
+                          write_json)
 from services.tools.brokers import BrokerUnavailable, local_broker
 from services.runtime.settings import Settings
 
-SECTIONS = ("raw", "relay", "consumer", "naive", "ordering", "e2e", "recovery")
+SECTIONS = ("raw", "relay", "consumer", "naive", "ordering", "bullmq", "e2e", "recovery")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 EFFECTS = ("noop", "analytics", "inventory")
 WARM_UP_MESSAGES = 50_000  # before the sections on a fresh broker (a JVM's JIT); at most raw_messages
@@ -189,6 +193,16 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
                 gc.collect()  # the sections' leftover clients go first: no reconnect noise once it stops
                 local.stop()
         outside.mark("clients_end")
+        if "bullmq" in sections:  # after the broker has stopped: the peer has the machine as (c) had it
+            result["bullmq"] = peer.run(sizes.bullmq_jobs, sizes.bullmq_pg_jobs, postgres_url=postgres_url,
+                                        pg_problem=pg_problem, workdir=workdir, pg_pool=sizes.bullmq_pg_pool,
+                                        log=log)
+            if not result["bullmq"]["available"]:
+                result["skipped"].append(f"bullmq (g): {result['bullmq']['reason']}")
+            elif "postgresql_skipped" in result["bullmq"]:
+                result["skipped"].append(f"bullmq (g) PostgreSQL jobs: {result['bullmq']['postgresql_skipped']}; "
+                                         "only the no-op case ran")
+        outside.mark("bullmq_end")
         if "e2e" in sections:
             log("(d) end to end on the whole stack")
             result["e2e"] = e2e.run(sizes, workdir, soak=soak, log=log, profile_dir=out_dir if profile_hot else None,
@@ -205,6 +219,8 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
     result["targets"] = targets(result)
     if "ordering" in result:
         result["ordering_cost"] = ordering_costs(result)
+    if "bullmq" in sections:
+        result["bullmq_ratios"] = bullmq_ratios(result)
     result["meta"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["meta"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     # what other work used meanwhile, in cores: the load average counts the bench's own processes
@@ -212,7 +228,8 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
         "whole_run": outside.cores("start", "recovery_end"),
         # the broker sections, ordering (f) included (key kept as older results have it)
         "raw_relay_consumer_naive": outside.cores("start", "clients_end") if needs_broker else None,
-        "e2e": outside.cores("clients_end", "e2e_end") if "e2e" in sections else None,
+        "bullmq": outside.cores("clients_end", "bullmq_end") if "bullmq" in sections else None,
+        "e2e": outside.cores("bullmq_end", "e2e_end") if "e2e" in sections else None,
         "recovery": outside.cores("e2e_end", "recovery_end") if "recovery" in sections else None}
     result["meta"]["machine_note"] = machine_note(info, note, result["meta"]["outside_cpu_cores"]["whole_run"])
     if profiles:
@@ -259,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--consumer-messages", type=int, default=None)
     parser.add_argument("--ordering-orders", type=int, default=None,
                         help="orders (3 events each) per ordered-retries case (10,000 in the full run)")
+    parser.add_argument("--bullmq-jobs", type=int, default=None,
+                        help="jobs per BullMQ case, no-op and PostgreSQL (section bullmq; 20,000 in the full run)")
     parser.add_argument("--recovery-orders", type=int, default=None,
                         help="orders in the order-status recovery section (100,000 in the full run)")
     args = parser.parse_args(argv)
@@ -270,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         run_bench(profile=args.profile or "full", out_dir=args.out, soak=args.soak, sections=sections,
                   postgres_url=args.postgres_url, profile_hot=args.profile_hot, note=args.note, broker=args.broker,
                   e2e_rate=args.rate, consumer_messages=args.consumer_messages, recovery_orders=args.recovery_orders,
-                  ordering_orders=args.ordering_orders)
+                  ordering_orders=args.ordering_orders, bullmq_jobs=args.bullmq_jobs,
+                  bullmq_pg_jobs=args.bullmq_jobs)
     except BrokerUnavailable as exc:  # no Java or Maven for --broker kafka, a port taken: one line
         parser.exit(1, f"error: {exc}\n")
 

@@ -14,6 +14,8 @@ import importlib.util
 import io
 import json
 import os
+import re
+import shutil
 
 import pytest
 from rich.console import Console
@@ -92,6 +94,7 @@ def test_bench_smoke_writes_every_section(tmp_path, monkeypatch, stack_broker):
     assert {t["key"] for t in result["targets"]} == {"consumer.sqlite.noop", "consumer.postgresql.noop",
                                                      "e2e.capacity", "e2e.p99"}
     assert all(r["ratio"] > 0 for r in result["rows"] if r["vs"])
+    _check_bullmq(result, databases, out.getvalue())
 
     latest = "latest" if stack_broker == "embedded" else f"latest-{stack_broker}"
     written = json.loads((tmp_path / f"{latest}.json").read_text())
@@ -104,3 +107,48 @@ def test_bench_smoke_writes_every_section(tmp_path, monkeypatch, stack_broker):
         assert any("chart" in s for s in result["skipped"])
     assert "targets" in out.getvalue()  # the table was printed
     assert "ordering per key costs on sqlite" in out.getvalue()
+
+
+def _check_bullmq(result: dict, databases: list[str], printed: str) -> None:
+    """(g) the peer, BullMQ on a Redis of its own: figures and ratios to (c) when node, npm and
+    redis-server are there (the npm install into bench/bullmq/node_modules needs the npm
+    registry), else skipped with the reason, in the JSON and the printed report. Its Redis is
+    gone afterwards."""
+    from bench.report import BULLMQ_PAIRS
+
+    peer = result["bullmq"]
+    tools = all(shutil.which(tool) for tool in ("node", "npm", "redis-server"))
+    if not tools:
+        assert not peer["available"] and "not found" in peer["reason"], peer
+        assert any(s.startswith("bullmq (g): ") for s in result["skipped"])
+        assert f"(g) BullMQ: skipped, {peer['reason'][:40]}" in " ".join(printed.split())
+        return
+    assert peer["available"], peer.get("reason")  # installed tools, so only a failure lands here
+    assert peer["versions"]["bullmq"].startswith("5.") and peer["versions"]["redis"]
+    cases = ["noop"] + (["postgresql"] if "postgresql" in databases else [])
+    for case in cases:
+        _positive(peer[case], "count", "per_s", "per_cpu_s", "broker_cpu_s")
+        _positive(peer[case]["add"], "count", "per_s")
+    if "postgresql" in databases:
+        assert peer["postgresql"]["dedup_rows"] == peer["postgresql"]["outbox_rows"] == peer["postgresql"]["completed"]
+    else:
+        assert "postgresql" not in peer and peer["postgresql_skipped"]
+    ratios = {(r["database"], r["effect"], r["case"]): r for r in result["bullmq_ratios"]}
+    assert set(ratios) == set(BULLMQ_PAIRS)
+    for (db, _, _), r in ratios.items():
+        if db in databases:
+            assert not r["missing"], r
+            _positive(r, "ratio", "cpu_ratio", "total_cpu_ratio")
+        else:
+            assert r["ratio"] is None and r["missing"], r
+    assert any(r["section"] == "g" for r in result["rows"])
+    assert "orderpipe vs BullMQ 5." in printed
+    port = peer["settings"]["redis"].split(",")[0]  # 127.0.0.1:<port>: no redis-server left on it
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        assert not ("redis-server" in cmdline and re.search(rf"{re.escape(port)}(\D|$)", cmdline)), \
+            f"redis-server left running: {cmdline}"

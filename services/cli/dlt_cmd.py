@@ -185,36 +185,15 @@ def show(
 ) -> None:
     """One message, decoded, with all its headers and the traceback."""
     from services.cli.tail_cmd import json_default
-    from services.ops.broker import read_one, watermarks
-    from services.ops.deadletters import DeadLetter, DltTopic, Ref, find_dlt_topic
-    from services import registry
-    from services.ops.reprocess import load_state
-    from services.runtime import topology
+    from services.ops.deadletters import Ref
+    from services.ops.reprocess import read_dead_letter
     from services.runtime.codec import codec_from_settings
     from services.runtime.envelope import headers_to_dict
 
     with ops_errors():
         where = Ref.parse(ref)
         with clients(timeout) as (kafka, audit):
-            metadata = kafka.topics()
-            partitions = kafka.partitions(where.topic, metadata)
-            if where.partition not in partitions:
-                raise OpsError(f"topic {where.topic} has no partition {where.partition} "
-                               f"(it has {len(partitions)}: 0..{len(partitions) - 1})")
-            consumer = kafka.consumer()
-            [(low, end)] = watermarks(consumer, [(where.topic, where.partition)], kafka.timeout).values()
-            if not low <= where.offset < end:
-                raise OpsError(f"no message at {where}: partition {where.partition} holds offsets "
-                               + (f"{low}..{end - 1}" if end > low else "none"))
-            msg = read_one(consumer, where.topic, where.partition, where.offset, kafka.timeout)
-            if msg is None:
-                raise OpsError(f"no message at {where} (past the end, or already deleted by retention)")
-            dlt = find_dlt_topic(registry.GROUPS, where.topic)
-            handled = None
-            if dlt is not None and audit.topic in metadata:
-                state = load_state(kafka, audit, [(where.topic, where.partition)], audit.read(metadata))
-                handled = state.is_handled((where.topic, where.partition), where.offset)
-        dl = DeadLetter.from_message(msg, dlt or DltTopic(topology.ConsumerGroup("?", ()), where.topic))
+            dl, dlt, handled = read_dead_letter(kafka, audit, where)
         record: dict[str, Any] = dl.summary(handled)
         if dlt is None:
             record["group"] = None

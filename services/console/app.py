@@ -26,8 +26,13 @@ from services.runtime.settings import Settings
 
 log = logging.getLogger("orderpipe.console")
 
-# The page modules beyond the overview, each `register(app, ctx)`: added in the next steps.
-PAGES: tuple[Callable[[FastAPI, "ConsoleContext"], None], ...] = ()
+
+
+def _pages() -> tuple[Callable[[FastAPI, ConsoleContext], None], ...]:
+    """The page modules beyond the overview, each `register(app, ctx)`."""
+    from services.console import deadletters, groups, orders
+
+    return orders.register, deadletters.register, groups.register
 
 # Everything from this origin only; the styles are inline in each page, scripts only from /static.
 SECURITY_HEADERS = {
@@ -61,6 +66,10 @@ class ConsoleContext:
     kafka_clients: Callable[[], AbstractContextManager]  # (OpsKafka, AuditLog), as the CLI opens them
     session_of: Callable[[Request], Session]  # the request's session; else to the login (303)
     change_form: Callable[..., Awaitable[dict[str, str]]]  # a change's form, after CSRF, origin and role checks
+
+
+# None: every page module (`_pages`); a test may set fewer.
+PAGES: tuple[Callable[[FastAPI, ConsoleContext], None], ...] | None = None
 
 
 class NotLoggedIn(Exception):
@@ -176,7 +185,7 @@ def create_console(settings: Settings, users: Users, sessions: Sessions, status:
                                                        for g, h in view.held.items()}})
 
     ctx = ConsoleContext(settings, status, kafka_clients, session_of, change_form)
-    for register in PAGES:
+    for register in PAGES if PAGES is not None else _pages():
         register(app, ctx)
     return app
 

@@ -61,6 +61,9 @@ class Run:
     first: Ref | None = None
     last: Ref | None = None
     offsets: dict[TopicPart, list[int]] = field(default_factory=dict)  # per partition: [first, last] handled
+    # Where the run was started when not from the command line (e.g. "console": the ops web
+    # console, whose `user` is the logged-in name); None leaves it out of the records.
+    source: str | None = None
 
     def add(self, ref: Ref, parked: bool = False) -> None:
         self.count += 1
@@ -86,6 +89,7 @@ class Run:
             "offsets": nest(self.offsets),
             "handled": nest({k: to_ranges(v) for k, v in (handled or {}).items() if v}),
             "committed": nest(committed or {}),
+            **({"source": self.source} if self.source else {}),
         }
 
 

@@ -66,3 +66,10 @@ def held_behind(settings: Settings, plan) -> tuple[list[HeldHead], list[str]]:
     """The keys whose heads were replayed (released when the replay succeeds) or parked (held
     until purged), with the item's action."""
     return _heads(settings, [i for i in plan.items if i.action == "replay"], release=False)
+
+
+def held_heads(settings: Settings, plan) -> tuple[list[HeldHead], list[str]]:
+    """Read only, for a preview: the keys a purge plan would release, or those held behind a
+    replay plan's dead letters."""
+    action = "purge" if plan.action == "purge" else "replay"
+    return _heads(settings, [i for i in plan.items if i.action == action], release=False)

@@ -141,3 +141,45 @@ def topic_counts(kafka: OpsKafka, specs: Iterable[TopicSpec]) -> list[TopicCount
         parts = present[s.name]
         out.append(TopicCount(s, len(parts), sum(marks[(s.name, p)][1] - marks[(s.name, p)][0] for p in parts)))
     return out
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    member_id: str
+    client_id: str
+    host: str
+    assigned: tuple[TopicPart, ...]
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    group: str
+    state: str  # e.g. STABLE, EMPTY, DEAD (no such group); "?" when the broker did not say
+    members: tuple[GroupMember, ...] = ()
+    problem: str | None = None  # why it could not be described
+
+
+def describe_groups(kafka: OpsKafka, names: Iterable[str]) -> dict[str, GroupInfo]:
+    """Each group's state and members with their assigned partitions (DescribeGroups)."""
+    from confluent_kafka.admin import AdminClient
+
+    names = list(names)
+    if not names:
+        return {}
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap, **kafka.settings.extra_client_config,
+                         "log_level": 0, "client.id": "orderpipe-ops"})
+    out = {}
+    for name, future in admin.describe_consumer_groups(names, request_timeout=kafka.timeout).items():
+        try:
+            d = future.result(timeout=kafka.timeout)
+        except Exception as exc:  # noqa: BLE001 - one group's answer is shown, not raised
+            err = exc.args[0] if exc.args else None
+            out[name] = GroupInfo(name, "?", problem=err.str() if hasattr(err, "str") else str(exc))
+            continue
+        members = tuple(GroupMember(m.member_id, m.client_id, m.host,
+                                    tuple(sorted((tp.topic, tp.partition) for tp in
+                                                 (m.assignment.topic_partitions if m.assignment else []))))
+                        for m in d.members)
+        state = getattr(d.state, "name", str(d.state))
+        out[name] = GroupInfo(name, state, members)
+    return out

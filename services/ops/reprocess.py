@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.ops.audit import AuditLog, Run
-from services.ops.broker import OPS_GROUP, OpsKafka, TopicPart, scan, watermarks
+from services.ops.broker import OPS_GROUP, OpsKafka, TopicPart, read_one, scan, watermarks
 from services.ops.deadletters import (H_PARKED_AT, H_REPLAY_COUNT, H_REPLAY_OF, H_REPLAY_RUN, DeadLetter, DltTopic,
-                                      Filter, dlt_topics, parse_time, resolve_groups)
+                                      Filter, Ref, dlt_topics, find_dlt_topic, parse_time, resolve_groups)
 from services.ops.errors import OpsError
 from services.ops.handled import HandledState
 from services.runtime import failure_headers as fh
@@ -129,6 +129,34 @@ def collect(kafka: OpsKafka, audit: AuditLog, selection: Selection) -> Snapshot:
     return snap
 
 
+def read_dead_letter(kafka: OpsKafka, audit: AuditLog, where: Ref) -> tuple[DeadLetter, DltTopic | None, bool | None]:
+    """The message at `where` (what `orderpipe dlt show` reads): the dead letter, its group's
+    dead-letter topic (None: not a known one) and whether it is handled (None: unknown)."""
+    from services import registry
+    from services.runtime import topology
+
+    metadata = kafka.topics()
+    partitions = kafka.partitions(where.topic, metadata)
+    if where.partition not in partitions:
+        raise OpsError(f"topic {where.topic} has no partition {where.partition} "
+                       f"(it has {len(partitions)}: 0..{len(partitions) - 1})")
+    consumer = kafka.consumer()
+    [(low, end)] = watermarks(consumer, [(where.topic, where.partition)], kafka.timeout).values()
+    if not low <= where.offset < end:
+        raise OpsError(f"no message at {where}: partition {where.partition} holds offsets "
+                       + (f"{low}..{end - 1}" if end > low else "none"))
+    msg = read_one(consumer, where.topic, where.partition, where.offset, kafka.timeout)
+    if msg is None:
+        raise OpsError(f"no message at {where} (past the end, or already deleted by retention)")
+    dlt = find_dlt_topic(registry.GROUPS, where.topic)
+    handled = None
+    if dlt is not None and audit.topic in metadata:
+        state = load_state(kafka, audit, [(where.topic, where.partition)], audit.read(metadata))
+        handled = state.is_handled((where.topic, where.partition), where.offset)
+    dl = DeadLetter.from_message(msg, dlt or DltTopic(topology.ConsumerGroup("?", ()), where.topic))
+    return dl, dlt, handled
+
+
 # -- plans ------------------------------------------------------------------------------------
 
 
@@ -208,8 +236,12 @@ class Outcome:
 class Reprocessor:
     def __init__(self, kafka: OpsKafka, audit: AuditLog, *, batch_size: int = 200,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, user: str | None = None,
+                 source: str | None = None):
+        """`user`/`source`: who the audit records name, when not the OS user of a CLI run
+        (the ops console passes its logged-in user and "console")."""
         self.kafka = kafka
+        self.who: dict[str, str] = {k: v for k, v in (("user", user), ("source", source)) if v}
         self.audit = audit
         self.batch_size = batch_size
         self.clock, self.sleep, self.wall_clock = clock, sleep, wall_clock
@@ -225,7 +257,7 @@ class Reprocessor:
         selection = {**plan.selection.describe(), **plan.options}
         if rate:
             selection["rate_per_s"] = rate
-        run = Run(plan.action, selection, planned=len(plan.items))
+        run = Run(plan.action, selection, planned=len(plan.items), **self.who)
         consumer = self.kafka.consumer(OPS_GROUP)  # commits for the group; never subscribes
         self.audit.write(run.record("started"))
         outcome = "completed"

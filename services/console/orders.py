@@ -1,0 +1,423 @@
+"""The console's orders pages: search, and one order with everything the pipeline knows of it.
+
+- `GET /orders`: search by order id (straight to its page), by customer id (the orders service's
+  own database, newest first, with each order's state from the view) or by state and time (the
+  order-status view, as `orderpipe orders list`).
+- `GET /orders/{id}`: the order (orders database), its status (the view), its timeline (every
+  message keyed by the order id in every order topic: events, retry hops, dead letters, parked
+  copies, the view's own status records, read from the one partition the key hashes to), where a
+  group holds its key, its invoice and credit note (with their PDFs) and its mails.
+- `GET /orders/{id}/documents/{file}`: a PDF listed in the invoice service's rows for the order.
+
+Everything here only reads; every part is read on its own, and one that cannot be read says why
+in one line while the rest still shows. Viewers may read all of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from services import registry
+from services.console import html
+from services.email.smtp_sink import read_maildir
+from services.email.tables import cancelled_orders as email_cancelled, sent_emails
+from services.invoice.tables import credit_notes, invoices
+from services.ops.broker import scan, watermarks
+from services.ops.errors import OpsError, database_problem
+from services.ops.held_keys import group_engine
+from services.orders.tables import cancellations, orders
+from services.runtime.codec import DecodeError, codec_from_settings
+from services.runtime.failure_headers import (H_ATTEMPT, H_DUE_AT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON,
+                                              header, number_header)
+from services.runtime.held import HeldKeys
+from streams.order_status.fold import partition_of
+from streams.order_status.status import ORDER_STATES, parse_since
+
+SEARCH_LIMIT = 200
+# The fields of an event record worth a word in the timeline (whichever the event has).
+DETAIL_FIELDS = ("state", "step", "action", "reason", "invoice_number", "credit_note_number", "document",
+                 "message_id", "total", "currency")
+
+
+@dataclass
+class TimelineEntry:
+    timestamp_ms: int
+    topic: str
+    partition: int
+    offset: int
+    event_type: str
+    detail: str
+
+
+def register(app: FastAPI, ctx) -> None:
+    settings = ctx.settings
+    codec_lock = threading.Lock()
+    codec_box: list[Any] = []
+
+    def codec():
+        with codec_lock:
+            if not codec_box:
+                codec_box.append(codec_from_settings(settings))
+            return codec_box[0]
+
+    @app.get("/orders", response_class=HTMLResponse)
+    def search(request: Request, order_id: str = "", customer_id: str = "", state: str = "",
+               since: str = "") -> Any:
+        session = ctx.session_of(request)
+        order_id, customer_id, state, since = (v.strip() for v in (order_id, customer_id, state, since))
+        if order_id:
+            return RedirectResponse(_order_href(order_id), status_code=303)
+        body = _search_form(customer_id, state, since)
+        if customer_id:
+            body += _by_customer(ctx, customer_id, state, since)
+        elif state or since:
+            body += _by_view(ctx, state, since)
+        return html.page("Orders", body, session, here="/orders")
+
+    @app.get("/orders/{order_id}", response_class=HTMLResponse)
+    def order_page(request: Request, order_id: str) -> str:
+        session = ctx.session_of(request)
+        order, order_html = _order_part(settings, order_id)
+        parts = [
+            ("Order", order_html),
+            ("Status", _status_part(ctx, order_id)),
+            ("Timeline", _timeline_part(ctx, codec, order_id)),
+            ("Held", _held_part(settings, order_id)),
+            ("Documents", _documents_part(settings, order_id)),
+            ("Mails", _mails_part(settings, order_id, order)),
+        ]
+        body = "".join(f"<section><h2>{html.escape(title)}</h2>{content}</section>" for title, content in parts)
+        return html.page(f"Order {order_id}", body, session, here="/orders")
+
+    @app.get("/orders/{order_id}/documents/{file}")
+    def document(request: Request, order_id: str, file: str) -> FileResponse:
+        ctx.session_of(request)
+        try:
+            rows = _documents(settings, order_id)
+        except (SQLAlchemyError, OpsError):
+            rows = []
+        listed = {row.pdf_path for _, row in rows}
+        if file not in listed:
+            raise HTTPException(404, "no such document for this order")
+        folder = (settings.data_dir / "invoices").resolve()
+        path = (folder / file).resolve()
+        if not path.is_relative_to(folder) or not path.is_file():
+            raise HTTPException(404, "no such document for this order")
+        return FileResponse(path, media_type="application/pdf", filename=path.name)
+
+
+# ----- search -----
+
+def _order_href(order_id: str) -> str:
+    return f"/orders/{quote(order_id, safe='')}"
+
+
+def _search_form(customer_id: str, state: str, since: str) -> str:
+    options = "".join(f'<option value="{html.attr(s)}"{" selected" if s == state else ""}>{html.escape(s)}</option>'
+                      for s in ("", *ORDER_STATES))
+    return (f'<form method="get" action="/orders"><p>'
+            f'<label>Order id <input name="order_id" size="38"></label> '
+            f'<label>Customer id <input name="customer_id" value="{html.attr(customer_id)}"></label> '
+            f'<label>State <select name="state">{options}</select></label> '
+            f'<label>Changed since <input name="since" value="{html.attr(since)}" placeholder="1h or ISO time" '
+            f'size="14"></label> <button>Search</button></p></form>')
+
+
+def _by_view(ctx, state: str, since: str) -> str:
+    from services.orders.api import StatusUnavailable
+
+    try:
+        found = ctx.status.list(state=state or None, since=since or None, limit=SEARCH_LIMIT)
+    except (StatusUnavailable, ValueError) as exc:
+        return html.problem(f"order-status view: {exc}")
+    rows = [(html.link(_order_href(s["order_id"]), s["order_id"]), s.get("state"), s.get("reason") or "",
+             s.get("created_at", ""), s.get("updated_at", "")) for s in found.get("statuses", [])]
+    note = f"<p>{found.get('count', len(rows))} order(s); the newest {len(rows)} shown.</p>" if rows else ""
+    return note + html.table(("order", "state", "reason", "created", "changed"), rows, empty="no order matches")
+
+
+def _by_customer(ctx, customer_id: str, state: str, since: str) -> str:
+    from services.orders.api import StatusUnavailable
+
+    out = []
+    after = None
+    if since:
+        try:
+            after = parse_since(since, datetime.now(UTC))
+        except ValueError as exc:
+            return html.problem(str(exc))
+    if state and state not in ORDER_STATES:
+        return html.problem(f"unknown state {state}; known: {', '.join(ORDER_STATES)}")
+    engine = group_engine(ctx.settings, "orders")
+    if engine is None:
+        return html.problem(f"orders database: {ctx.settings.database_url('orders')} does not exist")
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(select(orders.c.order_id, orders.c.customer_email, orders.c.total, orders.c.currency,
+                                        orders.c.created_at).where(orders.c.customer_id == customer_id)
+                                 .order_by(orders.c.created_at.desc()).limit(SEARCH_LIMIT)).all()
+    except SQLAlchemyError as exc:
+        return html.problem(f"orders database: {database_problem(exc)}")
+    finally:
+        engine.dispose()
+    rows, view_down = [], None
+    for r in found:
+        status = None
+        if view_down is None:
+            try:
+                status = ctx.status.get(r.order_id)
+            except StatusUnavailable as exc:
+                view_down = str(exc)
+        st = (status or {}).get("state")
+        if state and st != state:
+            continue
+        if after is not None and (status is None or datetime.fromisoformat(status["updated_at"]) < after):
+            continue
+        rows.append((html.link(_order_href(r.order_id), r.order_id), st or "-", r.customer_email,
+                     f"{r.total} {r.currency}", _when(r.created_at)))
+    if view_down:
+        out.append(html.problem(f"order-status view: {view_down}"))
+    out.append(html.table(("order", "state", "e-mail", "total", "placed"), rows,
+                          empty=f"no order of customer {customer_id}" + (" matches" if state or since else "")))
+    return "".join(out)
+
+
+# ----- one order -----
+
+def _order_part(settings, order_id: str) -> tuple[Any, str]:
+    engine = group_engine(settings, "orders")
+    if engine is None:
+        return None, html.problem(f"orders database: {settings.database_url('orders')} does not exist")
+    try:
+        with engine.connect() as conn:
+            order = conn.execute(select(orders).where(orders.c.order_id == order_id)).first()
+            cancel = conn.execute(select(cancellations).where(cancellations.c.order_id == order_id)).first()
+    except SQLAlchemyError as exc:
+        return None, html.problem(f"orders database: {database_problem(exc)}")
+    finally:
+        engine.dispose()
+    if order is None:
+        return None, html.problem(f"the orders database has no order {order_id}")
+    facts = [("customer", html.link(f"/orders?{urlencode({'customer_id': order.customer_id})}", order.customer_id)),
+             ("e-mail", order.customer_email), ("total", f"{order.total} {order.currency}"),
+             ("placed", _when(order.created_at))]
+    if cancel is not None:
+        facts.append(("cancelled", f"{_when(cancel.cancelled_at)}" + (f" ({cancel.reason})" if cancel.reason else "")))
+    lines = html.table(("sku", "quantity", "unit price"),
+                       [(line.get("sku"), line.get("quantity"), line.get("unit_price")) for line in order.lines or []],
+                       numeric=(1, 2), empty="no lines")
+    return order, html.table(("", ""), facts) + lines
+
+
+def _status_part(ctx, order_id: str) -> str:
+    from services.orders.api import StatusUnavailable
+
+    try:
+        status = ctx.status.get(order_id)
+    except StatusUnavailable as exc:
+        return html.problem(f"order-status view: {exc}")
+    if status is None:
+        return html.problem(f"the order-status view does not know order {order_id}")
+    state = html.Markup(f'<span class="{"bad" if status.get("state") in ("FAILED", "STALLED") else "ok"}">'
+                        f'{html.escape(status.get("state"))}</span>')
+    facts = [("state", state), ("reason", status.get("reason") or "-"), ("created", status.get("created_at")),
+             ("changed", status.get("updated_at"))]
+    if status.get("cancelled_at"):
+        facts.append(("cancelled", f"{status['cancelled_at']}" +
+                      (f" ({status['cancel_reason']})" if status.get("cancel_reason") else "")))
+    if status.get("sla_deadline"):
+        facts.append(("SLA deadline passed", status["sla_deadline"]))
+    steps = html.table(("step", "state", "attempts", "last error", "detail", "compensation", "compensation detail"),
+                       [(name, s.get("state"), s.get("attempts"), s.get("last_error") or "", s.get("detail") or "",
+                         s.get("compensation") or "", s.get("compensation_detail") or "")
+                        for name, s in status.get("steps", {}).items()], numeric=(2,), empty="no step")
+    return html.table(("", ""), facts) + steps
+
+
+def order_topics() -> list:
+    """Every topic keyed by order id: event topics and each group's retry, dead-letter and parking topics."""
+    return [t for t in registry.all_topics() if t.key == "order_id"]
+
+
+def read_timeline(kafka, codec, order_id: str) -> tuple[list[TimelineEntry], list[str]]:
+    """Every message keyed by `order_id` in every order topic, in time order; and the topics that
+    do not exist. Reads only the partition the key hashes to (murmur2, as every producer here)."""
+    key = order_id.encode()
+    consumer = kafka.consumer()
+    metadata = kafka.topics(consumer)
+    parts, missing = [], []
+    for spec in order_topics():
+        meta = metadata.get(spec.name)
+        if meta is None or meta.error is not None or not meta.partitions:
+            missing.append(spec.name)
+            continue
+        parts.append((spec.name, partition_of(key, len(meta.partitions))))
+    marks = watermarks(consumer, parts, kafka.timeout)
+    entries = []
+    for msg in scan(consumer, marks):
+        if msg.key() != key:
+            continue
+        entries.append(_entry(msg, codec))
+    entries.sort(key=lambda e: (e.timestamp_ms, e.topic, e.offset))
+    return entries, missing
+
+
+def _entry(msg, codec) -> TimelineEntry:
+    try:
+        decoded = codec.decode(msg.value()) if codec is not None else None
+    except (DecodeError, KeyError, OSError, ValueError):
+        decoded = None
+    event_type = decoded.event_type if decoded else "undecodable"
+    detail = ", ".join(f"{f}: {decoded.record[f]}" for f in DETAIL_FIELDS
+                       if decoded and decoded.record.get(f) not in (None, "")) if decoded else ""
+    failure = _failure(msg)
+    if failure:
+        detail = failure + (f" ({detail})" if detail else "")
+    return TimelineEntry(msg.timestamp()[1], msg.topic(), msg.partition(), msg.offset(), event_type, detail)
+
+
+def _failure(msg) -> str:
+    topic = msg.topic()
+    group = header(msg, H_GROUP) or "?"
+    error = ": ".join(x for x in (header(msg, H_EXC_TYPE), header(msg, H_EXC_MESSAGE)) if x) or "no error recorded"
+    if ".retry." in topic:
+        attempt = header(msg, H_ATTEMPT) or topic.rsplit(".", 1)[-1]
+        due = number_header(msg, H_DUE_AT, float)
+        due_text = datetime.fromtimestamp(due, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC" if due else "?"
+        return f"retry {attempt} in {group}: {error}, due {due_text}"
+    if topic.endswith(".dlt"):
+        return f"dead-lettered in {group}: {header(msg, H_REASON) or '?'}: {error}"
+    if topic.endswith(".parking"):
+        return f"parked from {group}'s dead letters: {error}"
+    return ""
+
+
+def _timeline_part(ctx, codec, order_id: str) -> str:
+    out = []
+    try:
+        the_codec = codec()
+    except Exception as exc:  # a registry that refuses or is away: show the messages undecoded
+        the_codec = None
+        out.append(html.problem(f"schema registry: {exc}"))
+    try:
+        with ctx.kafka_clients() as (kafka, _audit):
+            entries, missing = read_timeline(kafka, the_codec, order_id)
+    except OpsError as exc:
+        return "".join(out) + html.problem(f"Kafka: {exc}")
+    if missing:
+        out.append(html.problem(f"{len(missing)} topic(s) do not exist: {', '.join(missing[:8])}"
+                                + (" ..." if len(missing) > 8 else "")))
+    rows = [(_ms(e.timestamp_ms), e.topic, e.event_type, f"{e.partition}/{e.offset}", e.detail) for e in entries]
+    out.append(html.table(("time", "topic", "event", "partition/offset", "detail"), rows,
+                          empty="no message of this order in any topic"))
+    return "".join(out)
+
+
+def _held_part(settings, order_id: str) -> str:
+    rows, problems = [], []
+    for group in registry.GROUPS:
+        engine = group_engine(settings, group.name)
+        if engine is None:
+            continue
+        try:
+            for r in HeldKeys.of_group(group.name).summary(engine):
+                if r["key"] == order_id:
+                    rows.append((group.name, r["state"], r["head_event_id"], r["reason"], _when(r["since"]),
+                                 r["waiting"]))
+        except SQLAlchemyError as exc:
+            problems.append(html.problem(f"{group.name}'s held keys: {database_problem(exc)}"))
+        finally:
+            engine.dispose()
+    return "".join(problems) + html.table(("group", "state", "head event", "why", "since", "events waiting"), rows,
+                                          numeric=(5,), empty="no group holds this order's key")
+
+
+def _documents(settings, order_id: str) -> list[tuple[str, Any]]:
+    engine = group_engine(settings, "invoice")
+    if engine is None:
+        raise OpsError(f"{settings.database_url('invoice')} does not exist")
+    try:
+        with engine.connect() as conn:
+            found = [("invoice", r) for r in conn.execute(select(invoices).where(invoices.c.order_id == order_id))]
+            found += [("credit note", r) for r in
+                      conn.execute(select(credit_notes).where(credit_notes.c.order_id == order_id))]
+    finally:
+        engine.dispose()
+    return found
+
+
+def _documents_part(settings, order_id: str) -> str:
+    try:
+        rows = _documents(settings, order_id)
+    except OpsError as exc:
+        return html.problem(f"invoice database: {exc}")
+    except SQLAlchemyError as exc:
+        return html.problem(f"invoice database: {database_problem(exc)}")
+    return html.table(("document", "number", "total", "issued", "PDF"),
+                      [(kind, r.number, f"{r.total} {r.currency}", _when(r.issued_at),
+                        html.link(f"{_order_href(order_id)}/documents/{quote(r.pdf_path, safe='')}", r.pdf_path))
+                       for kind, r in rows], numeric=(1,), empty="no invoice or credit note")
+
+
+def _mails_part(settings, order_id: str, order) -> str:
+    out, rows, ids = [], [], set()
+    engine = group_engine(settings, "email")
+    if engine is None:
+        out.append(html.problem(f"email database: {settings.database_url('email')} does not exist"))
+    else:
+        try:
+            with engine.connect() as conn:
+                sent = conn.execute(select(sent_emails).where(sent_emails.c.order_id == order_id)).first()
+                cancel = conn.execute(select(email_cancelled).where(email_cancelled.c.order_id == order_id)).first()
+            if sent is not None:
+                rows.append(("confirmation", sent.message_id, sent.recipient, _when(sent.sent_at)))
+                ids.add(sent.message_id)
+            if cancel is not None:
+                rows.append(("cancellation", cancel.document or "-", cancel.compensation, _when(cancel.compensated_at)))
+                if cancel.document:
+                    ids.add(cancel.document)
+        except SQLAlchemyError as exc:
+            out.append(html.problem(f"email database: {database_problem(exc)}"))
+        finally:
+            engine.dispose()
+    out.append(html.table(("mail", "Message-ID", "to / what", "sent"), rows, empty="no mail recorded"))
+    maildir = Path(settings.data_dir) / "maildir"
+    if maildir.is_dir() and ids:
+        recipient = order.customer_email if order is not None else None
+        try:
+            received = [m for m in read_maildir(maildir)
+                        if m["Message-ID"] in ids and (recipient is None or m["To"] == recipient)]
+        except (OSError, ValueError) as exc:
+            out.append(html.problem(f"maildir {maildir}: {exc}"))
+            received = []
+        for m in received:
+            try:
+                body = m.get_body(preferencelist=("plain",))
+                text = body.get_content() if body is not None else ""
+            except (KeyError, LookupError, ValueError) as exc:
+                text = f"(cannot read the text: {exc})"
+            out.append(f"<h3>{html.escape(m['Subject'])}</h3><p>to {html.escape(m['To'])}, {html.escape(m['Date'])}, "
+                       f"{html.escape(m['Message-ID'])}</p><pre>{html.escape(text)}</pre>")
+    return "".join(out)
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "" if value is None else str(value)
+
+
+def _ms(timestamp_ms: int) -> str:
+    if timestamp_ms <= 0:
+        return "?"
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]

@@ -1,0 +1,116 @@
+"""The console's order page (services/console/orders.py) on the real broker, without the pipeline:
+messages keyed by an order id in its topics' partitions (an event the codec cannot read, a retry
+copy and a dead letter with the runtime's failure headers) make its timeline; everything else it
+reads is away (no order-status view, no databases), and each part says so in one line while the
+timeline still shows. The whole pipeline's story is tests/e2e/test_console_orders.py.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import uvicorn
+
+from conftest import settings_for
+from services import registry
+from services.console import app as console_app
+from services.console.auth import Sessions, Users, hash_password
+from services.ops.broker import OpsKafka
+from services.orders.api import StatusClient
+from services.runtime.failure_headers import (H_ATTEMPT, H_DUE_AT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON)
+from services.tools.brokers import free_port
+from streams.order_status.fold import partition_of
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+PASSWORD = "battery staple"
+
+
+@pytest.fixture
+def console(kafka_bootstrap, tmp_path, monkeypatch):
+    settings = settings_for(kafka_bootstrap, data_dir=tmp_path / "data")  # no database there
+
+    @contextmanager
+    def kafka_clients():
+        from services.ops.audit import AuditLog
+
+        kafka = OpsKafka(settings, timeout=10.0)
+        try:
+            yield kafka, AuditLog(kafka)
+        finally:
+            kafka.close()
+
+    app = console_app.create_console(settings, Users(f"vic:viewer:{hash_password(PASSWORD)}"),
+                                     Sessions(b"test-secret", hours=1, secure=False),
+                                     StatusClient(f"http://127.0.0.1:{free_port()}", timeout=1),  # no view there
+                                     kafka_clients)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the console did not start"
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", settings=settings)
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_timeline_shows_retries_and_dead_letters_and_each_missing_part_says_why(console):
+    order_id = str(uuid.uuid4())
+    group = registry.group("email")
+    source = "orders.created"
+    due = time.time() + 30
+    with OpsKafka(console.settings) as kafka:
+        producer = kafka.producer()
+        producer.produce(source, key=order_id.encode(), value=b"not avro", timestamp=1_000)
+        producer.produce(group.retry_topic(source, 1), key=order_id.encode(), value=b"not avro", timestamp=2_000,
+                         headers=[(H_GROUP, b"email"), (H_ATTEMPT, b"1"), (H_EXC_TYPE, b"SMTPServerDisconnected"),
+                                  (H_EXC_MESSAGE, b"<script>alert(1)</script>"), (H_DUE_AT, f"{due:.3f}".encode())])
+        producer.produce(group.dlt_topic(source), key=order_id.encode(), value=b"not avro", timestamp=3_000,
+                         headers=[(H_GROUP, b"email"), (H_ATTEMPT, b"4"), (H_EXC_TYPE, b"SMTPRecipientsRefused"),
+                                  (H_EXC_MESSAGE, b"550 no such user"),
+                                  (H_REASON, b"retries exhausted after 4 attempts")])
+        producer.produce(source, key=b"another-order", value=b"x", timestamp=1_500)  # maybe the same partition
+        assert producer.flush(10) == 0
+    assert partition_of(order_id.encode(), 6) in range(6)
+
+    with httpx.Client(base_url=console.url, timeout=60) as client:
+        assert client.get(f"/orders/{order_id}").status_code == 303
+        login = client.post("/login", data={"name": "vic", "password": PASSWORD, "next": "/"})
+        assert login.status_code == 303
+        page = client.get(f"/orders/{order_id}")
+        assert page.status_code == 200, page.text
+        text = page.text
+        problems = re.findall(r'<p class="error">(.*?)</p>', text)
+        assert any(p.startswith("orders database:") for p in problems), problems
+        assert any(p.startswith("order-status view:") and "not answering" in p for p in problems), problems
+        assert any(p.startswith("invoice database:") for p in problems), problems
+        assert any(p.startswith("email database:") for p in problems), problems
+        assert not any(p.startswith("Kafka") for p in problems), problems
+
+        timeline = text.split("<h2>Timeline</h2>", 1)[1].split("</section>", 1)[0]
+        rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>",
+                          timeline)
+        assert [topic for _, topic, *_ in rows] == [source, group.retry_topic(source, 1), group.dlt_topic(source)]
+        assert all(event == "undecodable" for _, _, event, _, _ in rows)
+        assert rows[0][0] == "1970-01-01 00:00:01.000"
+        assert rows[1][4].startswith("retry 1 in email: SMTPServerDisconnected: &lt;script&gt;alert(1)&lt;/script&gt;, due ")
+        assert "<script>alert" not in text
+        assert rows[2][4] == ("dead-lettered in email: retries exhausted after 4 attempts: "
+                              "SMTPRecipientsRefused: 550 no such user")
+        assert "another-order" not in timeline
+
+        assert client.get(f"/orders/{order_id}/documents/INV-000001.pdf").status_code == 404
+        search = client.get("/orders", params={"state": "CANCELLED"})
+        assert search.status_code == 200 and "order-status view:" in search.text
+        bad = client.get("/orders", params={"customer_id": "c-1", "since": "soon"})
+        assert bad.status_code == 200 and 'class="error"' in bad.text and "since must be" in bad.text

@@ -22,7 +22,7 @@ table{border-collapse:collapse;background:#fff;margin:.5rem 0 1.2rem}
 th,td{border:1px solid #d6dbe2;padding:.3rem .6rem;text-align:left;font-size:.9rem;vertical-align:top}
 th{background:#eef1f5}.num{text-align:right}.bad{color:#b3261e;font-weight:600}.ok{color:#1e7b34}
 .panels{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:1rem}
-.panel{background:#fff;border:1px solid #d6dbe2;padding:.6rem .9rem}.panel h2{font-size:1rem;margin:.2rem 0 .5rem}
+.panel{background:#fff;border:1px solid #d6dbe2;padding:.6rem .9rem;overflow-x:auto;min-width:0}.panel h2{font-size:1rem;margin:.2rem 0 .5rem}
 .error{background:#fdecea;border:1px solid #f5c2bd;padding:.5rem .8rem}
 button,input,select{font:inherit}pre{white-space:pre-wrap;background:#fff;border:1px solid #d6dbe2;padding:.5rem}
 """

@@ -14,7 +14,6 @@ The logic lives in services/ops; this module parses options and prints.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import threading
@@ -184,7 +183,7 @@ def show(
     as_json: AsJson = False, timeout: Timeout = 10.0,
 ) -> None:
     """One message, decoded, with all its headers and the traceback."""
-    from services.cli.tail_cmd import json_default
+    from services.ops.broker import json_default
     from services.ops.deadletters import Ref
     from services.ops.reprocess import read_dead_letter
     from services.runtime.codec import codec_from_settings
@@ -233,16 +232,6 @@ def show(
 # -- replay and purge ---------------------------------------------------------------------------
 
 
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|sec|m|min))?\s*$")
-
-
-def parse_rate(text: str | None) -> float | None:
-    if text is None:
-        return None
-    m = _RATE.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise OpsError(f"bad rate {text!r}: use N/s or N/min, e.g. 50/s")
-    return float(m.group(1)) / (60.0 if m.group(2) in ("m", "min") else 1.0)
 
 
 def _describe_plan(plan) -> None:
@@ -377,7 +366,7 @@ def replay(
     dry_run: DryRun = False, yes: Yes = False, timeout: Timeout = 10.0,
 ) -> None:
     """Put dead letters back: into the group's retry chain (default) or onto the original topic."""
-    from services.ops.reprocess import REPLAY_TO, collect, plan_replay, selection
+    from services.ops.reprocess import REPLAY_TO, collect, parse_rate, plan_replay, selection
 
     with ops_errors():
         if to not in REPLAY_TO:
@@ -433,7 +422,7 @@ def audit_(
     limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the last N.")] = None,
     timeout: Timeout = 10.0,
 ) -> None:
-    """Every replay and purge: who, when, host, selection, count, first and last offsets, outcome."""
+    """Every replay and purge (and cancel from the console): who, when, host, selection, count, first and last offsets, outcome."""
     from services.ops.audit import runs
 
     with ops_errors():

@@ -11,16 +11,15 @@ snapshot that ends.
 
 from __future__ import annotations
 
-import base64
 import json
 import sys
 import uuid
-from datetime import UTC, date, datetime, time
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 
+from services.ops.broker import json_default
 from services.runtime.codec import Codec, DecodeError, codec_from_settings
 from services.runtime.envelope import headers_to_dict
 from services.runtime.settings import Settings
@@ -129,16 +128,3 @@ def format_message(msg: Any, codec: Codec, as_json: bool) -> str:
     body = (f"{record['event_type']} {json.dumps(record['value'], default=json_default, ensure_ascii=False)}"
             if "error" not in record else f"ERROR {record['error']}")
     return f"{record['timestamp'] or '-'} {where} key={record['key']} {body}"
-
-
-def json_default(value: Any) -> Any:
-    """Avro logical types as analysts expect them: decimals as exact strings, times as ISO 8601."""
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, (datetime, date, time)):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")

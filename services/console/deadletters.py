@@ -274,7 +274,7 @@ def register(app: FastAPI, ctx) -> None:
 
     @app.get("/dead-letters/{ref}", response_class=HTMLResponse)
     def dead_letter(request: Request, ref: str) -> HTMLResponse:
-        from services.cli.tail_cmd import json_default
+        from services.ops.broker import json_default
         from services.ops.deadletters import Ref
         from services.ops.reprocess import read_dead_letter
         from services.runtime.codec import codec_from_settings
@@ -317,7 +317,7 @@ def register(app: FastAPI, ctx) -> None:
 
     def plan_of(f: Mapping[str, str], form: Mapping[str, str], kafka, audit):
         """The plan `dlt replay` or `dlt purge` makes from the same options."""
-        from services.cli.dlt_cmd import parse_rate
+        from services.ops.reprocess import parse_rate
         from services.ops.reprocess import REPLAY_TO, collect, plan_purge, plan_replay
 
         action = form.get("action", "")
@@ -466,7 +466,7 @@ def register(app: FastAPI, ctx) -> None:
                          f"{r.get('first') or '-'} .. {r.get('last') or '-'}", what))
         switch = (html.link("/audit", "one line per run") if all
                   else html.link("/audit?all=1", "every record (started, each batch, final)"))
-        body = (f"<p>Every replay and purge, newest first. Show {switch}.</p>"
+        body = (f"<p>Every replay, purge and console cancel, newest first. Show {switch}.</p>"
                 + html.table(("run", "action", "outcome", "who", "from", "started (UTC)", "count", "first .. last",
-                              "selection"), rows, empty="no replays or purges recorded yet"))
+                              "selection"), rows, empty="no replay, purge or cancel recorded yet"))
         return page("Audit log", body, session, here="/audit")

@@ -8,13 +8,18 @@
   copies, the view's own status records, read from the one partition the key hashes to), where a
   group holds its key, its invoice and credit note (with their PDFs) and its mails.
 - `GET /orders/{id}/documents/{file}`: a PDF listed in the invoice service's rows for the order.
+- `POST /orders/{id}/cancel`: (operators, confirm=yes) cancels the order through the same code as
+  the orders API's cancel (services/orders/cancel.py: the cancellation and its OrderCancelled in
+  the orders outbox, one transaction, on the orders service's database), then records it in the
+  audit topic with the console user's name (action "cancel", source "console").
 
-Everything here only reads; every part is read on its own, and one that cannot be read says why
-in one line while the rest still shows. Viewers may read all of it.
+Every part of a page is read on its own, and one that cannot be read says why in one line while
+the rest still shows. Viewers may read all of it; the cancel form shows to operators only.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,8 +29,10 @@ from urllib.parse import quote, urlencode
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
 from services import registry
 from services.console import html
@@ -35,13 +42,17 @@ from services.invoice.tables import credit_notes, invoices
 from services.ops.broker import scan, watermarks
 from services.ops.errors import OpsError, database_problem
 from services.ops.held_keys import group_engine
+from services.orders.cancel import Cancellation, UnknownOrder, cancel_order
+from services.orders.model import CancelOrder
 from services.orders.tables import cancellations, orders
-from services.runtime.codec import DecodeError, codec_from_settings
+from services.runtime.codec import DecodeError, RegistryRefused, RegistryUnavailable, codec_from_settings
 from services.runtime.failure_headers import (H_ATTEMPT, H_DUE_AT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON,
                                               header, number_header)
 from services.runtime.held import HeldKeys
 from streams.order_status.fold import partition_of
 from streams.order_status.status import ORDER_STATES, parse_since
+
+log = logging.getLogger("orderpipe.console")
 
 SEARCH_LIMIT = 200
 # The fields of an event record worth a word in the timeline (whichever the event has).
@@ -87,9 +98,11 @@ def register(app: FastAPI, ctx) -> None:
     @app.get("/orders/{order_id}", response_class=HTMLResponse)
     def order_page(request: Request, order_id: str) -> str:
         session = ctx.session_of(request)
-        order, order_html = _order_part(settings, order_id)
+        order, cancel, order_html = _order_part(settings, order_id)
         parts = [
             ("Order", order_html),
+            *([("Cancel this order", _cancel_form(session, order_id))]
+              if order is not None and cancel is None and session.user.may_change else []),
             ("Status", _status_part(ctx, order_id)),
             ("Timeline", _timeline_part(ctx, codec, order_id)),
             ("Held", _held_part(settings, order_id)),
@@ -98,6 +111,27 @@ def register(app: FastAPI, ctx) -> None:
         ]
         body = "".join(f"<section><h2>{html.escape(title)}</h2>{content}</section>" for title, content in parts)
         return html.page(f"Order {order_id}", body, session, here="/orders")
+
+    @app.post("/orders/{order_id}/cancel")
+    async def cancel(request: Request, order_id: str) -> Any:
+        session = ctx.session_of(request)
+        form = await ctx.change_form(request, session)  # 403: a viewer, no CSRF token, another origin
+        title = f"Cancel order {order_id}"
+
+        def answer(status: int, body: str) -> HTMLResponse:
+            back = "<p>" + html.link(_order_href(order_id), f"Order {order_id}") + "</p>"
+            return HTMLResponse(html.page(title, body + back, session, here="/orders"), status_code=status)
+
+        if form.get("confirm") != "yes":
+            return answer(400, html.problem("not confirmed; nothing was changed"))
+        try:  # the orders API's rules for a reason
+            reason = CancelOrder(reason=form.get("reason", "").strip() or None).reason
+        except ValidationError as exc:
+            return answer(400, html.problem(f"reason: {exc.errors()[0]['msg']}; nothing was changed"))
+        status, body = await run_in_threadpool(_cancel, ctx, codec, session.user.name, order_id, reason)
+        if status == 303:
+            return RedirectResponse(_order_href(order_id), status_code=303)
+        return answer(status, body)
 
     @app.get("/orders/{order_id}/documents/{file}")
     def document(request: Request, order_id: str, file: str) -> FileResponse:
@@ -194,20 +228,21 @@ def _by_customer(ctx, customer_id: str, state: str, since: str) -> str:
 
 # ----- one order -----
 
-def _order_part(settings, order_id: str) -> tuple[Any, str]:
+def _order_part(settings, order_id: str) -> tuple[Any, Any, str]:
+    """The order's row, its cancellation's row (None: not cancelled) and the part's HTML."""
     engine = group_engine(settings, "orders")
     if engine is None:
-        return None, html.problem(f"orders database: {settings.database_url('orders')} does not exist")
+        return None, None, html.problem(f"orders database: {settings.database_url('orders')} does not exist")
     try:
         with engine.connect() as conn:
             order = conn.execute(select(orders).where(orders.c.order_id == order_id)).first()
             cancel = conn.execute(select(cancellations).where(cancellations.c.order_id == order_id)).first()
     except SQLAlchemyError as exc:
-        return None, html.problem(f"orders database: {database_problem(exc)}")
+        return None, None, html.problem(f"orders database: {database_problem(exc)}")
     finally:
         engine.dispose()
     if order is None:
-        return None, html.problem(f"the orders database has no order {order_id}")
+        return None, None, html.problem(f"the orders database has no order {order_id}")
     facts = [("customer", html.link(f"/orders?{urlencode({'customer_id': order.customer_id})}", order.customer_id)),
              ("e-mail", order.customer_email), ("total", f"{order.total} {order.currency}"),
              ("placed", _when(order.created_at))]
@@ -216,7 +251,76 @@ def _order_part(settings, order_id: str) -> tuple[Any, str]:
     lines = html.table(("sku", "quantity", "unit price"),
                        [(line.get("sku"), line.get("quantity"), line.get("unit_price")) for line in order.lines or []],
                        numeric=(1, 2), empty="no lines")
-    return order, html.table(("", ""), facts) + lines
+    return order, cancel, html.table(("", ""), facts) + lines
+
+
+def _cancel_form(session, order_id: str) -> str:
+    return (f'<form method="post" action="{html.attr(_order_href(order_id))}/cancel">{html.csrf_field(session)}'
+            f'<p><label>Reason <input name="reason" maxlength="200" size="60" '
+            f'placeholder="shown in the order\'s status"></label></p>'
+            f'<p><label><input type="checkbox" name="confirm" value="yes" required> Yes, cancel order '
+            f'{html.escape(order_id)}: every service undoes its part (stock released, a credit note if it was '
+            f'invoiced, one cancellation mail). It cannot be undone.</label></p>'
+            f'<p><button>Cancel this order</button></p></form>')
+
+
+def _cancel(ctx, codec, user: str, order_id: str, reason: str | None) -> tuple[int, str]:
+    """Cancel the order as the orders API does, then record it in the audit topic: (303, "") once
+    both are done, else the status and the page's body saying what happened. The audit topic is
+    checked first: a cancel is not carried out where it could not be recorded."""
+    from confluent_kafka import KafkaException
+
+    from services.ops.audit import cancel_record
+
+    settings = ctx.settings
+    audit_errors = (OpsError, KafkaException, BufferError)
+    try:
+        with ctx.kafka_clients() as (kafka, audit):
+            audit.check(kafka.topics())
+
+            def record(outcome: str, already: bool = False) -> str | None:
+                """Write the audit record; the problem in one line if it could not be written."""
+                try:
+                    audit.write(cancel_record(order_id, reason, outcome, user=user, source="console",
+                                              already=already))
+                except audit_errors as exc:
+                    log.error("console cancel not recorded in the audit log",
+                              extra={"user": user, "order_id": order_id, "outcome": outcome, "problem": str(exc)})
+                    return str(exc) or type(exc).__name__
+                return None
+
+            try:
+                the_codec = codec()
+            except (RegistryRefused, RegistryUnavailable) as exc:
+                return 503, html.problem(f"schema registry: {exc}; nothing was changed")
+            engine = group_engine(settings, "orders")
+            if engine is None:
+                return 503, html.problem(f"orders database: {settings.database_url('orders')} does not exist; "
+                                         "nothing was changed")
+            try:
+                cancellation: Cancellation = cancel_order(engine, the_codec, order_id, reason)
+            except UnknownOrder:
+                return 404, html.problem(f"the orders database has no order {order_id}; nothing was changed")
+            except (SQLAlchemyError, RegistryRefused, RegistryUnavailable) as exc:
+                what = (f"orders database: {database_problem(exc)}" if isinstance(exc, SQLAlchemyError)
+                        else f"schema registry: {exc}")
+                log.warning("console cancel failed", extra={"user": user, "order_id": order_id, "problem": what})
+                record(f"failed: {what}")  # an attempt is recorded too: a lost commit may still have cancelled it
+                return 503, html.problem(what)
+            finally:
+                engine.dispose()
+            log.info("console cancel", extra={"user": user, "order_id": order_id, "already": cancellation.already})
+            if (problem := record("completed", already=cancellation.already)) is not None:
+                done = "was cancelled already" if cancellation.already else "is cancelled"
+                return 502, html.problem(f"order {order_id} {done}, but it is not in the audit log: "
+                                         f"{problem}")
+    except audit_errors as exc:
+        return 503, html.problem(f"audit log: {exc}; nothing was changed")
+    if cancellation.already:
+        said = f" ({cancellation.reason})" if cancellation.reason else ""
+        return 200, (f"<p>Order {html.escape(order_id)} was already cancelled at "
+                     f"{html.escape(_when(cancellation.cancelled_at))}{html.escape(said)}: nothing was done again.</p>")
+    return 303, ""
 
 
 def _status_part(ctx, order_id: str) -> str:

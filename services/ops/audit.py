@@ -6,6 +6,10 @@ offsets after it), and a final record: `completed`, `interrupted` or `failed: ..
 killed hard (kill -9, power loss) has no final record: `orderpipe dlt audit` shows it as
 `incomplete`. Dry runs change nothing and write nothing.
 
+An operator's single action from the console (a cancel of one order: `cancel_record`) is ONE
+record, final at once, with the same fields a run's record has (so `orderpipe dlt audit` and the
+console's audit log show it as a run of its own) plus what it acted on.
+
 The `handled` and `committed` fields are what handled.py reads back, so these records are
 both the audit trail and the memory of which dead letters are done.
 """
@@ -91,6 +95,25 @@ class Run:
             "committed": nest(committed or {}),
             **({"source": self.source} if self.source else {}),
         }
+
+
+def cancel_record(order_id: str, reason: str | None, outcome: str, *, user: str, source: str | None = None,
+                  already: bool = False) -> dict[str, Any]:
+    """The one audit record of cancelling an order (action "cancel"), written once the cancel has
+    committed (`outcome` "completed"), or once it failed ("failed: ..."). `already`: the order
+    was cancelled before and nothing was done again (count 0)."""
+    now = _now()
+    subject = {"order_id": order_id, **({"reason": reason} if reason else {})}
+    done = outcome == "completed" and not already
+    return {
+        "run_id": uuid.uuid4().hex[:12], "action": "cancel", "outcome": outcome,
+        "user": user, "host": socket.gethostname(), "started_at": now, "at": now,
+        # The shape of a run's selection, so the audit tables show the order id and the reason.
+        "selection": {"topics": [], "filter": {**subject, **({"already_cancelled": "yes"} if already else {})}},
+        "planned": 1, "count": int(done), "parked": 0, "first": None, "last": None,
+        **subject, "already_cancelled": already,
+        **({"source": source} if source else {}),
+    }
 
 
 class AuditLog:

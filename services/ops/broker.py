@@ -7,9 +7,13 @@ is committed for the group `orderpipe-dlt` (see handled.py), which never has mem
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import date, datetime
+from datetime import time as time_of_day
+from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -219,3 +223,17 @@ def read_one(consumer: Consumer, topic: str, partition: int, offset: int, timeou
         raise OpsError(f"no answer reading {topic}[{partition}] within {timeout:g} s")
     finally:
         consumer.unassign()
+
+
+def json_default(value: Any) -> Any:
+    """For json.dumps of decoded records (`orderpipe tail`, `dlt show`, the console): Avro logical
+    types as analysts expect them, decimals as exact strings, times as ISO 8601."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (datetime, date, time_of_day)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -18,6 +18,7 @@ so the group's inbox turns the second one into a no-op (no second e-mail, no dou
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -74,6 +75,19 @@ def load_state(kafka: OpsKafka, audit: AuditLog, parts: Iterable[TopicPart],
     parts = list(parts)
     records = audit.read(metadata) if records is None else records
     return HandledState.load(kafka.committed(OPS_GROUP, parts), records)
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|sec|m|min))?\s*$")
+
+
+def parse_rate(text: str | None) -> float | None:
+    """`50/s` or `300/min` as messages per second (`--rate` of `orderpipe dlt`, the console's rate)."""
+    if text is None:
+        return None
+    m = _RATE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise OpsError(f"bad rate {text!r}: use N/s or N/min, e.g. 50/s")
+    return float(m.group(1)) / (60.0 if m.group(2) in ("m", "min") else 1.0)
 
 
 def selection(group: str | None = None, source: str | None = None, since: str | None = None,

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from services import registry
+from services.console.settings import ConsoleSettings
 from services.tools.brokers.apache_kafka import KAFKA_VERSION, cluster_settings
 
 SERVICE_NAMES = tuple(s.name for s in registry.SERVICES)
@@ -27,6 +28,7 @@ LONG_RUNNING = {name: s for name, s in ORDERPIPE.items() if s.get("restart") != 
 ONE_SHOT = {name: s for name, s in ORDERPIPE.items() if s.get("restart") == "no"}
 KAFKA_NODES = ("kafka-1", "kafka-2", "kafka-3")
 BOOTSTRAP = ",".join(f"{node}:9092" for node in KAFKA_NODES)
+CONSOLE = "ops-console"  # no service's process (registry.processes() does not list it): services/console
 
 
 def _command(service: dict) -> list[str]:
@@ -52,6 +54,7 @@ def test_every_process_runs_in_its_own_container():
     commands = {tuple(_command(s)) for s in LONG_RUNNING.values()}
     for process in registry.processes():
         assert ("run", process) in commands, f"no container runs `orderpipe run {process}`"
+    assert ("run", CONSOLE) in commands, "no container runs the ops console"
     assert any(c[:3] == ("python", "-m", "streams.order_status") for c in commands), "no order-status worker"
     assert ("topics", "create") in {tuple(_command(s)) for s in ONE_SHOT.values()}
     assert ("db", "upgrade", "all") in {tuple(_command(s)) for s in ONE_SHOT.values()}
@@ -90,7 +93,7 @@ def test_services_are_wired_to_kafka_the_registry_and_health(name: str):
     assert "healthcheck" in service, f"{name} has no healthcheck"
     probe = " ".join(service["healthcheck"]["test"])
     assert re.search(r"/(readyz|healthz)'", probe), probe
-    if _command(service)[:1] == ["run"] and _command(service)[1] != "orders-api":
+    if _command(service)[:1] == ["run"] and _command(service)[1] not in ("orders-api", CONSOLE):
         assert f":{env['ORDERPIPE_HEALTH_PORT']}/readyz" in probe and env["ORDERPIPE_HEALTH_HOST"] == "0.0.0.0"
     waits_for = service.get("depends_on", {})
     assert waits_for.get("topics", {}).get("condition") == "service_completed_successfully"
@@ -101,7 +104,7 @@ def test_services_are_wired_to_kafka_the_registry_and_health(name: str):
 
 def test_every_orderpipe_setting_in_the_file_exists():
     """A typo in an ORDERPIPE_ variable would be ignored silently by pydantic-settings."""
-    fields = registry.setting_variables()
+    fields = registry.setting_variables() | {f"ORDERPIPE_{f.upper()}" for f in ConsoleSettings.model_fields}
     for name, service in ORDERPIPE.items():
         unknown = {k for k in service.get("environment", {}) if k.startswith("ORDERPIPE_")} - fields
         assert not unknown, f"{name}: {unknown}"
@@ -142,5 +145,39 @@ def test_prometheus_scrapes_every_process():
             targets |= {(t.split(":")[0], int(t.split(":")[1])) for t in static["targets"]}
     for name, service in LONG_RUNNING.items():
         command = _command(service)
+        if command == ["run", CONSOLE]:  # no /metrics: the operators' pages, not the pipeline
+            continue
         port = 8000 if command == ["run", "orders-api"] else 6066 if "streams.order_status" in command else 9100
         assert (name, port) in targets, f"Prometheus does not scrape {name}:{port}"
+
+
+# -- the ops console ------------------------------------------------------------------------------
+
+def test_the_console_reads_what_its_pages_show():
+    """Every service's database (timelines, documents, mails, each group's held keys), the
+    order-status view, Kafka and the invoice PDFs: the same values the services themselves get."""
+    [name] = [n for n, s in LONG_RUNNING.items() if _command(s) == ["run", CONSOLE]]
+    console = LONG_RUNNING[name]
+    env = console["environment"]
+    for service in SERVICE_NAMES:
+        key = f"ORDERPIPE_{service.upper()}_DATABASE_URL"
+        assert env.get(key) == SERVICES_["migrate"]["environment"][key], f"the console lacks {key}"
+    status = SERVICES_["order-status"]
+    web_port = status["command"][status["command"].index("--web-port") + 1]
+    assert env["ORDERPIPE_STATUS_URL"] == f"http://order-status:{web_port}"
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == BOOTSTRAP
+    # the PDFs: the invoice service's volume at the console's data folder, read only
+    [invoice_volume] = [v for v in SERVICES_["invoice"]["volumes"] if v.endswith(":/data")]
+    assert f"{invoice_volume}:ro" in console["volumes"] and env["ORDERPIPE_DATA_DIR"] == "/data"
+
+
+def test_the_console_listens_where_it_is_published_and_probed():
+    [console] = [s for s in LONG_RUNNING.values() if _command(s) == ["run", CONSOLE]]
+    env = console["environment"]
+    port = env["ORDERPIPE_CONSOLE_PORT"]
+    assert env["ORDERPIPE_CONSOLE_HOST"] == "0.0.0.0"  # inside the container; the host publishes loopback only
+    assert console["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert f"http://127.0.0.1:{port}/healthz'" in " ".join(console["healthcheck"]["test"])
+    # users and the session secret from the environment of `docker compose`, never in the file
+    assert env["ORDERPIPE_CONSOLE_USERS"] == "${ORDERPIPE_CONSOLE_USERS:-}"
+    assert env["ORDERPIPE_CONSOLE_SECRET"] == "${ORDERPIPE_CONSOLE_SECRET:-}"

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy/k8s/base"
 OVERLAY = REPO / "deploy/k8s/overlays/example"
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
+CONSOLE = "ops-console"  # the operators' web console: no service's process (services/console)
 CUSTOM_KINDS = {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser", "ScaledObject", "TriggerAuthentication"}
 
 
@@ -177,6 +178,7 @@ def test_every_process_has_a_workload():
     runs = {tuple(_main_container(w).get("args", []))[:2]: name for name, w in WORKLOADS.items()}
     for process in registry.processes():
         assert ("run", process) in runs, f"no workload runs `orderpipe run {process}`"
+    assert runs.get(("run", CONSOLE)) == CONSOLE, "no workload runs the ops console"
     assert _main_container(WORKLOADS["order-status"])["command"] == ["python", "-m", "streams.order_status"]
     assert WORKLOADS["order-status"]["kind"] == "StatefulSet"  # a RocksDB volume per worker
 
@@ -189,12 +191,16 @@ def test_workload_has_probes_resources_and_a_disruption_budget(name: str):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] in ports, f"{probe} on an undeclared port"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] in ("/readyz", "/ready")
+    # the console has no /readyz: a broker or database away shows on its pages, it stays in service
+    assert container["readinessProbe"]["httpGet"]["path"] in (("/healthz",) if name == CONSOLE else ("/readyz", "/ready"))
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     assert workload["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     labels = workload["spec"]["template"]["metadata"]["labels"]
     assert any(all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
                for pdb in _by_kind("PodDisruptionBudget").values()), f"no PodDisruptionBudget selects {name}"
+    if name == CONSOLE:  # serves no /metrics, so nothing to scrape
+        assert "prometheus.io/scrape" not in workload["spec"]["template"]["metadata"].get("annotations", {})
+        return
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) in ports.values()
 
@@ -247,7 +253,7 @@ def test_required_secret_keys_are_provided_by_the_overlay():
 def test_each_kafka_client_connects_as_its_own_user_with_the_password_from_its_kafka_user():
     """The user services/ops/access.py gives the process, its password from the Secret Strimzi
     keeps for that KafkaUser (key `password`): never a shared login."""
-    from services.ops.access import principals, user_of
+    from services.ops.access import principals, user_name, user_of
 
     users = {p.name for p in principals()}
     for name, workload in WORKLOADS.items():
@@ -256,13 +262,77 @@ def test_each_kafka_client_connects_as_its_own_user_with_the_password_from_its_k
             assert "ORDERPIPE_KAFKA_SASL_USERNAME" not in env
             continue
         user = env["ORDERPIPE_KAFKA_SASL_USERNAME"]["value"]
-        assert user == user_of(name) and user in users, name
+        # the console reads and replays as `orderpipe dlt`/`lag` do: the operators' user
+        assert user == (user_name("operators") if name == CONSOLE else user_of(name)) and user in users, name
         assert env["ORDERPIPE_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
             "name": user, "key": "password", "optional": True}, name
     overlay = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
     [shared] = [lit for g in overlay["secretGenerator"] for lit in g.get("literals", [])
                 if lit.startswith("KAFKA_CLIENT_CONFIG=")]
     assert "sasl.password" not in shared and "sasl.username" not in shared
+
+
+# -- the ops console -------------------------------------------------------------------------------
+
+def _console() -> tuple[dict, dict, dict[str, dict]]:
+    workload = WORKLOADS[CONSOLE]
+    container = _main_container(workload)
+    return workload, container, {e["name"]: e for e in container.get("env", [])}
+
+
+def test_console_service_selects_the_deployment_on_its_container_port():
+    workload, container, env = _console()
+    assert workload["kind"] == "Deployment" and workload["spec"]["replicas"] == 1
+    assert _by_kind("Ingress") == {}  # exposed by an overlay, behind TLS (deploy/README.md)
+    service = _by_kind("Service")[CONSOLE]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    [port] = service["spec"]["ports"]
+    assert port["port"] == 8010 and port["targetPort"] in ports
+    assert ports[port["targetPort"]] == int(env["ORDERPIPE_CONSOLE_PORT"]["value"])
+    assert env["ORDERPIPE_CONSOLE_HOST"]["value"] == "0.0.0.0"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        target = container[probe]["httpGet"]
+        assert target["path"] == "/healthz" and ports.get(target["port"], target["port"]) == ports[port["targetPort"]]
+
+
+def test_console_reads_every_database_and_its_secrets_from_the_secret():
+    _, container, env = _console()
+    assert container["args"] == ["run", CONSOLE]
+    assert {"name": "orderpipe-config"} in [e["configMapRef"] for e in container["envFrom"]]
+    migrate = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in
+               _by_kind("Job")["db-migrate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for service in SERVICE_NAMES:  # the same Secret keys the services and the migration use
+        key = f"ORDERPIPE_{service.upper()}_DATABASE_URL"
+        assert env[key]["valueFrom"]["secretKeyRef"] == migrate[key], key
+    for variable, key in (("ORDERPIPE_CONSOLE_USERS", "CONSOLE_USERS"), ("ORDERPIPE_CONSOLE_SECRET", "CONSOLE_SECRET")):
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "orderpipe-secrets", "key": key}, variable  # required, not optional
+    overlay = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
+    [secrets] = [g for g in overlay["secretGenerator"] if g["name"] == "orderpipe-secrets"]
+    assert {"CONSOLE_USERS", "CONSOLE_SECRET"} <= {lit.split("=", 1)[0] for lit in secrets["literals"]}
+    # every setting it is given exists (the ConfigMap's are checked in test_config_names_only_existing_settings)
+    from services.console.settings import ConsoleSettings
+
+    fields = registry.setting_variables() | {f"ORDERPIPE_{f.upper()}" for f in ConsoleSettings.model_fields}
+    assert not {k for k in env if k.startswith("ORDERPIPE_")} - fields
+
+
+def test_console_runs_as_non_root_on_a_read_only_file_system():
+    workload, container, _ = _console()
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    # not the invoice PDFs' claim in the base: an overlay mounts it where the cluster has ReadWriteMany
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert not claims
+    assert all(m.get("readOnly") for m in container["volumeMounts"] if m["mountPath"] == "/data")
 
 
 # -- kustomize -------------------------------------------------------------------------------------

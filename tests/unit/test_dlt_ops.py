@@ -11,7 +11,7 @@ from sqlalchemy import MetaData
 
 from kafka_fakes import FakeConsumer, FakeMessage, FakeProducer
 from services import registry
-from services.cli.dlt_cmd import parse_rate
+from services.ops.reprocess import parse_rate
 from services.ops.audit import Run, runs
 from services.ops.deadletters import (H_REPLAY_COUNT, H_REPLAY_OF, DeadLetter, DltTopic, Filter, Ref, parse_time,
                                       resolve_groups)

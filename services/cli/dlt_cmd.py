@@ -78,16 +78,10 @@ def ops_errors() -> Iterator[None]:
         fail(f"Kafka: {reason}")
 
 
-@contextmanager
 def clients(timeout: float = 10.0):
-    from services.ops.audit import AuditLog
-    from services.ops.broker import OpsKafka
+    from services.ops.audit import ops_clients
 
-    kafka = OpsKafka(Settings(), timeout=timeout)
-    try:
-        yield kafka, AuditLog(kafka)
-    finally:
-        kafka.close()
+    return ops_clients(Settings(), timeout)
 
 
 def _table(*columns: str, **kwargs) -> Table:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
-from contextlib import contextmanager
+from functools import partial
 
 from services.console.auth import BadUsers, Sessions, Users
 from services.console.settings import ConsoleSettings
+from services.ops.audit import ops_clients
 from services.runtime.settings import Settings
 
 log = logging.getLogger("orderpipe.console")
@@ -33,18 +34,8 @@ def build(settings: Settings):
     secret = own.console_secret.get_secret_value().encode() if own.console_secret else secrets.token_bytes(32)
     sessions = Sessions(secret, own.console_session_hours, own.console_secure_cookies)
 
-    @contextmanager
-    def kafka_clients():
-        from services.ops.audit import AuditLog
-        from services.ops.broker import OpsKafka
-
-        kafka = OpsKafka(settings, timeout=10.0)
-        try:
-            yield kafka, AuditLog(kafka)
-        finally:
-            kafka.close()
-
-    return create_console(settings, users, sessions, StatusClient(settings.status_url), kafka_clients), own
+    return create_console(settings, users, sessions, StatusClient(settings.status_url),
+                          partial(ops_clients, settings)), own
 
 
 def run(settings: Settings) -> None:

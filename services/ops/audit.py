@@ -21,7 +21,8 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +31,7 @@ from services.ops.broker import OpsKafka, scan, watermarks
 from services.ops.deadletters import Ref
 from services.ops.errors import OpsError
 from services.ops.handled import TopicPart, nest, to_ranges
+from services.runtime.settings import Settings
 from services.runtime.topology import AUDIT
 
 FINAL = ("completed", "interrupted", "failed")
@@ -161,3 +163,14 @@ def runs(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             record = {**record, "outcome": f"incomplete (last seen {record.get('outcome')})"}
         out.append(record)
     return sorted(out, key=lambda r: r.get("started_at", ""))
+
+
+@contextmanager
+def ops_clients(settings: Settings, timeout: float = 10.0) -> Iterator[tuple[OpsKafka, AuditLog]]:
+    """The operators' Kafka client and the audit log on it, closed afterwards: what `orderpipe
+    dlt`, `lag` and the ops console read and act through."""
+    kafka = OpsKafka(settings, timeout=timeout)
+    try:
+        yield kafka, AuditLog(kafka)
+    finally:
+        kafka.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,10 @@ CHROMIUM = os.environ.get("ORDERPIPE_TEST_CHROMIUM") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1280, "height": 800}
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+# Where the screenshots go: the README's images with ORDERPIPE_CONSOLE_SCREENSHOTS=docs/console (to
+# refresh them), else a folder of the run's own, so a test run never changes tracked files.
+SCREENSHOTS = Path(os.environ.get("ORDERPIPE_CONSOLE_SCREENSHOTS")
+                   or Path(tempfile.gettempdir()) / f"orderpipe-console-screenshots-{os.getpid()}")
 
 
 def unavailable(reason: str) -> None:
@@ -71,8 +75,7 @@ MAX_SCREENSHOT_HEIGHT = 2000  # a long page (every group's partitions) is cut he
 
 
 def screenshot(page, name: str) -> Path:
-    """The whole page, up to MAX_SCREENSHOT_HEIGHT pixels, as docs/console/<name>.png (the README
-    shows them)."""
+    """The whole page, up to MAX_SCREENSHOT_HEIGHT pixels, as SCREENSHOTS/<name>.png."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     height = min(page.evaluate("document.documentElement.scrollHeight"), MAX_SCREENSHOT_HEIGHT)

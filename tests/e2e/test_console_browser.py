@@ -15,8 +15,8 @@ the operator looks, so replaying that second dead letter succeeds.
    (the dead-letter hop), filters the dead letters by the order's key, previews the replay, confirms
    it, and watches the order become COMPLETED; the audit log shows the run.
 
-Every page gets a screenshot in docs/console/ (the README shows them). The pipeline and the
-browser are stopped at the end; no process is left (checked).
+Every page gets a screenshot (ORDERPIPE_CONSOLE_SCREENSHOTS=docs/console refreshes the README's).
+The pipeline and the browser are stopped at the end; no process is left (checked).
 """
 
 from __future__ import annotations

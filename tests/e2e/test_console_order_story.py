@@ -14,23 +14,17 @@ the invoice folder, the SMTP sink's maildir).
 from __future__ import annotations
 
 import re
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from services.console import app as console_app
-from services.console.auth import Sessions, Users, hash_password
-from services.orders.api import StatusClient
+from console_server import serve_console, users
 from services.pipeline.demo import _final_state
 from services.pipeline.stack import Stack
 from services.runtime.settings import Settings
-from services.tools.brokers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -50,41 +44,7 @@ def _wait(client: httpx.Client, order_id: str, done, timeout: float = 60.0) -> d
     raise AssertionError(f"order {order_id} did not settle in {timeout:g} s: {view}")
 
 
-@contextmanager
-def _console(settings: Settings, monkeypatch):
-    users = Users(f"vic:viewer:{hash_password(PASSWORD)}")
-    sessions = Sessions(b"test-secret", hours=1, secure=False)
-
-    @contextmanager
-    def kafka_clients():
-        from services.ops.audit import AuditLog
-        from services.ops.broker import OpsKafka
-
-        kafka = OpsKafka(settings, timeout=10.0)
-        try:
-            yield kafka, AuditLog(kafka)
-        finally:
-            kafka.close()
-
-    app = console_app.create_console(settings, users, sessions, StatusClient(settings.status_url, timeout=5),
-                                     kafka_clients)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the console did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def test_an_orders_search_and_its_page_show_everything_the_pipeline_knows(tmp_path: Path, stack_broker: str,
-                                                                          monkeypatch):
+def test_an_orders_search_and_its_page_show_everything_the_pipeline_knows(tmp_path: Path, stack_broker: str):
     data_dir = tmp_path / "data"
     customer = f"customer-{uuid.uuid4().hex[:8]}"
     email = f"{customer}@example.com"
@@ -101,7 +61,7 @@ def test_an_orders_search_and_its_page_show_everything_the_pipeline_knows(tmp_pa
 
         settings = Settings(KAFKA_BOOTSTRAP_SERVERS=info.bootstrap_servers, data_dir=info.data_dir,
                             status_url=info.status_url, log_json=False)
-        with _console(settings, monkeypatch) as url:
+        with serve_console(settings, users(vic=("viewer", PASSWORD)), settings.status_url) as url:
             with httpx.Client(base_url=url, timeout=60) as anonymous:
                 for path in ("/orders", f"/orders/{order_id}", f"/orders/{order_id}/documents/INV-000001.pdf"):
                     answer = anonymous.get(path)

@@ -15,33 +15,27 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 import uuid
 from contextlib import contextmanager
 from decimal import Decimal
 from types import SimpleNamespace
 
-import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select
 from typer.testing import CliRunner
 
 from conftest import settings_for
+from console_server import csrf_of, serve_console, users
+from console_server import logged_in as log_in
 from services.cli.main import app as cli_app
-from services.console import app as console_app
-from services.console.auth import Sessions, Users, hash_password
 from services.ops.audit import AuditLog, runs
 from services.ops.broker import OpsKafka
-from services.orders.api import StatusClient
 from services.orders.model import LineItem, PlaceOrder
 from services.orders.place import place_order
 from services.orders.service import SERVICE
 from services.orders.tables import cancellations, outbox
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.migrate import upgrade_database
-from services.tools.brokers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -62,42 +56,15 @@ def orders_engine(database_url, test_engine):
 def console(kafka_bootstrap, database_url, orders_engine, tmp_path):
     settings = settings_for(kafka_bootstrap, data_dir=tmp_path / "data", orders_database_url=database_url)
     assert settings.database_url("orders") == database_url
-
-    @contextmanager
-    def kafka_clients():
-        kafka = OpsKafka(settings, timeout=10.0)
-        try:
-            yield kafka, AuditLog(kafka)
-        finally:
-            kafka.close()
-
-    users = Users(f"ada:operator:{hash_password(PASSWORDS['ada'])},vic:viewer:{hash_password(PASSWORDS['vic'])}")
-    app = console_app.create_console(settings, users, Sessions(b"test-secret", hours=1, secure=False),
-                                     StatusClient(f"http://127.0.0.1:{free_port()}", timeout=1),  # no view there
-                                     kafka_clients)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the console did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", settings=settings, engine=orders_engine)
-    server.should_exit = True
-    thread.join(10)
+    people = users(ada=("operator", PASSWORDS["ada"]), vic=("viewer", PASSWORDS["vic"]))
+    with serve_console(settings, people) as url:  # no order-status view there
+        yield SimpleNamespace(url=url, settings=settings, engine=orders_engine)
 
 
 @contextmanager
 def logged_in(console, name: str):
-    with httpx.Client(base_url=console.url, timeout=60) as client:
-        answer = client.post("/login", data={"name": name, "password": PASSWORDS[name], "next": "/"})
-        assert answer.status_code == 303, answer.text
+    with log_in(console.url, name, PASSWORDS[name]) as client:
         yield client
-
-
-def csrf_of(page: str) -> str:
-    return page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
 
 
 def cancelled_rows(engine) -> list:

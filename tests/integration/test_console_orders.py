@@ -8,24 +8,18 @@ timeline still shows. The whole pipeline's story is tests/e2e/test_console_order
 from __future__ import annotations
 
 import re
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 
 from conftest import settings_for
+from console_server import serve_console, users
 from services import registry
-from services.console import app as console_app
-from services.console.auth import Sessions, Users, hash_password
 from services.ops.broker import OpsKafka
-from services.orders.api import StatusClient
 from services.runtime.failure_headers import (H_ATTEMPT, H_DUE_AT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON)
-from services.tools.brokers import free_port
 from streams.order_status.fold import partition_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -34,34 +28,10 @@ PASSWORD = "battery staple"
 
 
 @pytest.fixture
-def console(kafka_bootstrap, tmp_path, monkeypatch):
+def console(kafka_bootstrap, tmp_path):
     settings = settings_for(kafka_bootstrap, data_dir=tmp_path / "data")  # no database there
-
-    @contextmanager
-    def kafka_clients():
-        from services.ops.audit import AuditLog
-
-        kafka = OpsKafka(settings, timeout=10.0)
-        try:
-            yield kafka, AuditLog(kafka)
-        finally:
-            kafka.close()
-
-    app = console_app.create_console(settings, Users(f"vic:viewer:{hash_password(PASSWORD)}"),
-                                     Sessions(b"test-secret", hours=1, secure=False),
-                                     StatusClient(f"http://127.0.0.1:{free_port()}", timeout=1),  # no view there
-                                     kafka_clients)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the console did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", settings=settings)
-    server.should_exit = True
-    thread.join(10)
+    with serve_console(settings, users(vic=("viewer", PASSWORD))) as url:  # no view there
+        yield SimpleNamespace(url=url, settings=settings)
 
 
 def test_the_timeline_shows_retries_and_dead_letters_and_each_missing_part_says_why(console):

@@ -13,74 +13,33 @@ what the session cookie and every page promise, and the overview read through th
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 
 from conftest import settings_for
-from services.console.app import create_console
-from services.console.auth import COOKIE, Sessions, Users, hash_password
-from services.orders.api import StatusClient
+from console_server import csrf_of, serve_console, sessions, users
+from console_server import logged_in as log_in
+from services.console.auth import COOKIE, Users, hash_password
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 PASSWORDS = {"ada": "correct horse", "vic": "battery staple"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def console(kafka_bootstrap):
-    settings = settings_for(kafka_bootstrap)
-    users = Users(f"ada:operator:{hash_password(PASSWORDS['ada'])},vic:viewer:{hash_password(PASSWORDS['vic'])}")
-    sessions = Sessions(b"test-secret", hours=1, secure=False)
-
-    @contextmanager
-    def kafka_clients():
-        from services.ops.audit import AuditLog
-        from services.ops.broker import OpsKafka
-
-        kafka = OpsKafka(settings, timeout=10.0)
-        try:
-            yield kafka, AuditLog(kafka)
-        finally:
-            kafka.close()
-
-    status = StatusClient(f"http://127.0.0.1:{_free_port()}", timeout=1)  # no view answers there
-    app = create_console(settings, users, sessions, status, kafka_clients)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the console did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", sessions=sessions)
-    server.should_exit = True
-    thread.join(10)
+    with serve_console(settings_for(kafka_bootstrap), users(ada=("operator", PASSWORDS["ada"]),
+                                                          vic=("viewer", PASSWORDS["vic"]))) as url:
+        yield SimpleNamespace(url=url)  # no order-status view answers here
 
 
 @contextmanager
 def logged_in(console, name: str):
-    with httpx.Client(base_url=console.url, timeout=30) as client:
-        answer = client.post("/login", data={"name": name, "password": PASSWORDS[name], "next": "/"})
-        assert answer.status_code == 303 and answer.headers["location"] == "/", answer.text
+    with log_in(console.url, name, PASSWORDS[name]) as client:
         yield client
-
-
-def csrf_of(page: str) -> str:
-    return page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
 
 
 def test_pages_need_a_login_and_the_login_stays_on_this_console(console):
@@ -120,7 +79,7 @@ def test_the_session_cookie_and_the_headers_promise_what_they_should(console):
         for bad in (tampered, value[:-1] + ("0" if value[-1] != "0" else "1"), "garbage"):
             with httpx.Client(base_url=console.url, timeout=30, cookies={COOKIE: bad}) as forged:
                 assert forged.get("/").status_code == 303
-    expired = Sessions(b"test-secret", hours=-1, secure=False)
+    expired = sessions(hours=-1)
     _, old = expired.new(Users(f"ada:operator:{hash_password('x')}").login("ada", "x"))
     with httpx.Client(base_url=console.url, timeout=30, cookies={COOKIE: old}) as stale:
         assert stale.get("/").status_code == 303

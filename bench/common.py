@@ -54,11 +54,11 @@ PROFILES: dict[str, Sizes] = {
                    bullmq_pg_pool=10),  # make test's broker passes run side by side: 2 x 50 would near max_connections
     # raw_messages as in "full": 50,000 took 0.05 to 0.1 s, too short a window for a stable ceiling.
     "quick": Sizes(raw_messages=300_000, relay_rows=10_000, consumer_messages=5_000, naive_messages=500,
-                   e2e_rate=250, e2e_seconds=10, e2e_capacity_orders=1_500, e2e_sustainable_seconds=20,
+                   e2e_rate=150, e2e_seconds=10, e2e_capacity_orders=1_500, e2e_sustainable_seconds=20,
                    recovery_orders=10_000, ordering_orders=3_000,
                    ordering_rounds=2, bullmq_jobs=10_000, bullmq_pg_jobs=5_000),
     "full": Sizes(raw_messages=300_000, relay_rows=30_000, consumer_messages=20_000, naive_messages=2_000,
-                  e2e_rate=250, e2e_seconds=20, e2e_capacity_orders=5_000, e2e_sustainable_seconds=60),
+                  e2e_rate=150, e2e_seconds=20, e2e_capacity_orders=5_000, e2e_sustainable_seconds=60),
 }
 
 

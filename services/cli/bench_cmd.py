@@ -38,7 +38,7 @@ def bench(
         help="Seconds of fixed offered load in the end-to-end run, for the memory check (e.g. 300).")] = None,
     only: Annotated[str | None, typer.Option(
         help="Comma-separated sections: raw, relay, consumer, naive, ordering, bullmq, e2e, recovery.")] = None,
-    rate: Annotated[float | None, typer.Option(help="Offered load of the latency phase, orders/s (250).")] = None,
+    rate: Annotated[float | None, typer.Option(help="Offered load of the latency phase, orders/s (150: the p99 target's rate).")] = None,
     profile: Annotated[bool, typer.Option(
         "--profile", help="pyinstrument the no-op consumer cases, py-spy the end-to-end processes.")] = False,
     postgres_url: Annotated[str | None, typer.Option(

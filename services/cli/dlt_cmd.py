@@ -229,20 +229,14 @@ def show(
 
 
 def _describe_plan(plan) -> None:
-    snap = plan.snapshot
+    """What the plan does, before the table of items (the console's dead-letter page says the same)."""
     topics = ", ".join(t.name for t in plan.selection.targets)
-    skipped = []
-    if snap.skipped_handled:
-        skipped.append(f"{snap.skipped_handled} already handled")
-    if snap.unselected:
-        skipped.append(f"{snap.unselected} not matching the filter")
+    skipped = plan.left_alone()
     console.print(f"{len(plan.items)} dead letter(s) selected in {topics}"
                   + (f" (left alone: {', '.join(skipped)})" if skipped else ""), highlight=False, soft_wrap=True)
-    if snap.truncated:
+    if plan.snapshot.truncated:
         console.print("(limit reached; run again to continue)")
-    for destination, n in plan.destinations().items():
-        parked = any(i.action == "park" and i.destination == destination for i in plan.items)
-        what = "park" if parked else plan.action
+    for what, n, destination in plan.moves():
         console.print(f"  {what} {n} -> {destination}", highlight=False, soft_wrap=True)
 
 

@@ -183,21 +183,13 @@ def plan_digest(plan) -> str:
 
 def describe_plan(plan) -> str:
     """What `dlt replay/purge --dry-run` prints (dlt_cmd._describe_plan and _print_items)."""
-    snap = plan.snapshot
     topics = ", ".join(t.name for t in plan.selection.targets)
-    skipped = []
-    if snap.skipped_handled:
-        skipped.append(f"{snap.skipped_handled} already handled")
-    if snap.unselected:
-        skipped.append(f"{snap.unselected} not matching the filter")
+    skipped = plan.left_alone()
     out = [f"<p>{len(plan.items)} dead letter(s) selected in {html.escape(topics)}"
            + (f" (left alone: {html.escape(', '.join(skipped))})" if skipped else "") + "</p>"]
-    if snap.truncated:
+    if plan.snapshot.truncated:
         out.append("<p>(limit reached; run again to continue)</p>")
-    moves = []
-    for destination, n in plan.destinations().items():
-        parked = any(i.action == "park" and i.destination == destination for i in plan.items)
-        moves.append(f"<li>{'park' if parked else html.escape(plan.action)} {n} → {html.escape(destination)}</li>")
+    moves = [f"<li>{html.escape(what)} {n} → {html.escape(destination)}</li>" for what, n, destination in plan.moves()]
     if moves:
         out.append("<ul>" + "".join(moves) + "</ul>")
     rows = [(ref_link(i.dead_letter.ref), i.dead_letter.key_text, _short_type(i.dead_letter.exception_type),

@@ -196,6 +196,22 @@ class Plan:
                 out[item.destination] = out.get(item.destination, 0) + 1
         return out
 
+    def left_alone(self) -> list[str]:
+        """What the selection skipped and why, as the dry run says it ("3 already handled")."""
+        out = []
+        if self.snapshot.skipped_handled:
+            out.append(f"{self.snapshot.skipped_handled} already handled")
+        if self.snapshot.unselected:
+            out.append(f"{self.snapshot.unselected} not matching the filter")
+        return out
+
+    def moves(self) -> list[tuple[str, int, str]]:
+        """(what, how many, destination) per destination: the plan's action, or "park" for the
+        too often replayed ones sent to the parking topic."""
+        parked = {i.destination for i in self.items if i.action == "park"}
+        return [("park" if destination in parked else self.action, n, destination)
+                for destination, n in self.destinations().items()]
+
 
 def plan_replay(snapshot: Snapshot, selection: Selection, *, to: str = "retry",
                 max_replays: int | None = 3) -> Plan:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -39,7 +39,7 @@ from services.console import html
 from services.email.smtp_sink import read_maildir
 from services.email.tables import cancelled_orders as email_cancelled, sent_emails
 from services.invoice.tables import credit_notes, invoices
-from services.ops.broker import scan, watermarks
+from services.ops.broker import first_offsets_at, scan, watermarks
 from services.ops.errors import OpsError, database_problem
 from services.ops.held_keys import group_engine
 from services.orders.cancel import Cancellation, UnknownOrder, cancel_order
@@ -104,7 +104,7 @@ def register(app: FastAPI, ctx) -> None:
             *([("Cancel this order", _cancel_form(session, order_id))]
               if order is not None and cancel is None and session.user.may_change else []),
             ("Status", _status_part(ctx, order_id)),
-            ("Timeline", _timeline_part(ctx, codec, order_id)),
+            ("Timeline", _timeline_part(ctx, codec, order_id, order.created_at if order is not None else None)),
             ("Held", _held_part(settings, order_id)),
             ("Documents", _documents_part(settings, order_id)),
             ("Mails", _mails_part(settings, order_id, order)),
@@ -353,9 +353,17 @@ def order_topics() -> list:
     return [t for t in registry.all_topics() if t.key == "order_id"]
 
 
-def read_timeline(kafka, codec, order_id: str) -> tuple[list[TimelineEntry], list[str]]:
+# How long before the order's `created_at` (the API's clock) its first message may be stamped
+# (the relay's clock): room for clocks that disagree, never for messages of the order.
+CLOCK_SKEW_MARGIN = timedelta(minutes=5)
+
+
+def read_timeline(kafka, codec, order_id: str, placed_at: datetime | None = None
+                  ) -> tuple[list[TimelineEntry], list[str]]:
     """Every message keyed by `order_id` in every order topic, in time order; and the topics that
-    do not exist. Reads only the partition the key hashes to (murmur2, as every producer here)."""
+    do not exist. Reads only the partition the key hashes to (murmur2, as every producer here),
+    and, when the order's placing time is known, only from then on (less `CLOCK_SKEW_MARGIN`):
+    no message of the order is older, and an order page must not read a topic's whole history."""
     key = order_id.encode()
     consumer = kafka.consumer()
     metadata = kafka.topics(consumer)
@@ -367,6 +375,9 @@ def read_timeline(kafka, codec, order_id: str) -> tuple[list[TimelineEntry], lis
             continue
         parts.append((spec.name, partition_of(key, len(meta.partitions))))
     marks = watermarks(consumer, parts, kafka.timeout)
+    if placed_at is not None:
+        since = placed_at if placed_at.tzinfo else placed_at.replace(tzinfo=UTC)
+        marks = first_offsets_at(consumer, marks, int((since - CLOCK_SKEW_MARGIN).timestamp() * 1000), kafka.timeout)
     entries = []
     for msg in scan(consumer, marks):
         if msg.key() != key:
@@ -406,7 +417,7 @@ def _failure(msg) -> str:
     return ""
 
 
-def _timeline_part(ctx, codec, order_id: str) -> str:
+def _timeline_part(ctx, codec, order_id: str, placed_at: datetime | None) -> str:
     out = []
     try:
         the_codec = codec()
@@ -415,7 +426,7 @@ def _timeline_part(ctx, codec, order_id: str) -> str:
         out.append(html.problem(f"schema registry: {exc}"))
     try:
         with ctx.kafka_clients() as (kafka, _audit):
-            entries, missing = read_timeline(kafka, the_codec, order_id)
+            entries, missing = read_timeline(kafka, the_codec, order_id, placed_at)
     except OpsError as exc:
         return "".join(out) + html.problem(f"Kafka: {exc}")
     if missing:

@@ -39,6 +39,27 @@ def watermarks(consumer: Consumer, parts: Iterable[TopicPart], timeout: float = 
         raise OpsError(str(exc)) from None
 
 
+def first_offsets_at(consumer: Consumer, ranges: dict[TopicPart, tuple[int, int]], timestamp_ms: int,
+                     timeout: float = 10.0) -> dict[TopicPart, tuple[int, int]]:
+    """`ranges` ((low, end) per partition) narrowed to the messages with a timestamp at or after
+    `timestamp_ms`, by the broker's time index (ListOffsets by time). A broker that cannot answer
+    leaves a range whole: this may read more, never miss a message. (Tansu answers the first
+    offset for any time; Apache Kafka the first message at or after it, or -1 past the last.)"""
+    asked = [TopicPartition(t, p, timestamp_ms) for (t, p) in ranges]
+    try:
+        found = consumer.offsets_for_times(asked, timeout) if asked else []
+    except KafkaException:
+        return dict(ranges)
+    out = dict(ranges)
+    for tp in found:
+        low, end = ranges[(tp.topic, tp.partition)]
+        if tp.error is not None:
+            continue
+        start = end if tp.offset == -1 else tp.offset  # -1: no message at or after the time
+        out[(tp.topic, tp.partition)] = (min(max(low, start), end), end)
+    return out
+
+
 def _reason(exc: KafkaException) -> str:
     err = exc.args[0] if exc.args else None
     return err.str() if hasattr(err, "str") else str(exc)

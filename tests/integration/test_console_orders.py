@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import httpx
@@ -84,3 +85,35 @@ def test_the_timeline_shows_retries_and_dead_letters_and_each_missing_part_says_
         assert search.status_code == 200 and "order-status view:" in search.text
         bad = client.get("/orders", params={"customer_id": "c-1", "since": "soon"})
         assert bad.status_code == 200 and 'class="error"' in bad.text and "since must be" in bad.text
+
+
+def test_the_timeline_reads_from_the_order_s_placing_time_on_and_misses_nothing_after_it(kafka_bootstrap):
+    """An order page reads each topic from the order's `created_at` less the clock-skew margin
+    (the broker's time index), not the topic's whole history: on Apache Kafka a message stamped
+    before that is not read at all; on any broker none at or after it is missed (Tansu's time
+    index answers the first offset, so there the whole partition is read, as before)."""
+    from conftest import broker_plan
+    from services.console.orders import CLOCK_SKEW_MARGIN, read_timeline
+
+    order_id = str(uuid.uuid4())
+    placed = datetime.now(UTC) - timedelta(hours=1)
+    placed_ms = int(placed.timestamp() * 1000)
+    before_margin = placed_ms - int(CLOCK_SKEW_MARGIN.total_seconds() * 1000) - 60_000
+    inside_margin = placed_ms - 60_000  # a relay whose clock is a minute behind the API's
+    settings = settings_for(kafka_bootstrap)
+    group = registry.group("inventory")
+    stamped = {("orders.created", before_margin), ("orders.created", inside_margin),
+               ("orders.cancelled", placed_ms + 5_000), (group.retry_topic("orders.created", 1), placed_ms + 9_000)}
+    with OpsKafka(settings) as kafka:
+        producer = kafka.producer()
+        for topic, ts in sorted(stamped, key=lambda s: s[1]):
+            producer.produce(topic, key=order_id.encode(), value=b"not avro", timestamp=ts)
+        assert producer.flush(10) == 0
+        whole, _ = read_timeline(kafka, None, order_id)
+        since_placed, missing = read_timeline(kafka, None, order_id, placed_at=placed)
+    assert not missing
+    assert {(e.topic, e.timestamp_ms) for e in whole} == stamped
+    got = {(e.topic, e.timestamp_ms) for e in since_placed}
+    assert stamped - {("orders.created", before_margin)} <= got, "a message at or after the margin was missed"
+    if broker_plan().is_apache_kafka:
+        assert ("orders.created", before_margin) not in got, "a message older than the order was read"

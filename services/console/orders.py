@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -180,6 +181,9 @@ def _by_view(ctx, state: str, since: str) -> str:
     return note + html.table(("order", "state", "reason", "created", "changed"), rows, empty="no order matches")
 
 
+VIEW_REQUESTS_AT_ONCE = 8
+
+
 def _by_customer(ctx, customer_id: str, state: str, since: str) -> str:
     from services.orders.api import StatusUnavailable
 
@@ -204,14 +208,24 @@ def _by_customer(ctx, customer_id: str, state: str, since: str) -> str:
         return html.problem(f"orders database: {database_problem(exc)}")
     finally:
         engine.dispose()
-    rows, view_down = [], None
-    for r in found:
-        status = None
-        if view_down is None:
-            try:
-                status = ctx.status.get(r.order_id)
-            except StatusUnavailable as exc:
-                view_down = str(exc)
+
+    def ask_view(order_id: str) -> dict | str | None:  # the status, or why the view did not answer
+        try:
+            return ctx.status.get(order_id)
+        except StatusUnavailable as exc:
+            return str(exc)
+
+    # The view answers one order per request: the first alone (a view that is away costs one
+    # timeout, not one per order), then the rest of the page's orders a few at a time.
+    answers = [ask_view(found[0].order_id)] if found else []
+    if found and not isinstance(answers[0], str):
+        with ThreadPoolExecutor(max_workers=VIEW_REQUESTS_AT_ONCE) as pool:
+            answers += pool.map(ask_view, [r.order_id for r in found[1:]])
+    answers += [None] * (len(found) - len(answers))  # the view is away: the orders without a state
+    view_down = next((a for a in answers if isinstance(a, str)), None)
+    rows = []
+    for r, answer in zip(found, answers):
+        status = answer if isinstance(answer, dict) else None
         st = (status or {}).get("state")
         if state and st != state:
             continue

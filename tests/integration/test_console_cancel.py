@@ -189,3 +189,15 @@ def test_the_cancel_of_an_order_the_orders_database_cannot_reach_is_a_one_line_5
     assert cancelled_rows(console.engine) == []
     [record] = cancel_records(console.settings, order_id)
     assert record["outcome"].startswith("failed: orders database") and record["count"] == 0
+
+
+def test_a_customer_search_lists_every_order_with_one_line_when_the_view_is_away(console):
+    """The customer search reads the orders database and asks the view for each order's state;
+    with no view, each order is still listed (state "-") under one line that says why."""
+    placed = [place_order(console.engine, CODEC, REQUEST).order_id for _ in range(3)]
+    with logged_in(console, "vic") as viewer:
+        page = viewer.get("/orders", params={"customer_id": "c-1"})
+    assert page.status_code == 200
+    assert set(re.findall(r'href="/orders/([0-9a-f-]{36})"', page.text)) == set(placed)
+    problems = re.findall(r'<p class="error">(.*?)</p>', page.text)
+    assert len(problems) == 1 and problems[0].startswith("order-status view:"), problems

@@ -20,6 +20,11 @@ from services.runtime.events import OrderCreated, OrderLine
 from services.runtime.outbox import add_event
 
 
+# Built once, executed with parameters: `insert().values(...)` per call cost half of place_order's CPU
+# (building the statement and its cache key each time).
+_ADD_ORDER = orders.insert()
+
+
 def place_order(engine: Engine, codec: Codec, request: PlaceOrder,
                 also: Callable[[Connection, OrderCreated], None] | None = None) -> OrderCreated:
     """`also` runs in the same transaction (the Idempotency-Key's answer is stored there)."""
@@ -33,11 +38,11 @@ def place_order(engine: Engine, codec: Codec, request: PlaceOrder,
     envelope = Envelope(event_id=new_event_id(), event_type="OrderCreated", schema_version=OrderCreated.schema_version,
                         correlation_id=order_id)
     with engine.begin() as conn:
-        conn.execute(orders.insert().values(
-            order_id=order_id, customer_id=request.customer_id, customer_email=request.customer_email,
-            currency=request.currency, lines=[line.model_dump(mode="json") for line in request.lines],
-            total=request.total, created_at=now,
-        ))
+        conn.execute(_ADD_ORDER, {
+            "order_id": order_id, "customer_id": request.customer_id, "customer_email": request.customer_email,
+            "currency": request.currency, "lines": [line.model_dump(mode="json") for line in request.lines],
+            "total": request.total, "created_at": now,
+        })
         add_event(conn, outbox, codec, event, envelope)
         if also is not None:
             also(conn, event)

@@ -34,6 +34,7 @@ _LEVELS = {RETRYING: logging.WARNING, DEAD_LETTERED: logging.ERROR, BREAKER_OPEN
 _STOP = object()
 
 Post = Callable[[str, dict[str, Any]], None]
+Listener = Callable[[str, str, dict[str, Any]], None]  # (kind, message, details), e.g. the worker's open alerts
 
 
 def post_json(url: str, payload: dict[str, Any]) -> None:
@@ -49,6 +50,7 @@ class Alerter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.listeners: list[Listener] = []
 
     def alert(self, kind: str, message: str, **details: Any) -> None:
         payload = {"alert": kind, "group": self.group, "message": message,
@@ -56,6 +58,11 @@ class Alerter:
         log.log(_LEVELS.get(kind, logging.WARNING), message, extra={"alert": kind, "group": self.group,
                                                                     **details})
         metrics.ALERTS.labels(self.group, kind).inc()
+        for listener in self.listeners:
+            try:
+                listener(kind, message, details)
+            except Exception:  # what listens is for the operators: it never breaks processing
+                log.exception("alert listener failed", extra={"group": self.group, "alert": kind})
         self.post(payload)
 
     def post(self, payload: dict[str, Any]) -> None:

@@ -220,9 +220,8 @@ def _panels(view: Overview) -> str:
     held = html.table(("group", "keys held", "events waiting", "since"),
                       [(g, h["keys"], h["waiting"], h["oldest"].strftime("%Y-%m-%d %H:%M:%S"))
                        for g, h in view.held.items()], numeric=(1, 2), empty="no key is held")
-    alerts = html.table(("alert", "open"), [(html.Markup(f'<span class="bad">{html.escape(kind)}</span>'), n)
-                                            for kind, n in Counter(a.kind for a in view.alerts).items()],
-                        numeric=(1,), empty="no open alert")
+    alerts = html.table(("alert", "open"), sorted(Counter(a.kind for a in view.alerts).items()), numeric=(1,),
+                        empty="no open alert")
     if view.alerts:
         alerts += html.table(("alert", "group", "since", "what"),
                              [(a.kind, html.link(f"/groups#{a.group}", a.group), a.since.strftime("%Y-%m-%d %H:%M:%S"),

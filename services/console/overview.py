@@ -1,7 +1,8 @@
 """What the overview page shows, read through the same code as the command line: the order-status
 view (`orderpipe orders list`), consumer lag (`orderpipe lag`), held keys (`orderpipe held list`),
-dead letters (`orderpipe dlt list`) and the alerts open now (`orderpipe alerts`). Each part is read on its own: one that cannot be read
-(the broker away, a database not migrated) says why, and the others still show."""
+dead letters (`orderpipe dlt list`) and the alerts open now (`orderpipe alerts`). Each part is
+read on its own: one that cannot be read (the broker away, a database not migrated) says why,
+and the others still show."""
 
 from __future__ import annotations
 

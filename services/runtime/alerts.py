@@ -6,6 +6,9 @@ details as fields), a count in `orderpipe_alerts_total{group,kind}`, and, when a
 configured (`ORDERPIPE_ALERT_WEBHOOK_URL`), a JSON POST. Webhook calls run on a background
 thread from a bounded queue: a slow or failing webhook never delays or breaks processing; when
 the queue is full, alerts are still logged and counted but not posted.
+
+Listeners (`Alerter.listeners`) are told of each alert in the thread that raised it: the
+worker's open alerts (services/runtime/worker_state.py) are kept from them.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ MAX_RETRYING_LISTED = 50   # more messages retrying than this: one alert says ho
 RETRY_NOT_DUE = "retry not due yet"
 BREAKER_OPEN = "circuit breaker open"
 RATE_LIMITED = "rate limit"
+UNEXPLAINED = "paused"  # neither: not expected (the loop pauses for those reasons only), shown rather than hidden
 _HOLD_ALL_REASONS = {"circuit breaker": BREAKER_OPEN, "rate limit": RATE_LIMITED}  # ServiceConsumer._admission's
 
 
@@ -103,8 +104,8 @@ def pause_reasons(paused: Iterable[tuple[str, int]], not_due: Mapping[tuple[str,
             out[tp] = (everything, None)
         elif tp in not_due:
             out[tp] = (RETRY_NOT_DUE, not_due[tp])
-        else:  # paused, but the loop has not said why (resumed at its next poll)
-            out[tp] = ("paused", None)
+        else:
+            out[tp] = (UNEXPLAINED, None)
     return out
 
 

@@ -21,7 +21,7 @@ from services.runtime.migrate import upgrade_database
 from services.runtime.settings import Settings
 from services.runtime.worker_state import (
     BREAKER_OPEN, FORGET_AFTER_S, MAX_RETRYING_LISTED, RATE_LIMITED, RETRY_ALERT_GRACE_S, RETRY_NOT_DUE,
-    STALE_AFTER_S, OpenAlert, OpenAlerts, PausedPartition, Snapshot, WorkerState, pause_reasons,
+    STALE_AFTER_S, UNEXPLAINED, OpenAlert, OpenAlerts, PausedPartition, Snapshot, WorkerState, pause_reasons,
 )
 
 
@@ -35,7 +35,7 @@ class Clock:
 
 def test_a_reason_that_holds_every_partition_wins_over_a_retrys_due_time():
     paused, not_due = {("in", 0), ("in.retry.1", 0)}, {("in.retry.1", 0): 42.0}
-    assert pause_reasons(paused, not_due, "") == {("in", 0): ("paused", None), ("in.retry.1", 0): (RETRY_NOT_DUE, 42.0)}
+    assert pause_reasons(paused, not_due, "") == {("in", 0): (UNEXPLAINED, None), ("in.retry.1", 0): (RETRY_NOT_DUE, 42.0)}
     assert pause_reasons(paused, not_due, "circuit breaker") == {
         ("in", 0): (BREAKER_OPEN, None), ("in.retry.1", 0): (BREAKER_OPEN, None)}
     assert set(pause_reasons(paused, not_due, "rate limit").values()) == {(RATE_LIMITED, None)}

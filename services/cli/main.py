@@ -21,6 +21,7 @@ from rich.table import Table
 
 from services.cli import (
     bench_cmd, console_cmd, db_cmd, deploy_cmd, dlt_cmd, held_cmd, ops_cmd, orders_cmd, schemas_cmd, stock_cmd, tail_cmd,
+    workers_cmd,
 )
 from services.tools.brokers import BROKER_KINDS
 from services.runtime.settings import InvalidSettings, Settings, checked_settings, invalid_settings, settings_model
@@ -37,6 +38,7 @@ app.add_typer(dlt_cmd.app, name="dlt")  # `orderpipe dlt list|show|replay|purge|
 app.add_typer(ops_cmd.app)  # `orderpipe lag`
 app.add_typer(orders_cmd.app, name="orders")  # `orderpipe orders list --state FAILED --since 1h`
 app.add_typer(held_cmd.app, name="held")  # `orderpipe held list`, `orderpipe held release --group G --key K`
+app.add_typer(workers_cmd.app)  # `orderpipe workers`, `orderpipe alerts`
 app.add_typer(console_cmd.app, name="console")  # `orderpipe console hash-password --name ada --role operator`
 app.add_typer(stock_cmd.app, name="stock")  # `orderpipe stock add SKU-009 500 --reason 'delivery 4711'`
 app.add_typer(bench_cmd.app)  # `orderpipe bench`

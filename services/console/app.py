@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -182,7 +183,8 @@ def create_console(settings: Settings, users: Users, sessions: Sessions, status:
         session_of(request)
         view = read_overview(settings, status, kafka_clients)
         return JSONResponse({**view.__dict__, "held": {g: {**h, "oldest": h["oldest"].isoformat()}
-                                                       for g, h in view.held.items()}})
+                                                       for g, h in view.held.items()},
+                             "alerts": [a.as_json() for a in view.alerts]})
 
     ctx = ConsoleContext(settings, status, kafka_clients, session_of, change_form)
     for register in PAGES if PAGES is not None else _pages():
@@ -218,10 +220,16 @@ def _panels(view: Overview) -> str:
     held = html.table(("group", "keys held", "events waiting", "since"),
                       [(g, h["keys"], h["waiting"], h["oldest"].strftime("%Y-%m-%d %H:%M:%S"))
                        for g, h in view.held.items()], numeric=(1, 2), empty="no key is held")
+    alerts = html.table(("alert", "open"), sorted(Counter(a.kind for a in view.alerts).items()), numeric=(1,),
+                        empty="no open alert")
+    if view.alerts:
+        alerts += html.table(("alert", "group", "since", "what"),
+                             [(a.kind, html.link(f"/groups#{a.group}", a.group), a.since.strftime("%Y-%m-%d %H:%M:%S"),
+                               a.message) for a in view.alerts])
     dead = html.table(("group", "exception type", "dead letters"),
                       [(html.link(f"/dead-letters?group={g}&exception={exc}", g), exc, n)
                        for g, exc, n in view.dead_letters], numeric=(2,), empty="no unhandled dead letter")
-    for title, content in (("Orders per state now", now), ("The last hour", recent), ("Lag per group", lag),
-                           ("Held keys", held), ("Dead letters", dead)):
+    for title, content in (("Open alerts", alerts), ("Orders per state now", now), ("The last hour", recent),
+                           ("Lag per group", lag), ("Held keys", held), ("Dead letters", dead)):
         out.append(f'<section class="panel"><h2>{html.escape(title)}</h2>{content}</section>')
     return '<div class="panels">' + "".join(out) + "</div>"

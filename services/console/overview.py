@@ -1,7 +1,8 @@
 """What the overview page shows, read through the same code as the command line: the order-status
-view (`orderpipe orders list`), consumer lag (`orderpipe lag`), held keys (`orderpipe held list`)
-and dead letters (`orderpipe dlt list`). Each part is read on its own: one that cannot be read
-(the broker away, a database not migrated) says why, and the others still show."""
+view (`orderpipe orders list`), consumer lag (`orderpipe lag`), held keys (`orderpipe held list`),
+dead letters (`orderpipe dlt list`) and the alerts open now (`orderpipe alerts`). Each part is
+read on its own: one that cannot be read (the broker away, a database not migrated) says why,
+and the others still show."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services import registry
 from services.ops.errors import OpsError, database_problem
+from services.ops.workers import Alert, read_workers
 from services.runtime.held import HeldKeys
 from services.runtime.settings import Settings
 
@@ -28,6 +30,7 @@ class Overview:
     lag: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> input / retry / dead letters
     held: dict[str, dict[str, Any]] = field(default_factory=dict)  # group -> keys, events waiting, oldest
     dead_letters: list[tuple[str, str, int]] = field(default_factory=list)  # (group, exception type, count)
+    alerts: list[Alert] = field(default_factory=list)  # open now, oldest first (services/ops/workers.py)
     problems: list[str] = field(default_factory=list)  # what could not be read, and why
 
 
@@ -36,6 +39,7 @@ def read_overview(settings: Settings, status, kafka_clients) -> Overview:
     view = Overview()
     _orders(view, status)
     _held(view, settings)
+    _alerts(view, settings)
     try:
         with kafka_clients() as (kafka, audit):
             _lag(view, kafka, audit)
@@ -83,6 +87,12 @@ def _held(view: Overview, settings: Settings) -> None:
         if rows:
             view.held[group.name] = {"keys": len(rows), "waiting": sum(r["waiting"] for r in rows),
                                      "oldest": min(r["since"] for r in rows)}
+
+
+def _alerts(view: Overview, settings: Settings) -> None:
+    workers = read_workers(settings, [g.name for g in registry.GROUPS])
+    view.alerts = workers.alerts
+    view.problems += [f"open alerts: {p}" for p in workers.problems]
 
 
 def _lag(view: Overview, kafka, audit) -> None:

@@ -6,6 +6,9 @@ details as fields), a count in `orderpipe_alerts_total{group,kind}`, and, when a
 configured (`ORDERPIPE_ALERT_WEBHOOK_URL`), a JSON POST. Webhook calls run on a background
 thread from a bounded queue: a slow or failing webhook never delays or breaks processing; when
 the queue is full, alerts are still logged and counted but not posted.
+
+Listeners (`Alerter.listeners`) are told of each alert in the thread that raised it: the
+worker's open alerts (services/runtime/worker_state.py) are kept from them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _LEVELS = {RETRYING: logging.WARNING, DEAD_LETTERED: logging.ERROR, BREAKER_OPEN
 _STOP = object()
 
 Post = Callable[[str, dict[str, Any]], None]
+Listener = Callable[[str, str, dict[str, Any]], None]  # (kind, message, details), e.g. the worker's open alerts
 
 
 def post_json(url: str, payload: dict[str, Any]) -> None:
@@ -49,6 +53,7 @@ class Alerter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.listeners: list[Listener] = []
 
     def alert(self, kind: str, message: str, **details: Any) -> None:
         payload = {"alert": kind, "group": self.group, "message": message,
@@ -56,6 +61,11 @@ class Alerter:
         log.log(_LEVELS.get(kind, logging.WARNING), message, extra={"alert": kind, "group": self.group,
                                                                     **details})
         metrics.ALERTS.labels(self.group, kind).inc()
+        for listener in self.listeners:
+            try:
+                listener(kind, message, details)
+            except Exception:  # what listens is for the operators: it never breaks processing
+                log.exception("alert listener failed", extra={"group": self.group, "alert": kind})
         self.post(payload)
 
     def post(self, payload: dict[str, Any]) -> None:

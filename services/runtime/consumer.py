@@ -79,6 +79,7 @@ from services.runtime.held import DEAD_LETTERED, RELEASING, Hold, HeldKeys, Stor
 from services.runtime.kafka import raise_if_denied
 from services.runtime.outbox import add_event, add_rows, outbox_row
 from services.runtime.ratelimit import RateLimiter
+from services.runtime.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,10 @@ class ServiceConsumer:
         # (or their partition is revoked), or when the broker refuses the copy: then it is made again.
         self._copies: dict[tuple[str, int, int], bool] = {}
         self._paused: set[tuple[str, int]] = set()        # what we asked librdkafka to pause
+        self._holding_all = ""  # why every partition is paused now ("circuit breaker", "rate limit"), else ""
+        # what this worker reports to the operators (paused partitions, breaker, open alerts)
+        self.worker_state = WorkerState(engine, service.worker_state, self.group.name, clock)
+        self.alerter.listeners.append(self.worker_state.on_alert)
         # Only copies in our retry topics carry a due time; the inputs' messages skip that check.
         self._retry_topics = frozenset(t for source in self.group.inputs for t in self.group.retry_topics(source))
         # Ordered retries per key (held.py): the holds of the batch's keys, read once per batch;
@@ -267,10 +272,12 @@ class ServiceConsumer:
     def run(self, stop: threading.Event, poll_timeout: float = 0.5) -> None:
         self.consumer.subscribe(self.topics(), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
+        self.worker_state.start()
         try:
             while not stop.is_set():
                 self.run_once(poll_timeout)
         finally:
+            self.worker_state.stop()  # a clean stop deletes its row
             if self.pool:
                 self.pool.shutdown(wait=True)
             self.alerter.close()
@@ -290,6 +297,8 @@ class ServiceConsumer:
             except Exception:  # the database or the broker failed: the held events stay, tried again later
                 log.exception("releasing held keys failed; trying again", extra={"group": self.group.name})
                 time.sleep(1.0)
+        self.worker_state.observe(self._paused, self.not_due, self._holding_all,
+                                  self.breaker.state if self.breaker else None)
         return result
 
     def _run_batch(self, batch: list[Message], allowed: int) -> BatchResult:
@@ -387,6 +396,7 @@ class ServiceConsumer:
             self._metrics["throttled_s"].inc(wait)
             time.sleep(wait)
             allowed, wait, why = self._admission()
+        self._holding_all = why if allowed == 0 else ""
         self._sync_pauses(hold_all=allowed == 0)
         if allowed == 0:
             timeout = max(0.01, min(poll_timeout, wait))
@@ -680,7 +690,7 @@ class ServiceConsumer:
             log.info("message retried", extra={"group": self.group.name, **details})
             if attempt >= self.controls.alert_after_attempts:
                 self.alerter.alert(alerts.RETRYING, f"attempt {attempt} failed; retrying at {headers[H_DUE_AT]}",
-                                   **details)
+                                   due_at=headers[H_DUE_AT], **details)
         else:
             self.alerter.alert(alerts.DEAD_LETTERED, f"message dead-lettered: {headers[H_REASON]}",
                                reason=headers[H_REASON], **details)

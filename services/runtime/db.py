@@ -146,6 +146,24 @@ def held_events_table(metadata: MetaData) -> Table:
     )
 
 
+
+def worker_state_table(metadata: MetaData) -> Table:
+    """What each running consumer worker reports about itself (services/runtime/worker_state.py):
+    one row per (group, instance), rewritten on change and as a heartbeat, deleted on a clean stop."""
+    return Table(
+        "worker_state", metadata,
+        Column("group_name", String(64), primary_key=True),
+        Column("instance", String(128), primary_key=True),  # host:pid:random, new for every start
+        Column("host", String(255), nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("breaker", String(16), nullable=True),  # closed | open | half_open; none without a breaker
+        Column("paused", JSON, nullable=False),  # [{topic, partition, reason, since, until}]
+        Column("alerts", JSON, nullable=False),  # the conditions open now: [{kind, since, message}]
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),  # the heartbeat
+    )
+
+
 _INSERT_IGNORE: dict[tuple[str, Table], Any] = {}
 
 

@@ -16,7 +16,9 @@ from sqlalchemy.sql import Executable
 from services.runtime import envelope as env
 from services.runtime.bulk import BulkInsert
 from services.runtime.controls import WorkerControls
-from services.runtime.db import held_events_table, held_keys_table, inbox_table, outbox_table, utcnow
+from services.runtime.db import (
+    held_events_table, held_keys_table, inbox_table, outbox_table, utcnow, worker_state_table,
+)
 from services.runtime.events import Event
 from services.runtime.topology import ConsumerGroup
 
@@ -77,6 +79,7 @@ class Service:
     inbox_claims: BulkInsert = field(init=False)  # a batch's inbox rows; returns the new event ids
     held_keys: Table = field(init=False)  # ordered retries per key (services/runtime/held.py)
     held_events: Table = field(init=False)
+    worker_state: Table = field(init=False)  # what the running workers report (services/runtime/worker_state.py)
 
     def __post_init__(self):
         tables = self.metadata.tables  # reuse them when build() runs twice on one MetaData
@@ -84,6 +87,7 @@ class Service:
         self.inbox = tables["inbox"] if "inbox" in tables else inbox_table(self.metadata)
         self.held_keys = tables["held_keys"] if "held_keys" in tables else held_keys_table(self.metadata)
         self.held_events = tables["held_events"] if "held_events" in tables else held_events_table(self.metadata)
+        self.worker_state = tables["worker_state"] if "worker_state" in tables else worker_state_table(self.metadata)
         self.inbox_claims = BulkInsert(self.inbox, INBOX_ROW_COLUMNS, on_conflict_ignore=True, returning="event_id")
 
     @property

@@ -28,7 +28,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-from services.runtime.db import held_events_table, held_keys_table, inbox_table, make_engine, outbox_table
+from services.runtime.db import (
+    held_events_table, held_keys_table, inbox_table, make_engine, outbox_table, worker_state_table,
+)
 from services.runtime.declaration import ServiceDeclaration
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ def service_metadata(service: ServiceDeclaration) -> MetaData:
         if "held_keys" not in metadata.tables:
             held_keys_table(metadata)
             held_events_table(metadata)
+        if "worker_state" not in metadata.tables:
+            worker_state_table(metadata)
     return metadata
 
 

@@ -103,7 +103,7 @@ def test_the_overview_reads_the_broker_and_says_what_it_could_not_read(console):
         page = client.get("/")
         assert page.status_code == 200
         assert "ada (operator)" in page.text
-        for panel in ("Orders per state now", "Lag per group", "Held keys", "Dead letters"):
+        for panel in ("Open alerts", "Orders per state now", "Lag per group", "Held keys", "Dead letters"):
             assert panel in page.text
         assert "order-status view" in page.text and "is not answering" in page.text  # no view runs here
         data = client.get("/api/overview").json()

@@ -14,13 +14,14 @@ what keeps the outcome the same in any order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from collections.abc import Iterable
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, bindparam, func, select
+from sqlalchemy import Column, DateTime, MetaData, String, Select, Table, func, select
 
-from services.runtime.db import insert_ignore
+from services.runtime.db import among, insert_ignore
 from services.runtime.events import StepCompensated
 from services.runtime.handler import BatchUnitOfWork, UnitOfWork
 
@@ -62,9 +63,13 @@ def cancelled_among(uow: BatchUnitOfWork, table: Table, order_ids: Iterable[str]
         # A function scan yields the array's elements in order: the locks are taken in that order.
         uow.conn.exec_driver_sql("SELECT pg_advisory_xact_lock(k) FROM unnest(%b::bigint[]) AS k",
                                  (sorted({_order_lock(o) for o in order_ids}),))
-    found = uow.conn.execute(select(table.c.order_id).where(table.c.order_id.in_(bindparam("ids", expanding=True))),
-                             {"ids": sorted(order_ids)})
+    found = uow.conn.execute(_cancelled_among_query(table, uow.conn.dialect.name), {"ids": sorted(order_ids)})
     return {row[0] for row in found}
+
+
+@functools.cache  # built once per table and dialect
+def _cancelled_among_query(table: Table, dialect_name: str) -> Select:
+    return select(table.c.order_id).where(among(table.c.order_id, "ids", dialect_name))
 
 
 def _order_lock(order_id: str) -> int:

@@ -25,6 +25,7 @@ and do nothing, failed ones run again. Nothing is skipped and no effect happens 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import threading
@@ -244,14 +245,14 @@ class ServiceConsumer:
         self._paused: set[tuple[str, int]] = set()        # what we asked librdkafka to pause
         # Only copies in our retry topics carry a due time; the inputs' messages skip that check.
         self._retry_topics = frozenset(t for source in self.group.inputs for t in self.group.retry_topics(source))
-        # Ordered retries per key (held.py): the holds of the batch's keys, read once per batch;
-        # lanes touch only their own keys, so they share the dict.
         # The event types whose handlers all have a batch form (handler.py), with those forms.
         self._batch_forms: dict[type[Event], list[BatchHandler]] = {}
         for event_type, handlers in service.handlers.items():
             forms = [batch_form(handler) for handler in handlers]
             if forms and all(forms):
                 self._batch_forms[event_type] = forms
+        # Ordered retries per key (held.py): the holds of the batch's keys, read once per batch;
+        # lanes touch only their own keys, so they share the dict.
         self.held = (HeldKeys.of(service, self.controls.held_dead_letter_policy)
                      if self.controls.ordered_retries else None)
         self._holds: dict[str, Hold] = {}
@@ -505,7 +506,7 @@ class ServiceConsumer:
             return [], False
         run: list[tuple[Message, Prepared]] = []
         in_run: set[str] = set()
-        for msg, p in prepared[at:]:
+        for msg, p in itertools.islice(prepared, at, None):
             if not (isinstance(p, Prepared) and type(p.event) is type(first.event)
                     and p.envelope.event_id in fresh and p.envelope.event_id not in in_run
                     and not self._has_hold(msg)):

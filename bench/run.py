@@ -159,7 +159,7 @@ def run_bench(*, profile: str = "full", out_dir: Path = RESULTS_DIR, soak: float
                         log(f"({'e' if naive else 'c'}) {'naive' if naive else 'idempotent'} consumer on {db}, "
                             f"{key}: {n:,} events")
                         profiler = None
-                        if profile_hot and effect == "noop" and not with_relay:
+                        if profile_hot and not with_relay:
                             from pyinstrument import Profiler
 
                             profiler = Profiler(interval=0.0005)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
     parser.add_argument("--postgres-url", default=None)
     parser.add_argument("--profile", action="store_true", dest="profile_hot",
-                        help="pyinstrument the no-op consumer cases and py-spy the end-to-end processes during the capacity "
+                        help="pyinstrument the consumer cases and py-spy the end-to-end processes during the capacity "
                              "phase; writes profile-*.txt/html and py-spy-*.txt next to the results")
     parser.add_argument("--note", default=None, help="added to the machine note in the results")
     parser.add_argument("--rate", type=float, default=None, help="offered load of the latency phase, orders/s")

@@ -40,7 +40,7 @@ def bench(
         help="Comma-separated sections: raw, relay, consumer, naive, ordering, bullmq, e2e, recovery.")] = None,
     rate: Annotated[float | None, typer.Option(help="Offered load of the latency phase, orders/s (150: the p99 target's rate).")] = None,
     profile: Annotated[bool, typer.Option(
-        "--profile", help="pyinstrument the no-op consumer cases, py-spy the end-to-end processes.")] = False,
+        "--profile", help="pyinstrument the consumer cases (not the naive ones), py-spy the end-to-end processes.")] = False,
     postgres_url: Annotated[str | None, typer.Option(
         help="PostgreSQL server to create scratch databases on.", envvar="ORDERPIPE_BENCH_POSTGRES_URL")] = None,
     note: Annotated[str | None, typer.Option(help="Added to the machine note in the results.")] = None,

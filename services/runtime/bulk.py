@@ -33,14 +33,20 @@ _SQLITE_MAX_PARAMS = 999
 class BulkInsert:
     """INSERT of many rows of `table` with the given `columns` (every row has all of them;
     the others take their server defaults). `on_conflict_ignore` skips rows whose key exists;
-    `returning` names a column whose values of the inserted rows `execute` returns, in no
-    particular order. Rows are inserted in list order (auto-increment keys follow it)."""
+    `on_conflict_add` names columns added to those of the row whose primary key exists (a
+    batch of `db.upsert_add`: the rows' keys must be distinct, PostgreSQL updates a row once
+    per statement); `returning` names a column whose values of the inserted rows `execute`
+    returns, in no particular order. Rows are inserted in list order (auto-increment keys
+    follow it)."""
 
     def __init__(self, table: Table, columns: Sequence[str], *, on_conflict_ignore: bool = False,
-                 returning: str | None = None):
+                 on_conflict_add: Sequence[str] = (), returning: str | None = None):
+        if on_conflict_ignore and on_conflict_add:
+            raise ValueError("a conflict is either ignored or added to, not both")
         self.table = table
         self.columns: list[Column] = [table.c[name] for name in columns]
         self.on_conflict_ignore = on_conflict_ignore
+        self.on_conflict_add: list[Column] = [table.c[name] for name in on_conflict_add]
         self.returning = table.c[returning] if returning else None
         self._by_dialect: dict[str, Any] = {}
 
@@ -89,9 +95,19 @@ class BulkInsert:
                + " ".join(joins) + " ORDER BY u.n")  # the order keys (the outbox's seq) are drawn in
         if self.on_conflict_ignore:
             sql += " ON CONFLICT DO NOTHING"
+        sql += self._add_on_conflict(dialect)
         if self.returning is not None:
             sql += f" RETURNING {quote(self.returning.name)}"
         return sql
+
+    def _add_on_conflict(self, dialect: Dialect) -> str:
+        if not self.on_conflict_add:
+            return ""
+        quote = dialect.identifier_preparer.quote
+        keys = ", ".join(quote(c.name) for c in self.table.primary_key.columns)
+        sums = ", ".join(f"{quote(c.name)} = {quote(self.table.name)}.{quote(c.name)} + excluded.{quote(c.name)}"
+                         for c in self.on_conflict_add)
+        return f" ON CONFLICT ({keys}) DO UPDATE SET {sums}"
 
     # -- SQLite -----------------------------------------------------------------------------
 
@@ -137,6 +153,7 @@ class BulkInsert:
                f"VALUES {', '.join(value_rows)}")
         if self.on_conflict_ignore and on_conflict:
             sql += " ON CONFLICT DO NOTHING"
+        sql += self._add_on_conflict(dialect)
         if self.returning is not None and returning:
             sql += f" RETURNING {quote(self.returning.name)}"
         return sql

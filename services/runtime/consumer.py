@@ -8,10 +8,12 @@ Read top to bottom, per batch (`run_once`):
 4. split the rest by key into lanes (`concurrency`; one lane by default) and handle them. Per
    message: decode (what cannot be decoded is a dead letter, never an exception), then the
    inbox row (the dedup key), the handler's effect and the events it emits into the outbox, in
-   one database transaction; a duplicate is a no-op. One lane: one transaction per batch, a
-   savepoint per message. Several lanes: one transaction per message, begun at the handler's
-   first database statement, so slow I/O before it (an SMTP send) runs in parallel even on
-   SQLite, whose writers take turns;
+   one database transaction; a duplicate is a no-op. One lane: one transaction per batch;
+   consecutive messages of one event type whose handlers have batch forms (handler.py) run
+   set-based in one savepoint, redone one by one if the batch form fails; any other message
+   runs alone in a savepoint. Several lanes: one transaction per message, begun at the
+   handler's first database statement, so slow I/O before it (an SMTP send) runs in parallel
+   even on SQLite, whose writers take turns;
 5. after the commits, route the failed messages to retry or dead-letter topics and wait for acks;
 6. only then store offsets: per partition, up to the first message that is not done (a lane
    that stopped early); that message is where the partition is rewound to.
@@ -23,6 +25,7 @@ and do nothing, failed ones run again. Nothing is skipped and no effect happens 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import threading
@@ -74,7 +77,7 @@ from services.runtime.failure_headers import (
     header_texts,
     number_header,
 )
-from services.runtime.handler import Handler, Service, UnitOfWork
+from services.runtime.handler import BatchHandler, BatchUnitOfWork, Handler, Service, UnitOfWork, batch_form
 from services.runtime.held import DEAD_LETTERED, RELEASING, Hold, HeldKeys, StoredMessage, key_text
 from services.runtime.kafka import raise_if_denied
 from services.runtime.outbox import add_event, add_rows, outbox_row
@@ -247,6 +250,12 @@ class ServiceConsumer:
         self.alerter.listeners.append(self.worker_state.on_alert)
         # Only copies in our retry topics carry a due time; the inputs' messages skip that check.
         self._retry_topics = frozenset(t for source in self.group.inputs for t in self.group.retry_topics(source))
+        # The event types whose handlers all have a batch form (handler.py), with those forms.
+        self._batch_forms: dict[type[Event], list[BatchHandler]] = {}
+        for event_type, handlers in service.handlers.items():
+            forms = [batch_form(handler) for handler in handlers]
+            if forms and all(forms):
+                self._batch_forms[event_type] = forms
         # Ordered retries per key (held.py): the holds of the batch's keys, read once per batch;
         # lanes touch only their own keys, so they share the dict.
         self.held = (HeldKeys.of(service, self.controls.held_dead_letter_policy)
@@ -431,10 +440,14 @@ class ServiceConsumer:
 
         One INSERT ... ON CONFLICT DO NOTHING RETURNING claims every inbox key (the keys it
         returns are new; the rest are duplicates: no handler call, no savepoint). The handlers
-        then run in order, each in a savepoint taken when it first uses the database, so a
-        failing handler undoes only its own effect; its claim, and the claims of messages the
-        circuit breaker held back, are given back before the commit. One INSERT stages every
-        outbox row. Per message that is the handler's own statements and nothing else."""
+        then run in order. A run of messages their batch forms can take (`_batch_run`) runs
+        set-based in one savepoint: a handful of statements whatever its length. If a batch
+        form raises, that savepoint is rolled back and the run's messages go one by one through
+        the path every other message takes: each handler in a savepoint taken when it first
+        uses the database, so a failing handler undoes only its own effect, and its failure is
+        classified, retried, dead-lettered and holds its key exactly as without batching. A
+        failed message's claim, and the claims of messages the circuit breaker held back, are
+        given back before the commit. One INSERT stages every outbox row."""
         lane = Lane()
         try:
             with self.engine.begin() as conn:
@@ -445,23 +458,23 @@ class ServiceConsumer:
                 crash_point("consumer.after_inbox_claim")
                 give_back = set(fresh)  # claimed ids whose effect is not committed (yet)
                 staged: list[dict] = []
-                for msg, p in prepared:
-                    if not self._breaker_allows():
-                        break
-                    if isinstance(p, Failure):
-                        outcome = p
-                    elif p.envelope.event_id not in fresh:
-                        outcome = "duplicate"
-                    elif self._parked(conn, msg, p, now):
-                        outcome = "held"  # its claim is given back below: it runs when released
-                        crash_point("held.after_park")
-                    else:
-                        fresh.discard(p.envelope.event_id)  # a second copy in this batch is a duplicate
-                        outcome = self._handle_claimed(conn, msg, p, staged)
-                        if outcome == "processed":
+                at, stopped = 0, False
+                while at < len(prepared) and not stopped and self._breaker_allows():
+                    run, stopped = self._batch_run(prepared, at, fresh)
+                    if run and self._handle_run(conn, run, staged):
+                        for msg, p in run:
+                            fresh.discard(p.envelope.event_id)
                             give_back.discard(p.envelope.event_id)
-                        self._update_hold(conn, msg, p, outcome, now)
-                    self._settle(lane, msg, outcome)
+                            self._settle(lane, msg, "processed")  # no hold to update: _batch_run took none
+                    else:
+                        # One message; or a run whose batch form failed, redone one by one so each
+                        # message gets exactly the outcome it would have had without batching.
+                        for i, (msg, p) in enumerate(run or prepared[at:at + 1]):
+                            if i and not self._breaker_allows():  # the first one's turn was granted above
+                                stopped = True
+                                break
+                            self._settle(lane, msg, self._handle_in_lane(conn, msg, p, fresh, give_back, staged, now))
+                    at += max(len(run), 1)
                 if give_back:
                     inbox = self.service.inbox
                     conn.execute(delete(inbox).where(inbox.c.group_name == self.group.name,
@@ -473,6 +486,86 @@ class ServiceConsumer:
                 self.breaker.record_neutral()  # a probe that never finished frees its slot
             return Lane(ran=lane.ran, error=exc)
         return lane
+
+    def _handle_in_lane(self, conn: Connection, msg: Message, p: Prepared | Failure, fresh: set[str],
+                        give_back: set[str], staged: list[dict], now: datetime) -> str | Failure:
+        """One message of a lane's transaction, on its own: its outcome."""
+        if isinstance(p, Failure):
+            return p
+        if p.envelope.event_id not in fresh:
+            return "duplicate"
+        if self._parked(conn, msg, p, now):
+            crash_point("held.after_park")
+            return "held"  # its claim is given back: it runs when released
+        fresh.discard(p.envelope.event_id)  # a second copy in this batch is a duplicate
+        outcome = self._handle_claimed(conn, msg, p, staged)
+        if outcome == "processed":
+            give_back.discard(p.envelope.event_id)
+        self._update_hold(conn, msg, p, outcome, now)
+        return outcome
+
+    def _batch_run(self, prepared: list[tuple[Message, Prepared | Failure]], at: int,
+                   fresh: set[str]) -> tuple[list[tuple[Message, Prepared]], bool]:
+        """The messages from `at` on that the handlers' batch forms may run as one: consecutive,
+        claimed by this transaction and each once, of one event type whose handlers all have a
+        batch form, and of keys with no hold (held.py: a held key's messages are parked, and its
+        head runs alone to settle the hold). Empty when the message at `at` is not one of them.
+        Also whether the circuit breaker refused the message after the run (the lane stops there)."""
+        first = prepared[at][1]
+        if not isinstance(first, Prepared) or type(first.event) not in self._batch_forms:
+            return [], False
+        run: list[tuple[Message, Prepared]] = []
+        in_run: set[str] = set()
+        for msg, p in itertools.islice(prepared, at, None):
+            if not (isinstance(p, Prepared) and type(p.event) is type(first.event)
+                    and p.envelope.event_id in fresh and p.envelope.event_id not in in_run
+                    and not self._has_hold(msg)):
+                break
+            if run and not self._breaker_allows():
+                return run, True
+            run.append((msg, p))
+            in_run.add(p.envelope.event_id)
+        return run, False
+
+    def _has_hold(self, msg: Message) -> bool:
+        return self.held is not None and key_text(msg.key()) in self._holds
+
+    def _handle_run(self, conn: Connection, run: list[tuple[Message, Prepared]], staged: list[dict]) -> bool:
+        """Run the handlers' batch forms on a run in one savepoint; on success append the outbox
+        rows of every message's outgoing events (in message order) to `staged`. False when a
+        batch form raised: the savepoint is rolled back and nothing of the run happened."""
+        for msg, _ in run:
+            self._started(msg)  # the retry lateness of each message
+        started = time.monotonic()
+        events = [p.event for _, p in run]
+        envelopes = [p.envelope for _, p in run]
+        savepoint = conn.begin_nested()
+        try:
+            uow = BatchUnitOfWork(conn, envelopes, self.group.name, self.service.deps)
+            outputs: list[list[Event]] = [[] for _ in run]
+            for batch in self._batch_forms[type(events[0])]:
+                per_event = batch(events, uow)
+                if len(per_event) != len(run):
+                    raise RuntimeError(f"batch handler {batch.__qualname__} returned {len(per_event)} "
+                                       f"outputs for {len(run)} events")
+                for outs, more in zip(outputs, per_event):
+                    outs.extend(more)
+            rows = [outbox_row(self.codec, out, envelope.child(out.event_type(), out.schema_version))
+                    for envelope, outs in zip(envelopes, outputs) for out in outs]
+            savepoint.commit()
+        except Exception as exc:
+            # A database error here that broke the transaction itself makes the rollback raise:
+            # then the lane fails as a whole and is rewound, as when a single message does so.
+            savepoint.rollback()
+            # A warning: a batch form that keeps failing costs the batch's speed without failing a message.
+            log.warning("batch form failed; redoing the run per message", extra={
+                "group": self.group.name, "messages": len(run), "error": repr(exc)})
+            return False
+        staged.extend(rows)
+        per_message = (time.monotonic() - started) / len(run)
+        for _ in run:
+            self._metrics["handler_s"].observe(per_message)
+        return True
 
     def _handle_claimed(self, conn: Connection, msg: Message, p: Prepared, staged: list[dict]) -> str | Failure:
         """Run the handlers of a message whose inbox key this transaction claimed; on success

@@ -17,10 +17,11 @@ from typing import Any
 
 from sqlalchemy import (
     JSON, BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, UniqueConstraint,
-    create_engine, event,
+    any_, bindparam, create_engine, event,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
 
 
 def utcnow() -> datetime:
@@ -205,3 +206,13 @@ def upsert_add(conn: Connection, table: Table, keys: dict, increments: dict) -> 
 
 
 _UPSERT_ADD: dict[tuple, Any] = {}
+
+
+def among(column: Column, param: str, dialect_name: str) -> ColumnElement[bool]:
+    """`column IN (the list bound as `param`)`, for a batch's hundreds of values. On PostgreSQL
+    the list travels as one array (`= ANY(...)`): an expanding IN of 500 values cost ~3.5 ms of
+    CPU per statement to render and bind, the array ~1 ms. SQLite has no arrays; its expanding
+    IN costs ~0.7 ms, in-process."""
+    if dialect_name == "postgresql":
+        return column == any_(bindparam(param, type_=postgresql.ARRAY(column.type)))
+    return column.in_(bindparam(param, expanding=True))

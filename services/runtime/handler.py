@@ -1,6 +1,7 @@
-"""The handler contract: what a service's handlers get (`UnitOfWork`), what they are (`Handler`)
-and what a consumer service is (`Service`). Handlers import this, never the loop that runs them
-(services/runtime/consumer.py)."""
+"""The handler contract: what a service's handlers get (`UnitOfWork`), what they are (`Handler`),
+their optional set-based form (`BatchHandler`, declared with `batch_form_of`, run with a
+`BatchUnitOfWork`) and what a consumer service is (`Service`). Handlers import this, never the
+loop that runs them (services/runtime/consumer.py)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,41 @@ class UnitOfWork:
 
 
 Handler = Callable[[Event, UnitOfWork], Iterable[Event] | None]
+
+
+class BatchUnitOfWork:
+    """What a batch handler gets: the open transaction (`conn`, inside a savepoint of the run),
+    the incoming envelopes (one per event, in the same order), the group, the service's deps and
+    one `now` for the whole run."""
+
+    def __init__(self, conn: Connection, envelopes: list[env.Envelope], group: str, deps: Any = None,
+                 now: datetime | None = None):
+        self.conn, self.envelopes, self.group, self.deps = conn, envelopes, group, deps
+        self.now = now or utcnow()
+
+
+# The set-based form of a `Handler`: the events of one run (consecutive messages of one event
+# type, in their order), returning each event's output events, in the same order. Its effects
+# must be exactly those of the per-message handler run on each event in turn; when that cannot
+# be computed set-based (a conflict, anything unexpected) it raises, and the runtime undoes the
+# run and redoes it through the per-message handler (services/runtime/consumer.py).
+BatchHandler = Callable[[list[Event], BatchUnitOfWork], list[list[Event]]]
+
+
+def batch_form_of(handler: Handler) -> Callable[[BatchHandler], BatchHandler]:
+    """Declare the decorated function as the set-based form of `handler`. The per-message
+    handler stays what the service declares: it is the reference, and what runs when the
+    batch form raises (and in concurrent lanes, which run one message per transaction)."""
+
+    def declare(batch: BatchHandler) -> BatchHandler:
+        handler.batch_form = batch
+        return batch
+
+    return declare
+
+
+def batch_form(handler: Handler) -> BatchHandler | None:
+    return getattr(handler, "batch_form", None)
 
 
 @dataclass

@@ -28,10 +28,10 @@ import base64
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import MetaData, Table, and_, delete, func, select, update
+from sqlalchemy import MetaData, Select, Table, and_, delete, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from services.runtime.db import held_events_table, held_keys_table, insert_ignore, utcnow
+from services.runtime.db import among, held_events_table, held_keys_table, insert_ignore, utcnow
 from services.runtime.handler import Service
 
 RETRYING, DEAD_LETTERED, RELEASING = "retrying", "dead-lettered", "releasing"
@@ -96,6 +96,7 @@ class HeldKeys:
         if policy not in POLICIES:
             raise ValueError(f"held_dead_letter_policy must be one of {', '.join(POLICIES)}")
         self.group, self.keys, self.events, self.policy = group, keys, events, policy
+        self._holds_query: dict[str, Select] = {}  # per dialect
 
     @classmethod
     def of(cls, service: Service, policy: str = "hold") -> HeldKeys:
@@ -112,8 +113,12 @@ class HeldKeys:
     def holds(self, conn: Connection, keys: set[str]) -> dict[str, Hold]:
         if not keys:
             return {}
-        rows = conn.execute(select(self.keys.c.key, self.keys.c.head_event_id, self.keys.c.state).where(
-            self.keys.c.group_name == self.group, self.keys.c.key.in_(sorted(keys))))
+        query = self._holds_query.get(conn.dialect.name)
+        if query is None:  # built once per dialect: a batch asks for hundreds of keys
+            query = self._holds_query[conn.dialect.name] = select(
+                self.keys.c.key, self.keys.c.head_event_id, self.keys.c.state).where(
+                self.keys.c.group_name == self.group, among(self.keys.c.key, "keys", conn.dialect.name))
+        rows = conn.execute(query, {"keys": sorted(keys)})
         return {key: Hold(head, state) for key, head, state in rows}
 
     def start(self, conn: Connection, key: str, head: str, reason: str, topic: str, partition: int,

@@ -495,9 +495,13 @@ def test_a_fold_that_fails_is_retried_in_place_and_no_event_is_lost(
     worker = start_worker()
     produce(broker.bootstrap_servers, messages_of(orders))
     check_final(orders, wait_final(worker, orders))
-    assert metric(worker, "fold_retries_total") == 1
-    assert f"InjectedFailure('ORDERPIPE_FAIL_AT=status.before_fold@{nth}')" in worker.log_tail(10_000)
-    assert "order_status.fold_retry" in worker.log_tail(10_000)
+    log_lines = worker.log_path.read_text(errors="replace").splitlines()
+    retries = [line for line in log_lines if "order_status.fold_retry" in line]
+    injected = [line for line in retries if f"InjectedFailure('ORDERPIPE_FAIL_AT=status.before_fold@{nth}')" in line]
+    assert len(injected) == 1, f"the injected failure was retried {len(injected)} times, not once: {retries}"
+    # A fresh worker may also retry a fold the broker was not ready for (its changelog topic just
+    # created, not yet in the metadata); each retry is counted, whatever its cause.
+    assert metric(worker, "fold_retries_total") == len(retries), retries
     expected = {o: EXPECTED_STATE[k] for o, k in orders.items()}
     assert latest_published_states(broker.bootstrap_servers, expected) == expected
 

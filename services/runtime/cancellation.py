@@ -19,7 +19,7 @@ import hashlib
 
 from collections.abc import Iterable
 
-from sqlalchemy import Column, DateTime, MetaData, String, Select, Table, func, select
+from sqlalchemy import Column, DateTime, MetaData, String, Select, Table, bindparam, func, select
 
 from services.runtime.db import among, insert_ignore
 from services.runtime.events import StepCompensated
@@ -47,8 +47,18 @@ def is_cancelled(uow: UnitOfWork, table: Table, order_id: str) -> bool:
     READ COMMITTED), and the stock reserved by one stayed reserved although the other released
     "nothing". On SQLite the transaction holds the database's write lock already."""
     if uow.conn.dialect.name == "postgresql":
-        uow.conn.execute(select(func.pg_advisory_xact_lock(_order_lock(order_id))))
-    return uow.conn.execute(select(table.c.order_id).where(table.c.order_id == order_id)).first() is not None
+        uow.conn.execute(_TAKE_ORDER_LOCK, {"lock_key": _order_lock(order_id)})
+    return uow.conn.execute(_is_cancelled_query(table), {"order_id": order_id}).first() is not None
+
+
+# Built once and executed with parameters: building them per call was a sixth of the invoice
+# service's CPU per order and an eighth of the e-mail service's (py-spy, bench section d).
+_TAKE_ORDER_LOCK = select(func.pg_advisory_xact_lock(bindparam("lock_key")))
+
+
+@functools.cache  # built once per table
+def _is_cancelled_query(table: Table) -> Select:
+    return select(table.c.order_id).where(table.c.order_id == bindparam("order_id"))
 
 
 def cancelled_among(uow: BatchUnitOfWork, table: Table, order_ids: Iterable[str]) -> set[str]:
@@ -83,7 +93,7 @@ def was_cancelled_before(uow: UnitOfWork, table: Table, order_id: str) -> bool:
     transaction begins: a short read of its own, without the lock. Two instances running the
     order's two events at the same moment may then both send their mail (confirmation and
     cancellation); nothing else is at stake for such a handler."""
-    return uow.read(select(table.c.order_id).where(table.c.order_id == order_id)).first() is not None
+    return uow.read(_is_cancelled_query(table), {"order_id": order_id}).first() is not None
 
 
 def compensated(uow: UnitOfWork, table: Table, order_id: str, action: str,

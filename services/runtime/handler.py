@@ -39,14 +39,14 @@ class UnitOfWork:
         self.envelope, self.group, self.deps = envelope, group, deps
         self.now = now or utcnow()
 
-    def read(self, statement: Executable) -> Result:
+    def read(self, statement: Executable, parameters: dict[str, Any] | None = None) -> Result:
         """Run a query in the transaction once it has begun; before that, on a short connection
         of its own, so the transaction (and SQLite's write lock) still begins only when the
         handler writes, after its slow I/O."""
         if self._conn is not None or self._engine is None:
-            return self.conn.execute(statement)
+            return self.conn.execute(statement, parameters)
         with self._engine.connect() as conn:
-            result = conn.execute(statement)
+            result = conn.execute(statement, parameters)
             return result.freeze()()
 
     @property

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from services.cli.dlt_cmd import fail, ops_errors
 from services.ops.errors import database_problem
+from services.runtime.db import as_utc
 from services.runtime.settings import Settings
 
 app = typer.Typer(help="Keys held by ordered retries: list them, release one.", no_args_is_help=True)
@@ -68,7 +69,7 @@ def list_held(
     table = Table("group", "key", "state", "waiting", "held for", "head event", "why")
     now = datetime.now(UTC)
     for r in rows:
-        since = r["since"] if r["since"].tzinfo else r["since"].replace(tzinfo=UTC)
+        since = as_utc(r["since"])
         table.add_row(r["group"], r["key"], r["state"], str(r["waiting"]), f"{(now - since).total_seconds():.0f} s",
                       r["head_event_id"], r["reason"][:120])
     console.print(table)

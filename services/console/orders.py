@@ -42,6 +42,7 @@ from services.email.tables import cancelled_orders as email_cancelled, sent_emai
 from services.invoice.tables import credit_notes, invoices
 from services.ops.broker import first_offsets_at, scan, watermarks
 from services.ops.errors import OpsError, database_problem
+from services.runtime.db import as_utc
 from services.ops.held_keys import group_engine
 from services.orders.cancel import Cancellation, UnknownOrder, cancel_order
 from services.orders.model import CancelOrder
@@ -390,8 +391,7 @@ def read_timeline(kafka, codec, order_id: str, placed_at: datetime | None = None
         parts.append((spec.name, partition_of(key, len(meta.partitions))))
     marks = watermarks(consumer, parts, kafka.timeout)
     if placed_at is not None:
-        since = placed_at if placed_at.tzinfo else placed_at.replace(tzinfo=UTC)
-        marks = first_offsets_at(consumer, marks, int((since - CLOCK_SKEW_MARGIN).timestamp() * 1000), kafka.timeout)
+        marks = first_offsets_at(consumer, marks, int((as_utc(placed_at) - CLOCK_SKEW_MARGIN).timestamp() * 1000), kafka.timeout)
     entries = []
     for msg in scan(consumer, marks):
         if msg.key() != key:
@@ -542,7 +542,7 @@ def _mails_part(settings, order_id: str, order) -> str:
 
 def _when(value: Any) -> str:
     if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return as_utc(value).strftime("%Y-%m-%d %H:%M:%S UTC")
     return "" if value is None else str(value)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import MetaData, select
@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from services.ops.errors import database_problem
 from services.runtime.alerts import KEY_HELD
-from services.runtime.db import utcnow, worker_state_table
+from services.runtime.db import as_utc, utcnow, worker_state_table
 from services.runtime.held import DEAD_LETTERED, HeldKeys
 from services.runtime.settings import Settings
 from services.runtime.worker_state import STALE_AFTER_S
@@ -34,8 +34,7 @@ LIVE = "live"
 
 
 def _aware(value: datetime | str) -> datetime:
-    value = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite gives naive UTC
+    return as_utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
 
 
 @dataclass(frozen=True)

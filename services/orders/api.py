@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
 import httpx
@@ -25,6 +25,7 @@ from services.orders.model import CancelOrder, OrderAccepted, OrderCancelAccepte
 from services.orders.place import place_order
 from services.orders.tables import cancellations, orders
 from services.runtime.codec import Codec
+from services.runtime.db import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
         return OrderCancelAccepted(**first.body)
 
     def cancelled(cancellation: Cancellation) -> OrderCancelAccepted:
-        return OrderCancelAccepted(order_id=cancellation.order_id, cancelled_at=_utc(cancellation.cancelled_at).isoformat(),
+        return OrderCancelAccepted(order_id=cancellation.order_id, cancelled_at=as_utc(cancellation.cancelled_at).isoformat(),
                                    reason=cancellation.reason, status_url=f"/orders/{cancellation.order_id}",
                                    already_cancelled=cancellation.already)
 
@@ -205,9 +206,9 @@ def create_app(engine: Engine, codec: Codec, status: StatusClient, max_body_byte
         if row is None:
             raise HTTPException(404, detail=f"order {order_id} not found")
         body = {"order_id": order_id, "customer_id": row["customer_id"], "currency": row["currency"],
-                "total": str(row["total"]), "created_at": _utc(row["created_at"]).isoformat()}
+                "total": str(row["total"]), "created_at": as_utc(row["created_at"]).isoformat()}
         if row["cancelled_at"] is not None:  # recorded here at once; the view shows it once folded
-            body["cancelled"] = {"cancelled_at": _utc(row["cancelled_at"]).isoformat(), "reason": row["reason"]}
+            body["cancelled"] = {"cancelled_at": as_utc(row["cancelled_at"]).isoformat(), "reason": row["reason"]}
         try:
             view = status.get(order_id)
         except StatusUnavailable as exc:
@@ -244,10 +245,6 @@ def database_down(what: str, exc: SQLAlchemyError) -> HTTPException:
     log.warning(f"{what} not stored: database error", extra={"error": str(exc)[:300]})
     return HTTPException(503, detail=f"the {what} could not be stored (database unavailable); nothing was "
                                      "recorded, try again", headers={"Retry-After": "1"})
-
-
-def _utc(at: datetime) -> datetime:
-    return at if at.tzinfo else at.replace(tzinfo=UTC)  # SQLite gives times back without their zone
 
 
 def _json_safe(value: Any) -> Any:

@@ -28,6 +28,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(at: datetime) -> datetime:
+    """A time read back from a database, with its zone: SQLite returns the stored UTC times naive."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 def _switch_to_wal(cursor: Any, timeout_s: float = 30.0) -> None:
     """`PRAGMA journal_mode=WAL`, asked again while the database is locked. When connections
     open a new database together (the orders API and relay start at once), SQLite answers the

@@ -24,6 +24,11 @@ class EmailDeps:
     sender: str
 
 
+# Built once and executed with parameters: `.values(...)` per mail made SQLAlchemy walk every
+# bound value for its cache key, on every message.
+_ADD_SENT = sent_emails.insert()
+
+
 def confirmation_mail(event: OrderCreated, event_id: str, sender: str) -> OutgoingMail:
     lines = "\n".join(f"  {line.quantity} x {line.sku} @ {line.unit_price} {event.currency}" for line in event.lines)
     text = (f"Thank you for your order {event.order_id}.\n\n{lines}\n\n"
@@ -45,8 +50,8 @@ def send_confirmation(event: OrderCreated, uow: UnitOfWork) -> list[Event]:
         return []  # the customer has the cancellation mail already; no confirmation after it
     mail = confirmation_mail(event, uow.envelope.event_id, uow.deps.sender)
     uow.deps.mailer.send(mail)
-    uow.conn.execute(sent_emails.insert().values(order_id=event.order_id, message_id=mail.message_id,
-                                                 recipient=mail.recipient, sent_at=uow.now))
+    uow.conn.execute(_ADD_SENT, {"order_id": event.order_id, "message_id": mail.message_id,
+                                 "recipient": mail.recipient, "sent_at": uow.now})
     return [ConfirmationEmailSent(order_id=event.order_id, message_id=mail.message_id, recipient=mail.recipient,
                                   sent_at=uow.now)]
 

@@ -32,21 +32,24 @@ _SQLITE_MAX_PARAMS = 999
 
 class BulkInsert:
     """INSERT of many rows of `table` with the given `columns` (every row has all of them;
-    the others take their server defaults). `on_conflict_ignore` skips rows whose key exists;
-    `on_conflict_add` names columns added to those of the row whose primary key exists (a
-    batch of `db.upsert_add`: the rows' keys must be distinct, PostgreSQL updates a row once
-    per statement); `returning` names a column whose values of the inserted rows `execute`
-    returns, in no particular order. Rows are inserted in list order (auto-increment keys
-    follow it)."""
+    the others take their server defaults). On a row whose primary key exists:
+    `on_conflict_ignore` skips it; `on_conflict_add` names columns added to the stored row's
+    (a batch of `db.upsert_add`); `on_conflict_set` names columns that replace the stored
+    row's. With either of the last two the rows' keys must be distinct (PostgreSQL updates a
+    row once per statement). `returning` names a column whose values of the inserted rows
+    `execute` returns, in no particular order. Rows are inserted in list order (auto-increment
+    keys follow it)."""
 
     def __init__(self, table: Table, columns: Sequence[str], *, on_conflict_ignore: bool = False,
-                 on_conflict_add: Sequence[str] = (), returning: str | None = None):
-        if on_conflict_ignore and on_conflict_add:
-            raise ValueError("a conflict is either ignored or added to, not both")
+                 on_conflict_add: Sequence[str] = (), on_conflict_set: Sequence[str] = (),
+                 returning: str | None = None):
+        if sum(map(bool, (on_conflict_ignore, on_conflict_add, on_conflict_set))) > 1:
+            raise ValueError("a conflict is either ignored, added to or replaced: one of them")
         self.table = table
         self.columns: list[Column] = [table.c[name] for name in columns]
         self.on_conflict_ignore = on_conflict_ignore
         self.on_conflict_add: list[Column] = [table.c[name] for name in on_conflict_add]
+        self.on_conflict_set: list[Column] = [table.c[name] for name in on_conflict_set]
         self.returning = table.c[returning] if returning else None
         self._by_dialect: dict[str, Any] = {}
 
@@ -101,13 +104,15 @@ class BulkInsert:
         return sql
 
     def _add_on_conflict(self, dialect: Dialect) -> str:
-        if not self.on_conflict_add:
+        """The ON CONFLICT ... DO UPDATE clause of `on_conflict_add` or `on_conflict_set`."""
+        if not (self.on_conflict_add or self.on_conflict_set):
             return ""
         quote = dialect.identifier_preparer.quote
         keys = ", ".join(quote(c.name) for c in self.table.primary_key.columns)
-        sums = ", ".join(f"{quote(c.name)} = {quote(self.table.name)}.{quote(c.name)} + excluded.{quote(c.name)}"
-                         for c in self.on_conflict_add)
-        return f" ON CONFLICT ({keys}) DO UPDATE SET {sums}"
+        updates = [f"{quote(c.name)} = {quote(self.table.name)}.{quote(c.name)} + excluded.{quote(c.name)}"
+                   for c in self.on_conflict_add]
+        updates += [f"{quote(c.name)} = excluded.{quote(c.name)}" for c in self.on_conflict_set]
+        return f" ON CONFLICT ({keys}) DO UPDATE SET {', '.join(updates)}"
 
     # -- SQLite -----------------------------------------------------------------------------
 
@@ -124,13 +129,13 @@ class BulkInsert:
         tuples = list(zip(*columns))
         one_row = "(" + ", ".join("?" * len(self.columns)) + ")"
         if self.returning is None:
-            conn.exec_driver_sql(self._sqlite_sql(conn.dialect, [one_row]), tuples)
+            conn.exec_driver_sql(self._sqlite_executemany_sql(conn.dialect, plain=False), tuples)
             return []
         if self.on_conflict_ignore:
             # Nearly every claim is new: a plain executemany in a savepoint is twice as fast as
             # the multi-row RETURNING statement below. The first conflict aborts it, the
             # savepoint undoes what it did, and the RETURNING statement says which rows are new.
-            plain = self._sqlite_sql(conn.dialect, [one_row], on_conflict=False, returning=False)
+            plain = self._sqlite_executemany_sql(conn.dialect, plain=True)
             try:
                 with conn.begin_nested():
                     conn.exec_driver_sql(plain, tuples)
@@ -145,6 +150,16 @@ class BulkInsert:
             flat = tuple(value for row in chunk for value in row)
             out += [r[0] for r in conn.exec_driver_sql(self._sqlite_sql(conn.dialect, [one_row] * len(chunk)), flat)]
         return out
+
+    def _sqlite_executemany_sql(self, dialect: Dialect, *, plain: bool) -> str:
+        """The one-row statement executemany runs (`plain`: without ON CONFLICT and RETURNING),
+        built once: the per-message lanes run it for every message."""
+        sql = self._by_dialect.get(("sqlite", plain))
+        if sql is None:
+            one_row = "(" + ", ".join("?" * len(self.columns)) + ")"
+            sql = self._by_dialect[("sqlite", plain)] = self._sqlite_sql(
+                dialect, [one_row], on_conflict=not plain, returning=not plain)
+        return sql
 
     def _sqlite_sql(self, dialect: Dialect, value_rows: list[str], *, on_conflict: bool = True,
                     returning: bool = True) -> str:

@@ -34,9 +34,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -47,7 +48,7 @@ from services.runtime.circuit import HALF_OPEN, OPEN, CircuitBreaker
 from services.runtime.codec import Codec, DecodeError
 from services.runtime.concurrency import done_prefix, run_lanes, split_by_key
 from services.runtime.crashpoints import crash_point
-from services.runtime.db import insert_ignore, utcnow
+from services.runtime.db import among, insert_ignore, read_only, utcnow
 from services.runtime.errors import (
     ConsumerMisconfigured,
     KafkaRefused,
@@ -237,6 +238,7 @@ class ServiceConsumer:
         # rights on the topic, too large, expired) leaves the producer's queue, so flush() alone
         # reports it as done, and the offsets went past a message neither handled nor routed.
         self._copy_errors: list[KafkaError] = []
+        self._inbox_lookup: dict[str, Any] = {}  # dialect name -> the lane's inbox read (_in_inbox)
         # Each failed message whose offset is not stored yet and whose copy is on its way or acked:
         # True for a retry copy, False for a dead letter. A flush that timed out leaves a copy queued in the producer while its
         # batch is rewound; when the message runs and fails again it must not get a second copy
@@ -594,12 +596,21 @@ class ServiceConsumer:
             self._metrics["handler_s"].observe(time.monotonic() - started)
 
     def _run_lane_per_message(self, messages: list[Message]) -> Lane:
+        """The lane's messages one by one, each in its own transaction (`_handle_alone`). Which
+        of them the inbox already has is read once for the lane, not once per message: the
+        read was a transaction of its own per message (on SQLite one that took the write lock,
+        so the lanes queued for it) and a third of the path's CPU."""
         lane = Lane()
-        for msg in messages:
+        try:
+            prepared = [(msg, self._prepare_or_fail(msg)) for msg in messages]
+            done = self._in_inbox([p.envelope.event_id for _, p in prepared if isinstance(p, Prepared)])
+        except Exception as exc:  # the database failed: the whole lane runs later
+            return Lane(error=exc)
+        for msg, p in prepared:
             if not self._breaker_allows():
                 break
             try:
-                outcome = self._handle_alone(msg)
+                outcome = self._handle_alone(msg, p, done)
             except Exception as exc:  # the database failed; this message and the rest of the lane run later
                 if self.breaker:
                     self.breaker.record_neutral()
@@ -607,6 +618,18 @@ class ServiceConsumer:
                 break
             self._settle(lane, msg, outcome)
         return lane
+
+    def _in_inbox(self, event_ids: list[str]) -> set[str]:
+        """Which of these event ids the group's inbox has (their effect is committed)."""
+        if not event_ids:
+            return set()
+        with read_only(self.engine) as conn:
+            statement = self._inbox_lookup.get(conn.dialect.name)
+            if statement is None:
+                inbox = self.service.inbox
+                statement = self._inbox_lookup[conn.dialect.name] = select(inbox.c.event_id).where(
+                    inbox.c.group_name == bindparam("group"), among(inbox.c.event_id, "ids", conn.dialect.name))
+            return set(conn.execute(statement, {"group": self.group.name, "ids": event_ids}).scalars())
 
     def _settle(self, lane: Lane, msg: Message, outcome: str | Failure) -> None:
         lane.ran += 1
@@ -667,23 +690,25 @@ class ServiceConsumer:
         except Exception as exc:  # decode/validation: permanent, the message is a dead letter
             return Failure(msg, exc, format_traceback(exc))
 
-    def _handle_alone(self, msg: Message) -> str | Failure:
+    def _handle_alone(self, msg: Message, p: Prepared | Failure, done: set[str]) -> str | Failure:
         """One message in its own transaction, which begins when the handler first uses the
-        database (or after it returns). Raises only when the database itself fails."""
-        p = self._prepare_or_fail(msg)
+        database (or after it returns). `done`: the lane's event ids the inbox has, kept up to
+        date (a second copy in the lane is a duplicate). An inbox row written by another
+        consumer since `done` was read is found when the transaction begins (`_AlreadyDone`).
+        Raises only when the database itself fails."""
         if isinstance(p, Failure):
             return p
+        if p.envelope.event_id in done:
+            return "duplicate"
         started = self._started(msg)
         inbox = self.service.inbox
         try:
-            with self.engine.begin() as conn:  # short: no lock is held while the handler runs
-                if conn.execute(select(inbox.c.event_id).where(
-                        inbox.c.group_name == self.group.name, inbox.c.event_id == p.envelope.event_id)).first():
-                    return "duplicate"
-                parked = self._parked(conn, msg, p, utcnow())
-            if parked:
-                crash_point("held.after_park")
-                return "held"
+            if self._has_hold(msg):  # a transaction only when the key is held: parking writes
+                with self.engine.begin() as conn:
+                    parked = self._parked(conn, msg, p, utcnow())
+                if parked:
+                    crash_point("held.after_park")
+                    return "held"
             with _LazyTransaction(self.engine, lambda c: insert_ignore(c, inbox, self._inbox_row(msg, p))) as tx:
                 try:
                     # reads before the transaction begins go to a connection of their own: this
@@ -693,6 +718,7 @@ class ServiceConsumer:
                     self._run_handlers(p, uow)
                     uow.conn  # noqa: B018 - begins (with the inbox row) if the handlers never used it
                 except _AlreadyDone:
+                    done.add(p.envelope.event_id)
                     return "duplicate"
                 except _DatabaseUnavailable as exc:
                     raise exc.__cause__ from None
@@ -702,6 +728,7 @@ class ServiceConsumer:
                     self._update_hold(uow.conn, msg, p, "processed", utcnow())
                     crash_point("consumer.after_handler")
                     tx.commit()  # a failure here is the database's, not the handler's: it raises
+                    done.add(p.envelope.event_id)
                     return "processed"
             if self._hold_changes(msg, p, failure):
                 with self.engine.begin() as conn:  # the effect was rolled back; the hold is recorded alone

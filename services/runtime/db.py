@@ -49,6 +49,16 @@ def _switch_to_wal(cursor: Any, timeout_s: float = 30.0) -> None:
             time.sleep(0.01)
 
 
+_READ_ONLY = "orderpipe_read_only"  # execution option: see read_only()
+
+
+def read_only(engine: Engine) -> Connection:
+    """A connection for reads only (use it as a context manager). On SQLite its transactions
+    begin DEFERRED and take no write lock, so reads do not queue behind (or hold up) a writer;
+    a write through it may fail at once with "database is locked" instead of waiting."""
+    return engine.connect().execution_options(**{_READ_ONLY: True})
+
+
 def make_engine(url: str, **kwargs) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -67,7 +77,9 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # IMMEDIATE: a transaction that writes takes the write lock when it begins, so two
+            # writers never deadlock upgrading their locks; read_only() ones need none.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):

@@ -18,7 +18,7 @@ from services.runtime import envelope as env
 from services.runtime.bulk import BulkInsert
 from services.runtime.controls import WorkerControls
 from services.runtime.db import (
-    held_events_table, held_keys_table, inbox_table, outbox_table, utcnow, worker_state_table,
+    held_events_table, held_keys_table, inbox_table, outbox_table, read_only, utcnow, worker_state_table,
 )
 from services.runtime.events import Event
 from services.runtime.topology import ConsumerGroup
@@ -45,7 +45,7 @@ class UnitOfWork:
         handler writes, after its slow I/O."""
         if self._conn is not None or self._engine is None:
             return self.conn.execute(statement, parameters)
-        with self._engine.connect() as conn:
+        with read_only(self._engine) as conn:
             result = conn.execute(statement, parameters)
             return result.freeze()()
 

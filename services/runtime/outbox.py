@@ -19,14 +19,14 @@ from datetime import timedelta
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
-from sqlalchemy import Table, delete, select, text, update
+from sqlalchemy import Table, bindparam, delete, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.runtime.bulk import BulkInsert
 from services.runtime.codec import Codec
 from services.runtime.crashpoints import crash_point
-from services.runtime.db import utcnow
+from services.runtime.db import among, read_only, utcnow
 from services.runtime.envelope import Envelope
 from services.runtime.events import BaseEvent
 from services.runtime.kafka import raise_if_denied
@@ -101,6 +101,13 @@ class OutboxRelay:
         self._acked: list[int] = []  # seqs the broker acknowledged, not yet marked published
         self._failed: list[KafkaError] = []
         self._in_flight = 0  # rows produced whose delivery report has not come yet
+        # Built once and executed with parameters: built per batch, SQLAlchemy's cache key walk
+        # was an eighth of a relay's CPU (py-spy of the orders relay under load).
+        c = outbox.c
+        self._unpublished = (select(c.seq, c.topic, c.aggregateid, c.payload, c.headers)
+                             .where(c.published_at.is_(None)).order_by(c.seq).limit(bindparam("limit")))
+        self._mark_published = update(outbox).values(published_at=bindparam("at"))
+        self._mark_published_by_dialect: dict[str, Any] = {}
 
     def publish_batch(self) -> int:
         # Rows of an earlier batch may still be on their way: its flush timed out while the broker
@@ -109,14 +116,10 @@ class OutboxRelay:
         # `message.timeout.ms` and then reports each as failed, which leaves the row unpublished
         # for the next batch.
         if not self._in_flight:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    select(self.outbox.c.seq, self.outbox.c.topic, self.outbox.c.aggregateid,
-                           self.outbox.c.payload, self.outbox.c.headers)
-                    .where(self.outbox.c.published_at.is_(None))
-                    .order_by(self.outbox.c.seq)
-                    .limit(self.batch_size)
-                ).all()
+            # Read-only: on SQLite the poll takes no write lock, so it neither waits for the
+            # service's consumer transactions nor holds them up.
+            with read_only(self.engine) as conn:
+                rows = conn.execute(self._unpublished, {"limit": self.batch_size}).all()
             if not rows:
                 return 0
             for row in rows:
@@ -133,7 +136,7 @@ class OutboxRelay:
         if acked:
             crash_point("relay.after_ack")
             with self.engine.begin() as conn:
-                conn.execute(update(self.outbox).where(self.outbox.c.seq.in_(acked)).values(published_at=utcnow()))
+                conn.execute(self._mark_published_statement(conn.dialect.name), {"seqs": acked, "at": utcnow()})
         if self.on_published:
             self.on_published(len(acked))
         raise_if_denied(errors, f"publishing the outbox of {self.name}")
@@ -142,6 +145,13 @@ class OutboxRelay:
             raise DeliveryFailed(f"{len(errors)} outbox rows failed delivery ({errors[:1]}), "
                                  f"{self._in_flight} still on their way")
         return len(acked)
+
+    def _mark_published_statement(self, dialect_name: str) -> Any:
+        statement = self._mark_published_by_dialect.get(dialect_name)
+        if statement is None:
+            statement = self._mark_published_by_dialect[dialect_name] = self._mark_published.where(
+                among(self.outbox.c.seq, "seqs", dialect_name))
+        return statement
 
     def _delivered(self, err: KafkaError | None, seq: int) -> None:
         """Delivery report of one row (called on this thread, inside flush and poll)."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import MetaData, select
+import pytest
+from sqlalchemy import JSON, Column, MetaData, String, Table, select
 
 from services.runtime.bulk import BulkInsert
 from services.runtime.db import inbox_table, outbox_table
@@ -86,3 +87,23 @@ def test_nothing_to_insert(database_url, test_engine):
     metadata.create_all(engine)
     with engine.begin() as conn:
         assert BulkInsert(inbox, INBOX_ROW_COLUMNS, on_conflict_ignore=True, returning="event_id").execute(conn, []) == []
+
+
+def test_rows_whose_key_exists_get_the_named_columns_replaced_and_keep_the_others(database_url, test_engine):
+    engine = test_engine(database_url)
+    metadata = MetaData()
+    table = Table("replaced", metadata, Column("k", String(8), primary_key=True), Column("doc", JSON, nullable=True),
+                  Column("note", String(16), nullable=True))
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"k": "a", "doc": {"v": 1}, "note": "kept"}, {"k": "b", "doc": None, "note": "kept"}])
+        BulkInsert(table, ("k", "doc"), on_conflict_set=("doc",)).execute(
+            conn, [{"k": "b", "doc": {"v": [2, "two"]}}, {"k": "c", "doc": {"v": 3}}, {"k": "a", "doc": None}])
+    with engine.connect() as conn:
+        stored = {r.k: (r.doc, r.note) for r in conn.execute(select(table))}
+    assert stored == {"a": (None, "kept"), "b": ({"v": [2, "two"]}, "kept"), "c": ({"v": 3}, None)}
+
+
+def test_a_conflict_has_one_policy():
+    with pytest.raises(ValueError, match="one of them"):
+        BulkInsert(inbox_table(MetaData()), INBOX_ROW_COLUMNS, on_conflict_ignore=True, on_conflict_set=("topic",))

@@ -156,6 +156,24 @@ def test_a_redelivered_message_does_not_run_its_handler_again_not_even_before_th
     assert rig.stored() == [(rig.source, 0, 1), (rig.source, 0, 1)]
 
 
+@LANE_MODES
+def test_a_second_copy_in_the_same_batch_does_not_run_its_handler_again_not_even_before_the_database(
+        make_rig, concurrency):
+    """A lane reads which of its events the inbox has once, before its first message: a copy
+    of an event the lane itself ran a moment ago must still be a duplicate."""
+    sends: list[str] = []
+    rig = make_rig(f"batches-copy-in-batch-{concurrency}", lambda event: sends.append(event.order_id),
+                   controls=WorkerControls(breaker=None, concurrency=concurrency))
+    first = message(rig.source, 0, order_created("o-1"))
+    copy = FakeMessage(rig.source, 1, first.value(), first.headers(), key=first.key())
+
+    result = rig.run(first, copy)
+
+    assert (result.processed, result.duplicates) == (1, 1)
+    assert sends == ["o-1"]
+    assert rig.effect_count() == 1 and rig.copies() == []
+
+
 def test_a_message_another_consumer_finished_meanwhile_is_a_duplicate_without_a_second_effect(make_rig):
     """With lanes the transaction (and the inbox claim) begins at the handler's first statement;
     when another consumer of the group (say, after a rebalance) committed the event in between,

@@ -11,9 +11,11 @@ import pytest
 
 from services import registry
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.envelope import Envelope
+from services.runtime.envelope import (
+    CAUSATION_ID, CORRELATION_ID, EVENT_ID, EVENT_TYPE, TRACEPARENT, Envelope, trace_id_of,
+)
 from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
-from streams.order_status.fold import Metrics, apply_event, count_and_alert, partition_of
+from streams.order_status.fold import Metrics, apply_event, count_and_alert, partition_of, status_headers
 from streams.order_status.inputs import FailureTopic, NotAnInput, failure_input, failure_topics, sla_input, sla_message
 from streams.order_status.web import merge_listings
 
@@ -100,6 +102,20 @@ def test_apply_event_writes_once_republishes_a_re_read_and_ignores_a_duplicate()
     assert again is not None and again.republish and again.status == first.status
     # the same event produced twice upstream (another offset): nothing
     assert apply_event(created_message(9), CODEC, table) is None
+
+
+def test_the_published_status_is_a_child_of_the_event_that_caused_it() -> None:
+    """The status keeps the cause's trace id (a new span), names it as its causation, and has an
+    event id derived from the order and the cause: the same again when a re-read republishes it."""
+    cause = created_message(5, event_id="ev-7")
+    applied = apply_event(cause, CODEC, {})
+    headers = {k: v.decode() for k, v in status_headers(applied.status, cause)}
+    again = {k: v.decode() for k, v in status_headers(applied.status, cause)}
+
+    assert trace_id_of(headers[TRACEPARENT]) == trace_id_of(cause.headers[TRACEPARENT].decode())
+    assert headers[TRACEPARENT] != cause.headers[TRACEPARENT].decode()
+    assert (headers[CAUSATION_ID], headers[CORRELATION_ID], headers[EVENT_TYPE]) == ("ev-7", ORDER, "OrderStatus")
+    assert again[EVENT_ID] == headers[EVENT_ID] != "ev-7"
 
 
 def test_apply_event_folds_a_retry_copy_into_the_groups_step() -> None:

@@ -78,7 +78,9 @@ from services.runtime.failure_headers import (
     header_texts,
     number_header,
 )
-from services.runtime.handler import BatchHandler, BatchUnitOfWork, Handler, Service, UnitOfWork, batch_form
+from services.runtime.handler import (
+    BatchHandler, BatchUnitOfWork, Handler, RunNotSetBased, Service, UnitOfWork, batch_form,
+)
 from services.runtime.held import DEAD_LETTERED, RELEASING, Hold, HeldKeys, StoredMessage, key_text
 from services.runtime.kafka import raise_if_denied
 from services.runtime.outbox import add_event, add_rows, outbox_row
@@ -217,7 +219,8 @@ def incoming_envelope(msg: Message, event_type: str, schema_version: int) -> env
 
 class ServiceConsumer:
     def __init__(self, service: Service, engine: Engine, consumer: Consumer, producer: Producer, codec: Codec,
-                 *, clock: Callable[[], float] = time.time, alerter: Alerter | None = None):
+                 *, clock: Callable[[], float] = time.time, alerter: Alerter | None = None,
+                 on_commit: Callable[[], None] | None = None):
         self.service = service
         self.group = service.group
         self.engine = engine
@@ -228,6 +231,7 @@ class ServiceConsumer:
         self.controls = service.controls
         self.retry_policy = self.controls.retry_policy(self.group.retry_delays_s)
         self.alerter = alerter or Alerter(self.group.name)
+        self.on_commit = on_commit  # after a batch committed processed events (their outbox rows): wake the relay
         self.limiter = RateLimiter(self.controls.rate_limit) if self.controls.rate_limit else None
         self.breaker = (CircuitBreaker(self.controls.breaker, on_transition=self._breaker_changed)
                         if self.controls.breaker else None)
@@ -348,6 +352,8 @@ class ServiceConsumer:
         # The transactions are committed: effects are durable. Now the failures get their copy in
         # a retry or dead-letter topic, and only once that copy is acked do we store offsets.
         crash_point("consumer.after_commit")
+        if result.processed and self.on_commit is not None:
+            self.on_commit()
         result.retried, result.dead_lettered = self._deliver_copies(failures)
         result.put_back = len(ready) - len(done)
         self._store_offsets(ready, done)
@@ -559,9 +565,11 @@ class ServiceConsumer:
             # A database error here that broke the transaction itself makes the rollback raise:
             # then the lane fails as a whole and is rewound, as when a single message does so.
             savepoint.rollback()
-            # A warning: a batch form that keeps failing costs the batch's speed without failing a message.
-            log.warning("batch form failed; redoing the run per message", extra={
-                "group": self.group.name, "messages": len(run), "error": repr(exc)})
+            # A warning: a batch form that keeps failing costs the batch's speed without failing a
+            # message. A run the batch form declined is expected: no warning.
+            log.log(logging.DEBUG if isinstance(exc, RunNotSetBased) else logging.WARNING,
+                    "batch form failed; redoing the run per message",
+                    extra={"group": self.group.name, "messages": len(run), "error": repr(exc)})
             return False
         staged.extend(rows)
         per_message = (time.monotonic() - started) / len(run)

@@ -82,6 +82,11 @@ class BatchUnitOfWork:
 BatchHandler = Callable[[list[Event], BatchUnitOfWork], list[list[Event]]]
 
 
+class RunNotSetBased(Exception):
+    """A batch form's way to say "not this run" (say, an order twice in it): the runtime
+    redoes the run per message, as for any failure of a batch form, but logs it at DEBUG."""
+
+
 def batch_form_of(handler: Handler) -> Callable[[BatchHandler], BatchHandler]:
     """Declare the decorated function as the set-based form of `handler`. The per-message
     handler stays what the service declares: it is the reference, and what runs when the

@@ -55,12 +55,15 @@ def install_stop_signals(stop: threading.Event) -> None:
 
 class RelayThread(threading.Thread):
     refused: KafkaRefused | None = None  # why it stopped the process, if Kafka refused it
+    wake: threading.Event  # set it after committing outbox rows: the relay publishes them at once
 
 
 def start_relay(runtime: Runtime, service_name: str, outbox, stop: threading.Event) -> RelayThread:
+    wake = threading.Event()
     relay = OutboxRelay(runtime.engine, outbox, make_producer(runtime.settings, **{"client.id": f"{service_name}-relay"}),
                         batch_size=runtime.settings.relay_batch_size,
-                        retention=timedelta(hours=runtime.settings.outbox_retention_hours), name=service_name)
+                        retention=timedelta(hours=runtime.settings.outbox_retention_hours), name=service_name,
+                        wake=wake)
     def relay_until_stopped() -> None:
         try:
             relay.run(stop, runtime.settings.relay_poll_interval_s)
@@ -69,6 +72,7 @@ def start_relay(runtime: Runtime, service_name: str, outbox, stop: threading.Eve
             stop.set()
 
     thread = RelayThread(target=relay_until_stopped, name=f"{service_name}-relay", daemon=True)
+    thread.wake = wake
     thread.start()
     return thread
 
@@ -97,6 +101,7 @@ def run_service(declaration: ServiceDeclaration, settings: Settings | None = Non
         make_producer(settings, **{"client.id": f"{service_name}-retries"}),
         runtime.codec,
         alerter=Alerter(service.group.name, settings.alert_webhook_url),
+        on_commit=relay_thread.wake.set,
     )
     log.info("service started", extra={"group": service.group.name, "topics": consumer.topics(),
                                        "controls": repr(service.controls)})

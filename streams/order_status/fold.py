@@ -226,7 +226,9 @@ def status_value(codec: Codec, status: OrderStatus) -> bytes:
 
 
 def status_headers(status: OrderStatus, cause: EventT) -> list[tuple[str, bytes]]:
-    headers = headers_to_dict(list(cause.headers.items()))
+    traceparent = cause.headers.get(TRACEPARENT)  # the one header of the cause the status carries on
+    if isinstance(traceparent, bytes):
+        traceparent = traceparent.decode("utf-8", "backslashreplace")
     cause_id = status.applied_event_ids[-1]
     return Envelope(
         event_id=str(uuid.uuid5(_STATUS_ID_NAMESPACE, f"{status.order_id}:{cause_id}")),
@@ -235,5 +237,5 @@ def status_headers(status: OrderStatus, cause: EventT) -> list[tuple[str, bytes]
         correlation_id=status.order_id,
         causation_id=cause_id,
         produced_at=datetime.now(UTC),
-        traceparent=new_traceparent(trace_id_of(headers.get(TRACEPARENT))),
+        traceparent=new_traceparent(trace_id_of(traceparent)),
     ).to_headers()

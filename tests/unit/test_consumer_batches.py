@@ -174,6 +174,19 @@ def test_a_second_copy_in_the_same_batch_does_not_run_its_handler_again_not_even
     assert rig.effect_count() == 1 and rig.copies() == []
 
 
+@LANE_MODES
+def test_the_relay_is_woken_after_a_batch_committed_events_and_only_then(make_rig, concurrency):
+    rig = make_rig(f"batches-wake-{concurrency}", controls=WorkerControls(breaker=None, concurrency=concurrency))
+    woken: list[int] = []
+    rig.consumer.on_commit = lambda: woken.append(len(inbox_ids(rig)))
+    msg = message(rig.source, 0, order_created("o-1"))
+
+    rig.run(msg)
+    rig.run(msg)  # a duplicate: nothing new to publish
+
+    assert woken == [1]  # once, after the commit (the inbox row is there)
+
+
 def test_a_message_another_consumer_finished_meanwhile_is_a_duplicate_without_a_second_effect(make_rig):
     """With lanes the transaction (and the inbox claim) begins at the handler's first statement;
     when another consumer of the group (say, after a rebalance) committed the event in between,

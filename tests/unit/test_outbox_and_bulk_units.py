@@ -393,6 +393,36 @@ def test_run_publishes_until_stopped_waits_the_poll_interval_and_flushes_on_the_
     assert broker.flushes[-1] == 10
 
 
+class RecordingWake:
+    """The relay's wake event as a consumer in its process sets it: records clears and waits."""
+
+    def __init__(self):
+        self.calls: list[object] = []
+
+    def clear(self) -> None:
+        self.calls.append("clear")
+
+    def wait(self, timeout=None) -> bool:
+        self.calls.append(timeout)
+        return True
+
+
+def test_a_relay_with_a_wake_event_waits_on_it_and_clears_it_before_each_batch(engine, outbox, fake_time):
+    """Woken by the consumer after each commit, the relay publishes at once; with nothing to wake
+    it, it still polls every poll interval (rows written by other processes)."""
+    stage_outbox_row(engine, outbox, "o-1")
+    broker, wake = AckingBroker(), RecordingWake()
+    relay = OutboxRelay(engine, outbox, broker, name="units-wake", wake=wake)
+    relay.cleanup = lambda: 0
+    stop = Stop(rounds=3)
+
+    relay.run(stop)
+
+    assert len(broker.produced) == 1 and relay.backlog() == 0
+    assert stop.waits == []  # it waited on the wake event, not on stop
+    assert wake.calls == ["clear", 0.05] * 2  # cleared before every batch, so a commit during one is not lost
+
+
 def test_run_waits_a_second_after_a_delivery_failure_and_polls_again(engine, outbox, fake_time):
     stage_outbox_row(engine, outbox, "o-1")
     relay = OutboxRelay(engine, outbox, AckingBroker(errors=[KafkaError(KafkaError._MSG_TIMED_OUT)]), batch_size=1)

@@ -232,6 +232,16 @@ WARM_UP_NOTE = {"embedded": "group joins take a few seconds on Tansu",
                 "kafka": "the first group joins; a fresh JVM compiles its request path meanwhile"}
 
 
+def latency_per_minute(sent: dict[str, float], final: dict[str, tuple], t0: float) -> list[dict]:
+    """p50 and p99 placed-to-final of the orders due in each minute of a phase (by due time)."""
+    minutes: dict[int, list[float]] = {}
+    for order_id, due in sent.items():
+        if order_id in final:
+            minutes.setdefault(int((due - t0) // 60), []).append(final[order_id][1] - due)
+    return [{"minute": m + 1, "orders": len(lat), "p50_s": round(percentile(lat, 0.50), 4),
+             "p99_s": round(percentile(lat, 0.99), 4)} for m, lat in sorted(minutes.items())]
+
+
 def run(sizes, workdir: Path, soak: float | None = None, log=print, profile_dir: Path | None = None,
         broker: str = "embedded") -> dict:
     """`broker`: the kind of local broker the stack starts ("embedded" or "kafka"), as
@@ -307,7 +317,7 @@ def run(sizes, workdir: Path, soak: float | None = None, log=print, profile_dir:
             sampler.mark(f"{name}_end")
             lat = [watcher.final[o][1] - t for o, t in sent.items() if o in watcher.final]
             post_lat = [answered[o] - sent[o] for o in sent]
-            return {
+            phase = {
                 "offered_per_s": round(rate, 1), "seconds": round(seconds, 1), "orders": len(sent),
                 "achieved_post_per_s": round(len(sent) / post_seconds, 1) if post_seconds else 0.0,
                 "post_errors": len(errors), "incomplete": incomplete,
@@ -318,6 +328,9 @@ def run(sizes, workdir: Path, soak: float | None = None, log=print, profile_dir:
                 "post_p50_s": round(percentile(post_lat, 0.5), 4),
                 "post_p99_s": round(percentile(post_lat, 0.99), 4),
             }
+            if seconds >= 120:  # a soak: is the latency stable, or does it drift or come in bursts?
+                phase["per_minute"] = latency_per_minute(sent, watcher.final, t0)
+            return phase
 
         # The target's fixed load; above capacity its latencies measure the backlog, not the pipeline.
         result["latency"] = latency_phase("latency", sizes.e2e_rate, sizes.e2e_seconds if soak is None

@@ -252,6 +252,9 @@ def print_report(result: dict, console: Console | None = None) -> None:
                 f"{', ABOVE CAPACITY: measures the backlog' if lat.get('overloaded') else ''}): "
                 f"p50 {lat['p50_s']:.3f} s, p95 {lat['p95_s']:.3f} s, p99 {lat['p99_s']:.3f} s, "
                 f"max {lat['max_s']:.3f} s; POST p50 {lat['post_p50_s'] * 1000:.1f} ms")
+            if lat.get("per_minute"):
+                console.print("  per minute, p50 / p99 s: " + ", ".join(
+                    f"{m['p50_s']:.2f}/{m['p99_s']:.2f}" for m in lat["per_minute"]))
     cap = result.get("e2e", {}).get("capacity")
     if cap:
         console.print("where the CPU goes (capacity phase, CPU ms per completed order): " + ", ".join(

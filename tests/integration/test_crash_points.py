@@ -102,6 +102,10 @@ def _env(service: str, case: Case, bootstrap: str, smtp_port: int | None, crash_
            "KAFKA_BOOTSTRAP_SERVERS": bootstrap, f"ORDERPIPE_{service.upper()}_DATABASE_URL": case.database_url,
            "ORDERPIPE_HEALTH_PORT": "0", "ORDERPIPE_LOG_JSON": "false", "ORDERPIPE_FETCH_WAIT_MAX_MS": "100",
            "ORDERPIPE_SESSION_TIMEOUT_MS": "3000", "ORDERPIPE_MAX_POLL_INTERVAL_MS": "3000",
+           # small batches: each well inside the 3 s poll interval on a loaded machine (the
+           # e-mail service's batch of every order's mails outlasted it, left the group, and
+           # after rejoining repeated a dead letter)
+           "ORDERPIPE_CONSUMER_BATCH_SIZE": "10",
            "ORDERPIPE_RELAY_POLL_INTERVAL_S": "0.02"}
     if smtp_port:
         env.update(ORDERPIPE_SMTP_HOST="127.0.0.1", ORDERPIPE_SMTP_PORT=str(smtp_port))

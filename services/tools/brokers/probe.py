@@ -3,8 +3,10 @@ an external cluster: nothing here depends on which broker answers."""
 
 from __future__ import annotations
 
+import random
 import socket
 import time
+from pathlib import Path
 
 
 class BrokerUnavailable(RuntimeError):
@@ -15,11 +17,39 @@ class PortTaken(BrokerUnavailable):
     """Our broker could not have the port (it exited, or another broker answers there)."""
 
 
+def _ephemeral_ports() -> range:
+    """The ports the OS hands to outgoing connections and to listeners bound to port 0."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the OS may hand it out again later)."""
+    """A TCP port on 127.0.0.1 that is free right now, for a server started a moment later.
+
+    Picked below the ephemeral range when there is room: a port from that range can be taken in
+    between by any process's outgoing connection (a service `up` started failed three times in
+    a row with "Address already in use" on its health port), where below it only another
+    listener picking the same port could take it."""
+    ephemeral = _ephemeral_ports()
+    if ephemeral.start > _LOWEST_PICKED + 1000:
+        for _ in range(100):
+            port = _random.randrange(_LOWEST_PICKED, ephemeral.start)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_LOWEST_PICKED = 20000  # above the well-known and most registered servers' ports (PostgreSQL 5432, ...)
+_random = random.SystemRandom()  # not the seeded module generator: processes started together must differ
 
 
 def _probe(bootstrap_servers: str, timeout: float, client_config: dict[str, str] | None = None) -> str:

@@ -42,12 +42,12 @@ from services.email.tables import cancelled_orders as email_cancelled, sent_emai
 from services.invoice.tables import credit_notes, invoices
 from services.ops.broker import first_offsets_at, scan, watermarks
 from services.ops.errors import OpsError, database_problem
-from services.runtime.db import as_utc
 from services.ops.held_keys import group_engine
 from services.orders.cancel import Cancellation, UnknownOrder, cancel_order
 from services.orders.model import CancelOrder
 from services.orders.tables import cancellations, orders
 from services.runtime.codec import DecodeError, RegistryRefused, RegistryUnavailable, codec_from_settings
+from services.runtime.db import as_utc
 from services.runtime.failure_headers import (H_ATTEMPT, H_DUE_AT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON,
                                               header, number_header)
 from services.runtime.held import HeldKeys

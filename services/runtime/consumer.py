@@ -34,10 +34,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import Select, Table, bindparam, delete, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -197,6 +196,12 @@ class _LazyTransaction:
         self._connection.close()
 
 
+@functools.cache  # built once per inbox table and dialect
+def _inbox_ids_among(inbox: Table, dialect_name: str) -> Select:
+    return select(inbox.c.event_id).where(inbox.c.group_name == bindparam("group"),
+                                          among(inbox.c.event_id, "ids", dialect_name))
+
+
 def _position(msg: Message) -> tuple[str, int, int]:
     return msg.topic(), msg.partition(), msg.offset()
 
@@ -242,7 +247,6 @@ class ServiceConsumer:
         # rights on the topic, too large, expired) leaves the producer's queue, so flush() alone
         # reports it as done, and the offsets went past a message neither handled nor routed.
         self._copy_errors: list[KafkaError] = []
-        self._inbox_lookup: dict[str, Any] = {}  # dialect name -> the lane's inbox read (_in_inbox)
         # Each failed message whose offset is not stored yet and whose copy is on its way or acked:
         # True for a retry copy, False for a dead letter. A flush that timed out leaves a copy queued in the producer while its
         # batch is rewound; when the message runs and fails again it must not get a second copy
@@ -632,11 +636,7 @@ class ServiceConsumer:
         if not event_ids:
             return set()
         with read_only(self.engine) as conn:
-            statement = self._inbox_lookup.get(conn.dialect.name)
-            if statement is None:
-                inbox = self.service.inbox
-                statement = self._inbox_lookup[conn.dialect.name] = select(inbox.c.event_id).where(
-                    inbox.c.group_name == bindparam("group"), among(inbox.c.event_id, "ids", conn.dialect.name))
+            statement = _inbox_ids_among(self.service.inbox, conn.dialect.name)
             return set(conn.execute(statement, {"group": self.group.name, "ids": event_ids}).scalars())
 
     def _settle(self, lane: Lane, msg: Message, outcome: str | Failure) -> None:

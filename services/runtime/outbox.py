@@ -8,6 +8,7 @@ consumers' inbox absorbs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -19,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
-from sqlalchemy import Table, bindparam, delete, select, text, update
+from sqlalchemy import Table, Update, bindparam, delete, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -110,8 +111,6 @@ class OutboxRelay:
         c = outbox.c
         self._unpublished = (select(c.seq, c.topic, c.aggregateid, c.payload, c.headers)
                              .where(c.published_at.is_(None)).order_by(c.seq).limit(bindparam("limit")))
-        self._mark_published = update(outbox).values(published_at=bindparam("at"))
-        self._mark_published_by_dialect: dict[str, Any] = {}
 
     def publish_batch(self) -> int:
         # Rows of an earlier batch may still be on their way: its flush timed out while the broker
@@ -140,7 +139,7 @@ class OutboxRelay:
         if acked:
             crash_point("relay.after_ack")
             with self.engine.begin() as conn:
-                conn.execute(self._mark_published_statement(conn.dialect.name), {"seqs": acked, "at": utcnow()})
+                conn.execute(_mark_published(self.outbox, conn.dialect.name), {"seqs": acked, "at": utcnow()})
         if self.on_published:
             self.on_published(len(acked))
         raise_if_denied(errors, f"publishing the outbox of {self.name}")
@@ -149,13 +148,6 @@ class OutboxRelay:
             raise DeliveryFailed(f"{len(errors)} outbox rows failed delivery ({errors[:1]}), "
                                  f"{self._in_flight} still on their way")
         return len(acked)
-
-    def _mark_published_statement(self, dialect_name: str) -> Any:
-        statement = self._mark_published_by_dialect.get(dialect_name)
-        if statement is None:
-            statement = self._mark_published_by_dialect[dialect_name] = self._mark_published.where(
-                among(self.outbox.c.seq, "seqs", dialect_name))
-        return statement
 
     def _delivered(self, err: KafkaError | None, seq: int) -> None:
         """Delivery report of one row (called on this thread, inside flush and poll)."""
@@ -222,6 +214,11 @@ class OutboxRelay:
                 self.cleanup()
             if published < self.batch_size:
                 (stop if self.wake is None else self.wake).wait(poll_interval)
+
+
+@functools.cache  # built once per outbox table and dialect
+def _mark_published(outbox: Table, dialect_name: str) -> Update:
+    return update(outbox).where(among(outbox.c.seq, "seqs", dialect_name)).values(published_at=bindparam("at"))
 
 
 @contextmanager

@@ -496,13 +496,24 @@ class LocalKafka:
         self._spawn(kafka_libs(), self.node(node_id))
         self.wait_ready(timeout)
 
-    def leader_of(self, topic: str, partition: int = 0) -> int:
-        """The node id leading `topic`'s partition, as the cluster's metadata says now."""
+    def leader_of(self, topic: str, partition: int = 0, timeout: float = 30.0) -> int:
+        """The node id leading `topic`'s partition, as the cluster's metadata says now.
+
+        The node asked may not have the partition in its metadata cache yet (a topic just
+        created, or a leader just moved), so this asks again until one names a leader."""
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": ",".join(n.address for n in self.nodes if n.running),
                              "log_level": 0})
-        return admin.list_topics(topic, timeout=10).topics[topic].partitions[partition].leader
+        deadline = time.monotonic() + timeout
+        while True:
+            topics = admin.list_topics(topic, timeout=10).topics
+            known = topics[topic].partitions.get(partition) if topic in topics else None
+            if known is not None and known.leader >= 0:
+                return known.leader
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"no node names a leader for {topic}[{partition}] after {timeout:.0f} s")
+            time.sleep(0.2)
 
     def __enter__(self) -> LocalKafka:
         return self.start()

@@ -52,6 +52,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run only the tests that use the run's broker (a fixture in BROKER_FIXTURES); "
                           "`make test` gives it to every broker pass after the first, where the others "
                           "have already run")
+    parser.addoption("--apache-kafka-tests", choices=("with", "without", "only"), default="with",
+                     help="the tests of what only Apache Kafka does (fixture apache_kafka_only: their own "
+                          "clusters, outages, TLS and ACLs): with the others (default), without them, or "
+                          "only them. `make test` runs its Apache Kafka pass as two processes, one of each")
 
 
 # A test that asks for none of these talks to no broker of the run (it may start an Apache Kafka
@@ -60,12 +64,19 @@ BROKER_FIXTURES = frozenset({"kafka_bootstrap", "stack_broker", "kafka_cluster",
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.getoption("--broker-bound-only"):
-        return
-    broker_free = [item for item in items if not BROKER_FIXTURES & set(item.fixturenames)]
-    if broker_free:
-        config.hook.pytest_deselected(items=broker_free)
-        items[:] = [item for item in items if BROKER_FIXTURES & set(item.fixturenames)]
+    def wanted(item: pytest.Item) -> bool:
+        fixtures = set(item.fixturenames)
+        if config.getoption("--broker-bound-only") and not BROKER_FIXTURES & fixtures:
+            return False
+        apache_kafka_tests = config.getoption("--apache-kafka-tests")
+        if apache_kafka_tests != "with" and ("apache_kafka_only" in fixtures) != (apache_kafka_tests == "only"):
+            return False
+        return True
+
+    left_out = [item for item in items if not wanted(item)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if wanted(item)]
 
 
 def in_ci() -> bool:

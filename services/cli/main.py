@@ -189,7 +189,7 @@ def run(process: Annotated[str, typer.Argument(
     `run` of its Process in services/<service>/service.py)."""
     from services import registry
     from services.runtime.codec import RegistryRefused
-    from services.runtime.errors import ConsumerMisconfigured
+    from services.runtime.errors import Misconfigured
     from services.runtime.logs import setup_logging
 
     known = registry.processes()
@@ -206,7 +206,7 @@ def run(process: Annotated[str, typer.Argument(
         fail("KAFKA_BOOTSTRAP_SERVERS is not set: start everything with `orderpipe up`, or export it")
     try:
         known[process].run(settings)
-    except (ConsumerMisconfigured, RegistryRefused) as exc:
+    except (Misconfigured, RegistryRefused) as exc:
         fail(str(exc))
 
 

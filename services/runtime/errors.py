@@ -25,9 +25,14 @@ class MissingHandler(PermanentError):
     pass
 
 
-class ConsumerMisconfigured(RuntimeError):
+class Misconfigured(RuntimeError):
+    """A setting this process cannot run with: it stops with the message, one line that says what
+    to fix (`orderpipe run` prints it), instead of a traceback or asking again forever."""
+
+
+class ConsumerMisconfigured(Misconfigured):
     """The broker refuses this consumer the same way every time (its settings, or a fatal client
-    error): the process stops with the message instead of asking again forever."""
+    error)."""
 
 
 class KafkaRefused(ConsumerMisconfigured):

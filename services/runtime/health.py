@@ -165,9 +165,16 @@ def start_health_server(settings, database_url: str, live: Mapping[str, Check] |
     """A process's health server on ORDERPIPE_HEALTH_HOST:ORDERPIPE_HEALTH_PORT, ready when its
     broker (with ORDERPIPE_KAFKA_CLIENT_CONFIG: the same security settings) and its database
     answer; None when the port is 0 (turned off)."""
+    from services.runtime.errors import Misconfigured
     from services.runtime.kafka import base_config
 
     if settings.health_port == 0:
         return None
     ready = {"kafka": kafka_check(base_config(settings)), "database": database_check(database_url)}
-    return HealthServer(Health(ready, live), settings.health_host, settings.health_port).start()
+    try:
+        server = HealthServer(Health(ready, live), settings.health_host, settings.health_port)
+    except OSError as exc:  # the port is taken, or not this process's to bind
+        raise Misconfigured(
+            f"the health server cannot listen on {settings.health_host}:{settings.health_port} "
+            f"({exc.strerror or exc}): set ORDERPIPE_HEALTH_PORT to a free port, or to 0 to turn it off") from None
+    return server.start()

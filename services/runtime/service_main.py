@@ -107,9 +107,10 @@ def run_service(declaration: ServiceDeclaration, settings: Settings | None = Non
                                        "controls": repr(service.controls)})
     # Live while the loop polls (a batch may take up to max.poll.interval.ms) and the relay runs.
     silence_s = max(60.0, 2 * settings.max_poll_interval_ms / 1000)
-    health = start_health_server(settings, settings.database_url(service_name), {
-        "consumer": lambda: stats.check_polling(silence_s), "relay": thread_check(relay_thread)})
-    try:
+    health = None
+    try:  # a health port that is taken (Misconfigured) stops the relay too
+        health = start_health_server(settings, settings.database_url(service_name), {
+            "consumer": lambda: stats.check_polling(silence_s), "relay": thread_check(relay_thread)})
         consumer.run(stop)
     finally:
         stop.set()

@@ -7,12 +7,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,6 +41,7 @@ from services.runtime.service_main import run_service
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 CODEC = Codec(EmbeddedRegistry())
+REPO = Path(__file__).resolve().parents[2]
 BAD = "order-that-fails"
 
 
@@ -184,3 +190,23 @@ class serve:
 
     def __exit__(self, *exc) -> None:
         self.server.stop()
+
+
+@pytest.mark.parametrize("process", ["inventory", "orders-relay"])
+def test_a_taken_health_port_stops_the_process_with_what_to_fix(process: str, tmp_path):
+    """Another program holds the port: one line naming the address and the setting, exit 1, no
+    traceback, and the process gone (the relay thread stopped with it). No broker needed: the
+    health server starts before the first poll."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "ORDERPIPE_DATA_DIR": str(tmp_path),
+               "ORDERPIPE_HEALTH_HOST": "127.0.0.1", "ORDERPIPE_HEALTH_PORT": str(port), "COLUMNS": "300"}
+        done = subprocess.run([sys.executable, "-m", "services.cli.main", "run", process], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the health server cannot listen on 127.0.0.1:{port} (Address already in use): "
+                      "set ORDERPIPE_HEALTH_PORT to a free port, or to 0 to turn it off"], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

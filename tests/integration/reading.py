@@ -12,6 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from conftest import unique_name
 from services.runtime.envelope import headers_to_dict
+from services.runtime.kafka import retrying
 
 WAIT_S = 30.0
 
@@ -34,8 +35,11 @@ def read_topic(bootstrap: str, topic: str) -> list[Received]:
                        "isolation.level": "read_committed", "log_level": 0})
     try:
         partitions = client.list_topics(topic, timeout=10).topics[topic].partitions
+        # retrying: right after a topic's creation the broker may not lead its partitions yet
+        # (NOT_LEADER_FOR_PARTITION on a loaded Apache Kafka)
         pending = {p: end for p in partitions
-                   if (end := client.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]) > 0}
+                   if (end := retrying(lambda: client.get_watermark_offsets(TopicPartition(topic, p), timeout=10),
+                                       timeout=30)[1]) > 0}
         client.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
         out, deadline = [], time.monotonic() + 15
         while pending and time.monotonic() < deadline:

@@ -44,7 +44,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from conftest import unique_name
 from reading import read_all, wait_until
-from services.runtime.kafka import PARTITIONER
+from services.runtime.kafka import PARTITIONER, retrying
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS
 from streams.order_status.fold import partition_of
 from streams.order_status.process import WorkerProcess
@@ -233,7 +233,8 @@ def watermarks(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:
     client = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("marks"), "log_level": 0})
     try:
         partitions = client.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: client.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
+        return {p: retrying(lambda: client.get_watermark_offsets(TopicPartition(topic, p), timeout=10), timeout=30)
+                for p in partitions}
     finally:
         client.close()
 

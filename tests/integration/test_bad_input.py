@@ -118,7 +118,7 @@ def produce(producer: Producer, topic: str, partition: int, kind: str) -> Sent:
     acked = []
     producer.produce(topic, key=order_id.encode(), value=value, headers=headers, partition=partition,
                      on_delivery=lambda err, msg: acked.append((err, msg)))
-    assert producer.flush(10) == 0
+    assert producer.flush(60) == 0
     [(err, msg)] = acked
     assert err is None, err
     return Sent(kind, order_id, event_id, value, msg.partition(), msg.offset())

@@ -96,7 +96,7 @@ def test_a_message_shows_its_headers_and_traceback_escaped(web, scenario: Scenar
     delivered = []
     producer.produce(s.dlt, key=letter.order_id.encode(), value=letter.value, partition=0, headers=headers,
                      on_delivery=lambda err, msg: delivered.append(msg.offset()))
-    assert producer.flush(10) == 0
+    assert producer.flush(60) == 0
     ref = f"{s.dlt}:0:{delivered[0]}"
     with logged_in(web, "vic") as client:
         page = client.get(f"/dead-letters/{ref}")

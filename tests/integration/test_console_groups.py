@@ -31,7 +31,7 @@ def test_the_groups_page_shows_positions_and_lag(web, scenario: Scenario):  # no
     producer = make_producer(settings_for(s.bootstrap), **{"linger.ms": 100})
     for i in range(5):
         producer.produce(s.source, key=f"k{i}".encode(), value=b"x", partition=0)
-    assert producer.flush(10) == 0
+    assert producer.flush(60) == 0
     client = Consumer({"bootstrap.servers": s.bootstrap, "group.id": s.group.name, "log_level": 0})
     client.commit(offsets=[TopicPartition(s.source, 0, 2)], asynchronous=False)
     client.close()

@@ -51,7 +51,7 @@ def test_the_timeline_shows_retries_and_dead_letters_and_each_missing_part_says_
                                   (H_EXC_MESSAGE, b"550 no such user"),
                                   (H_REASON, b"retries exhausted after 4 attempts")])
         producer.produce(source, key=b"another-order", value=b"x", timestamp=1_500)  # maybe the same partition
-        assert producer.flush(10) == 0
+        assert producer.flush(60) == 0
     assert partition_of(order_id.encode(), 6) in range(6)
 
     with httpx.Client(base_url=console.url, timeout=60) as client:
@@ -108,7 +108,7 @@ def test_the_timeline_reads_from_the_order_s_placing_time_on_and_misses_nothing_
         producer = kafka.producer()
         for topic, ts in sorted(stamped, key=lambda s: s[1]):
             producer.produce(topic, key=order_id.encode(), value=b"not avro", timestamp=ts)
-        assert producer.flush(10) == 0
+        assert producer.flush(60) == 0
         whole, _ = read_timeline(kafka, None, order_id)
         since_placed, missing = read_timeline(kafka, None, order_id, placed_at=placed)
     assert not missing

@@ -152,7 +152,7 @@ class Harness:
         acked: list = []
         self.producer.produce(topic or self.source, key=key.encode(), value=value, headers=headers or [],
                               on_delivery=lambda err, msg: acked.append((err, msg)))
-        assert self.producer.flush(10) == 0
+        assert self.producer.flush(60) == 0
         [(err, msg)] = acked
         assert err is None, err
         return msg.partition(), msg.offset()

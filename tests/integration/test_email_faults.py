@@ -59,7 +59,7 @@ def test_injected_faults_are_retried_and_refused_recipients_dead_lettered(kafka_
             producer.produce(group.inputs[0], key=event.order_id.encode(), headers=envelope.to_headers(),
                              value=CODEC.encode("OrderCreated", event.model_dump(), OrderCreated.schema_version))
             sent[event.order_id] = (envelope.event_id, recipient)
-        assert producer.flush(10) == 0
+        assert producer.flush(60) == 0
         rejected = {o for o, (_, r) in sent.items() if r.endswith(".invalid")}
         flaky = {o for o, (e, _) in sent.items() if injected_failures(message_id_for(e), 0.4)}
 

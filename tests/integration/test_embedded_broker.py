@@ -49,7 +49,7 @@ def test_started_broker_produces_and_consumes(tmp_path: Path) -> None:
         topic = f"t-{uuid.uuid4().hex[:8]}"
         producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
         producer.produce(topic, key=b"order-1", value=b"hello")
-        assert producer.flush(10) == 0
+        assert producer.flush(60) == 0
         # Tansu drains open connections on SIGTERM (~5 s): close clients before stopping.
         producer.close()
 

@@ -133,7 +133,7 @@ def test_health_readiness_metrics_and_message_logs(running_service, kafka_bootst
         produce_order(producer, group.inputs[0], order_id)
     bad_order = f"{BAD}-{uuid.uuid4().hex[:8]}"
     bad_event = produce_order(producer, group.inputs[0], bad_order)
-    assert producer.flush(10) == 0
+    assert producer.flush(60) == 0
 
     name = group.name
     wait_until(lambda: metric(base_url, "orderpipe_messages_processed_total", group=name) == len(good),

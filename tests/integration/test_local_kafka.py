@@ -69,7 +69,7 @@ def test_data_survives_a_stop_and_start_on_the_same_folder(tmp_path: Path):
         producer = Producer({"bootstrap.servers": first.bootstrap_servers, "acks": "all"})
         for i in range(10):
             producer.produce("kept", value=f"v{i}".encode())
-        assert producer.flush(10) == 0
+        assert producer.flush(60) == 0
         cluster_id, bootstrap = first.cluster_id, first.bootstrap_servers
     again = LocalKafka(folder).start()
     try:

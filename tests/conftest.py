@@ -55,7 +55,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--apache-kafka-tests", choices=("with", "without", "only"), default="with",
                      help="the tests of what only Apache Kafka does (fixture apache_kafka_only: their own "
                           "clusters, outages, TLS and ACLs): with the others (default), without them, or "
-                          "only them. `make test` runs its Apache Kafka pass as two processes, one of each")
+                          "only them. `make test TEST_KAFKA_SPLIT=1` runs its Apache Kafka pass as two processes, one of each")
 
 
 # A test that asks for none of these talks to no broker of the run (it may start an Apache Kafka

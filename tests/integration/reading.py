@@ -30,16 +30,19 @@ class Received:
         return {k: v.decode() for k, v in self.raw_headers}
 
 
+def watermark_offsets(client: Consumer, topic: str, partition: int) -> tuple[int, int]:
+    """(low, high) of one partition, asked again while the broker answers with a transient error:
+    right after a topic's creation a loaded Apache Kafka may not lead its partitions yet
+    (NOT_LEADER_FOR_PARTITION)."""
+    return retrying(lambda: client.get_watermark_offsets(TopicPartition(topic, partition), timeout=10), timeout=30)
+
+
 def read_topic(bootstrap: str, topic: str) -> list[Received]:
     client = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("reader"), "enable.auto.commit": False,
                        "isolation.level": "read_committed", "log_level": 0})
     try:
         partitions = client.list_topics(topic, timeout=10).topics[topic].partitions
-        # retrying: right after a topic's creation the broker may not lead its partitions yet
-        # (NOT_LEADER_FOR_PARTITION on a loaded Apache Kafka)
-        pending = {p: end for p in partitions
-                   if (end := retrying(lambda: client.get_watermark_offsets(TopicPartition(topic, p), timeout=10),
-                                       timeout=30)[1]) > 0}
+        pending = {p: end for p in partitions if (end := watermark_offsets(client, topic, p)[1]) > 0}
         client.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
         out, deadline = [], time.monotonic() + 15
         while pending and time.monotonic() < deadline:

@@ -25,6 +25,7 @@ from sqlalchemy import Column, Float, Integer, MetaData, String, Table, select, 
 from sqlalchemy.engine import Engine
 
 from conftest import settings_for, unique_name
+from reading import watermark_offsets
 from services.runtime import consumer as runtime
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import ServiceConsumer
@@ -33,7 +34,7 @@ from services.runtime.envelope import CAUSATION_ID, CORRELATION_ID, EVENT_ID, En
 from services.runtime.errors import PermanentError, RetryableError
 from services.runtime.events import OrderCreated, OrderLine, OrderRecorded
 from services.runtime.handler import Service, UnitOfWork
-from services.runtime.kafka import make_consumer, make_producer, retrying
+from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.outbox import DeliveryFailed, OutboxRelay, add_event
 from services.runtime.topology import ANALYTICS_RECORDED, ConsumerGroup
 
@@ -229,8 +230,7 @@ def _reader(bootstrap: str) -> Consumer:
 
 def end_offsets(client: Consumer, topic: str) -> dict[int, int]:
     partitions = client.list_topics(topic, timeout=10).topics[topic].partitions
-    return {p: retrying(lambda: client.get_watermark_offsets(TopicPartition(topic, p), timeout=10), timeout=30)[1]
-            for p in partitions}
+    return {p: watermark_offsets(client, topic, p)[1] for p in partitions}
 
 
 def read_topic(bootstrap: str, topic: str) -> list[Received]:

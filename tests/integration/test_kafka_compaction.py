@@ -39,13 +39,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from conftest import unique_name
-from reading import read_all, wait_until
+from reading import read_all, wait_until, watermark_offsets
 from services.runtime.admin import ensure_topics
-from services.runtime.kafka import PARTITIONER, retrying
+from services.runtime.kafka import PARTITIONER
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, TopicSpec
 from streams.order_status.fold import partition_of
 from streams.order_status.process import WorkerProcess
@@ -240,8 +240,7 @@ def watermarks(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:
     client = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("marks"), "log_level": 0})
     try:
         partitions = client.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: retrying(lambda: client.get_watermark_offsets(TopicPartition(topic, p), timeout=10), timeout=30)
-                for p in partitions}
+        return {p: watermark_offsets(client, topic, p) for p in partitions}
     finally:
         client.close()
 

@@ -87,7 +87,8 @@ def setting_variables() -> set[str]:
 
 def all_topics() -> list[TopicSpec]:
     """Event topics (each with the services that emit its events as its writers), every group's
-    retry, dead-letter and parking topics, and the operators' audit topic."""
+    retry, dead-letter and parking topics, the order-status worker's own topics, and the
+    operators' audit topic."""
     writers: dict[str, list[str]] = {}
     for s in SERVICES:
         for event in s.emits:

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 
 from services import registry
 from services.ops.broker import OPS_GROUP
-from services.runtime.topology import AUDIT, ORDERS_STATUS, STATUS_INPUTS, TOPIC_FOR_EVENT
-
-STATUS_APP = "order-status"  # the Faust app id: its group and the prefix of its own topics
+from services.runtime.topology import AUDIT, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS, TOPIC_FOR_EVENT
 READ = ("Read", "Describe")
 WRITE = ("Write", "Describe")
 
@@ -76,11 +74,11 @@ def _service(declaration) -> Principal | None:
 
 def _order_status() -> Principal:
     failures = [t for g in registry.GROUPS for source in g.inputs for t in (*g.retry_topics(source), g.dlt_topic(source))]
-    return Principal(user_name(STATUS_APP), "the order-status worker (Faust)", (
+    return Principal(user_name(ORDER_STATUS_APP), "the order-status worker (Faust)", (
         *_topics([*STATUS_INPUTS, *failures], READ),
         *_topics([ORDERS_STATUS], WRITE),
-        Grant("topic", f"{STATUS_APP}-", ("All",), "prefix"),
-        Grant("group", STATUS_APP, ("Read", "Describe")),
+        Grant("topic", f"{ORDER_STATUS_APP}-", ("All",), "prefix"),
+        Grant("group", ORDER_STATUS_APP, ("Read", "Describe")),
     ))
 
 
@@ -103,7 +101,7 @@ def principals() -> list[Principal]:
 
 def user_of(process: str) -> str:
     """The Kafka user a process connects as: its service's (order-status: its own)."""
-    return user_name(STATUS_APP if process == STATUS_APP else registry.service_of(process).name)
+    return user_name(ORDER_STATUS_APP if process == ORDER_STATUS_APP else registry.service_of(process).name)
 
 
 def acl_bindings(principal: Principal) -> list:

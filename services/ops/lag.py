@@ -27,10 +27,6 @@ from services.runtime import topology
 from services.runtime.topology import ConsumerGroup, TopicSpec
 from streams.order_status.inputs import failure_topics
 
-# The order-status worker's app id (`python -m streams.order_status --app-id`, default), which
-# Faust uses as its consumer group id and as the prefix of its internal topics.
-ORDER_STATUS_GROUP = "order-status"
-
 
 @dataclass(frozen=True)
 class LagRow:
@@ -60,7 +56,7 @@ class StreamGroup:
     internal: tuple[str, ...] = ()
 
 
-def order_status_group(app_id: str = ORDER_STATUS_GROUP) -> StreamGroup:
+def order_status_group(app_id: str = topology.ORDER_STATUS_APP) -> StreamGroup:
     """What the order-status worker subscribes to (streams/order_status/app.py, `create_app`)."""
     failures = tuple(failure_topics(registry.GROUPS))  # read now: the groups may be replaced (tests)
     # app.sla_topic_name(app_id); not imported from there, which would import Faust

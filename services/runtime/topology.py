@@ -28,6 +28,8 @@ ORDERS_COMPENSATED = "orders.compensated"
 STOCK_ADJUSTED = "stock.adjusted"
 # Operators' record of every dead-letter replay and purge (JSON, one partition: one total order).
 AUDIT = "orderpipe.audit"
+# The order-status worker's Faust app id: its consumer group, and the prefix of the topics it owns.
+ORDER_STATUS_APP = "order-status"
 
 DEFAULT_PARTITIONS = 6
 DEFAULT_RETRY_DELAYS_S = (1.0, 10.0, 60.0)
@@ -107,8 +109,21 @@ OPS_TOPICS: tuple[TopicSpec, ...] = (
                   "outcome."),
 )
 
+# The two topics the order-status worker owns, named as Faust names them (streams/order_status:
+# the table's changelog `<app id>-<table>-changelog`, and sla.py's `sla_topic_name`). Faust would
+# create them as the worker starts, but a worker that creates topics and joins at once can be
+# assigned without them on a loaded broker; it then rebalances when its metadata refresh sees
+# them, ~10 s later, and re-reads from its last commit. Declared here, `orderpipe up`,
+# `orderpipe topics create` and the deploy manifests create them before any worker joins.
+STATUS_OWN_TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(f"{ORDER_STATUS_APP}-order-status-changelog", cleanup_policy="compact", writer="order-status (Faust)",
+              doc="The order-status table's changelog (JSON): the worker's state, restored when it starts."),
+    TopicSpec(f"{ORDER_STATUS_APP}-sla-exceeded", writer="order-status (Faust timer)",
+              doc="Orders found unfinished after the SLA: from the worker's timer to the worker that owns the order."),
+)
+
 # The Faust order-status view reads every event topic, plus every group's retry and dead-letter
-# topics (streams/order_status/inputs.py: failure_topics); its changelog and SLA topics are Faust's own.
+# topics (streams/order_status/inputs.py: failure_topics), plus its own SLA topic.
 STATUS_INPUTS: list[str] = [t.name for t in EVENT_TOPICS if t.name != ORDERS_STATUS]
 
 # Which topic each event type is published to (one event type per topic).
@@ -116,7 +131,8 @@ TOPIC_FOR_EVENT: dict[str, str] = {t: spec.name for spec in EVENT_TOPICS for t i
 
 
 def topics_for(groups: Iterable[ConsumerGroup]) -> list[TopicSpec]:
-    """Event topics, the retry, dead-letter and parking topics of `groups`, and the operators' audit topic."""
+    """Event topics, the retry, dead-letter and parking topics of `groups`, the order-status worker's
+    own topics, and the operators' audit topic."""
     topics = list(EVENT_TOPICS)
     for g in groups:
         for source in g.inputs:
@@ -128,4 +144,4 @@ def topics_for(groups: Iterable[ConsumerGroup]) -> list[TopicSpec]:
             topics.append(TopicSpec(g.parking_topic(source), partitions=partitions, retention_ms=90 * DAY_MS,
                                     writer="orderpipe dlt replay",
                                     doc=f"{g.name}'s dead letters from {source} replayed too often; for a human"))
-    return topics + list(OPS_TOPICS)
+    return topics + list(STATUS_OWN_TOPICS) + list(OPS_TOPICS)

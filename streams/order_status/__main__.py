@@ -16,6 +16,7 @@ from pathlib import Path
 from yarl import URL
 
 from services.runtime.settings import Settings
+from services.runtime.topology import ORDER_STATUS_APP
 
 
 def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace:
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
     parser.add_argument("--web-port", type=int, default=status_url.port or 6066)
     parser.add_argument("--store", default=None, help="Faust store URL, e.g. memory:// (default: rocksdb:// if available)")
     parser.add_argument("--schema-registry-url", default=settings.schema_registry_url)
-    parser.add_argument("--app-id", default="order-status", help="Faust app id = consumer group id")
+    parser.add_argument("--app-id", default=ORDER_STATUS_APP, help="Faust app id = consumer group id")
     parser.add_argument("--sla-s", type=float, default=settings.status_sla_s,
                         help="an order with a step not finished this many seconds after creation becomes STALLED")
     parser.add_argument("--sla-check-interval-s", type=float, default=settings.status_sla_check_interval_s,

@@ -38,7 +38,7 @@ from faust.types import EventT
 
 from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, STATUS_INPUTS
+from services.runtime.topology import DEFAULT_PARTITIONS, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS
 from streams.order_status import transport
 from streams.order_status.fold import (
     TABLE_NAME,
@@ -91,7 +91,7 @@ def create_app(
     web_host: str = "127.0.0.1",
     store: str | None = None,
     codec: Codec | None = None,  # default: the embedded registry (codec_from_settings for a real one)
-    app_id: str = "order-status",
+    app_id: str = ORDER_STATUS_APP,
     sla_s: float = DEFAULT_SLA_S,
     sla_check_interval_s: float | None = None,
     broker_credentials: Any = None,  # services.runtime.kafka.faust_broker_credentials: TLS, SASL

@@ -46,10 +46,9 @@ from conftest import unique_name
 from reading import read_all, wait_until, watermark_offsets
 from services.runtime.admin import ensure_topics
 from services.runtime.kafka import PARTITIONER
-from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, TopicSpec
+from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, STATUS_OWN_TOPICS
 from streams.order_status.fold import partition_of
 from streams.order_status.process import WorkerProcess
-from streams.order_status.sla import sla_topic_name
 from test_order_status_stream import (
     CHANGELOG,
     CODEC,
@@ -98,16 +97,15 @@ def test_kafka_compacts_status_topics_and_a_worker_restores_from_the_compacted_c
         workers.append(worker)
         return worker
 
-    # The worker's SLA topic first: when Faust creates it at start, a loaded broker can leave it
-    # out of the first assignment; the metadata refresh then rebalances the writer mid-fold, it
-    # re-reads from its last commit and republishes statuses (373 extra records in one CI run),
-    # and the counts below would no longer be one record per change.
-    ensure_topics({"bootstrap.servers": bootstrap}, [TopicSpec(sla_topic_name("order-status"))])
-    # The writer. Faust creates the changelog when it starts: compacted, by Faust's own choice.
+    # The worker's own topics first, as `orderpipe up` and the deploy manifests create them. Left
+    # to Faust at start, a loaded broker could leave the SLA topic out of the first assignment;
+    # the metadata refresh then rebalanced the writer mid-fold, it re-read from its last commit
+    # and republished statuses (373 extra records in one CI run), and the counts below would no
+    # longer be one record per change.
+    ensure_topics({"bootstrap.servers": bootstrap}, list(STATUS_OWN_TOPICS))
     writer = start_worker("writer", "rocksdb://")
     writer.wait_ready(60)
     phases["writer ready"] = time.monotonic() - started
-    wait_until(lambda: CHANGELOG in admin.list_topics(timeout=10).topics, 30, "Faust to create its changelog")
     for topic in COMPACTED:
         assert topic_config(admin, topic)["cleanup.policy"] == "compact", topic
         set_topic_config(admin, topic, TOPIC_SETTINGS)

@@ -33,7 +33,7 @@ from conftest import in_ci, settings_for, unique_name
 from reading import read_all, wait_until
 from services import registry
 from services.cli.main import app
-from services.ops.lag import ORDER_STATUS_GROUP, order_status_group
+from services.ops.lag import order_status_group
 from services.orders.model import LineItem, PlaceOrder
 from services.orders.place import place_order
 from services.orders.tables import outbox
@@ -46,7 +46,7 @@ from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYP
 from services.runtime.kafka import make_producer
 from services.runtime.migrate import upgrade_database
 from services.runtime.outbox import OutboxRelay
-from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_CREATED, STOCK_RESERVED, TopicSpec
+from services.runtime.topology import DEFAULT_PARTITIONS, ORDER_STATUS_APP, ORDERS_CREATED, STOCK_RESERVED, TopicSpec
 from streams.order_status.inputs import failure_topics
 from streams.order_status.process import WorkerProcess
 
@@ -218,7 +218,7 @@ def status_rows(bootstrap: str, *args: str) -> dict[tuple[str, int], dict]:
 
 def rows_of(output: str) -> dict[tuple[str, int], dict]:
     rows = [json.loads(line) for line in output.splitlines() if line.strip()]
-    return {(r["topic"], r["partition"]): r for r in rows if r["group"] == ORDER_STATUS_GROUP}
+    return {(r["topic"], r["partition"]): r for r in rows if r["group"] == ORDER_STATUS_APP}
 
 
 # What a broker answers for a while after it started or created the topics (a session's first
@@ -236,9 +236,9 @@ def test_lag_covers_the_order_status_group(kafka_bootstrap: str, tmp_path: Path)
     from streams.order_status.sla import sla_topic_name
 
     group = order_status_group()
-    assert group.name == ORDER_STATUS_GROUP
+    assert group.name == ORDER_STATUS_APP
     assert set(group.inputs) == {*topology.STATUS_INPUTS, *failure_topics()}  # what the worker subscribes to
-    assert group.internal == (sla_topic_name(ORDER_STATUS_GROUP),)
+    assert group.internal == (sla_topic_name(ORDER_STATUS_APP),)
 
     # Orders for the worker to fold: OrderCreated, StockReserved, and an e-mail retry copy.
     orders = [unique_name("order") for _ in range(8)]
@@ -261,7 +261,7 @@ def test_lag_covers_the_order_status_group(kafka_bootstrap: str, tmp_path: Path)
     try:
         def running_and_caught_up():
             assert worker.proc.poll() is None, f"the worker exited:\n{worker.log_tail()}"
-            result = invoke(kafka_bootstrap, "lag", "--group", ORDER_STATUS_GROUP, "--json")
+            result = invoke(kafka_bootstrap, "lag", "--group", ORDER_STATUS_APP, "--json")
             if result.exit_code != 0:
                 assert any(t in result.output for t in TRANSIENT), result.output
                 return None
@@ -276,15 +276,15 @@ def test_lag_covers_the_order_status_group(kafka_bootstrap: str, tmp_path: Path)
     assert returncode == 0, worker.log_tail()
 
     # A just-run group: its committed offsets stay; new events are its lag.
-    before = status_rows(kafka_bootstrap, "--group", ORDER_STATUS_GROUP, "--all")
+    before = status_rows(kafka_bootstrap, "--group", ORDER_STATUS_APP, "--all")
     assert caught_up(before, produced)
     topics = {t for t, _ in before}
     assert topics == {*group.inputs, *group.internal}, "every topic the worker reads, its SLA topic included"
     assert {k: v["kind"] for k, v in before.items()} == {k: "input" for k in before}
     # The changelog (restored by assignment) holds the folded statuses but no committed offset: no row.
-    changelog = f"{ORDER_STATUS_GROUP}-order-status-changelog"
+    changelog = f"{ORDER_STATUS_APP}-order-status-changelog"
     assert {key for _, _, key, _, _ in read_all(kafka_bootstrap, changelog)} >= set(orders)
-    client = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": ORDER_STATUS_GROUP, "log_level": 0})
+    client = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": ORDER_STATUS_APP, "log_level": 0})
     try:
         committed = client.committed([TopicPartition(changelog, p) for p in range(DEFAULT_PARTITIONS)], timeout=10)
     finally:
@@ -304,7 +304,7 @@ def test_lag_covers_the_order_status_group(kafka_bootstrap: str, tmp_path: Path)
         {k: r for k, r in shown_before.items() if k != (ORDERS_CREATED, partition)}
 
     table = cli(kafka_bootstrap, "lag")
-    assert f"{ORDER_STATUS_GROUP}: lag 3 on input" in table
-    row_shown = (rf"│ {ORDER_STATUS_GROUP} +│ {re.escape(ORDERS_CREATED)} +│ +{partition} │ "
+    assert f"{ORDER_STATUS_APP}: lag 3 on input" in table
+    row_shown = (rf"│ {ORDER_STATUS_APP} +│ {re.escape(ORDERS_CREATED)} +│ +{partition} │ "
                  rf"+{was['committed']} │ +{was['end'] + 3} │ +3 │")
     assert re.search(row_shown, table), table

@@ -170,3 +170,22 @@ def test_a_refused_commit_is_sent_again_without_a_new_ack(tmp_path) -> None:
     asyncio.run(scenario())
     assert at_broker == [{tp: 7}]
     assert consumer._committed_offset[tp] == 7
+
+
+def test_the_declared_worker_topics_are_the_ones_faust_creates(tmp_path) -> None:
+    """`orderpipe up` and the deploy manifests create the worker's own topics before it joins
+    (topology.STATUS_OWN_TOPICS); if a name or a setting differed, Faust would create another
+    topic at start and the declared one would stay unused."""
+    from services.runtime.topology import ORDER_STATUS_APP, STATUS_OWN_TOPICS
+    from streams.order_status.app import create_app
+
+    app = create_app("127.0.0.1:9", data_dir=tmp_path, web_port=6066, store="memory://")
+    assert app.conf.id == ORDER_STATUS_APP
+    changelog = app.tables["order-status"].changelog_topic
+    sla = app.agents["fold-sla"].channel
+    declared = {spec.name: spec for spec in STATUS_OWN_TOPICS}
+    assert set(declared) == {changelog.get_topic_name(), sla.get_topic_name()}
+    for topic, policy in ((changelog, "compact"), (sla, "delete")):
+        spec = declared[topic.get_topic_name()]
+        assert (spec.partitions, spec.cleanup_policy) == (topic.partitions, policy)
+    assert changelog.compacting and not changelog.deleting

@@ -15,6 +15,9 @@ from services.runtime.envelope import headers_to_dict
 from services.runtime.kafka import retrying
 
 WAIT_S = 30.0
+# How long a test waits for its producer's deliveries. A flush returns as soon as they are acked;
+# on a loaded 2-core machine (both broker passes and a demo) one was still in flight after 10 s.
+DELIVERY_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,12 @@ def watermark_offsets(client: Consumer, topic: str, partition: int) -> tuple[int
     right after a topic's creation a loaded Apache Kafka may not lead its partitions yet
     (NOT_LEADER_FOR_PARTITION)."""
     return retrying(lambda: client.get_watermark_offsets(TopicPartition(topic, partition), timeout=10), timeout=30)
+
+
+def delivered(producer) -> None:
+    """Wait until every message `producer` was given is acked by the broker; fail saying how many were not."""
+    undelivered = producer.flush(DELIVERY_WAIT_S)
+    assert undelivered == 0, f"{undelivered} messages not delivered after {DELIVERY_WAIT_S:.0f} s"
 
 
 def read_topic(bootstrap: str, topic: str) -> list[Received]:

@@ -28,7 +28,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from typer.testing import CliRunner
 
 from conftest import settings_for, unique_name
-from reading import read_all, wait_until
+from reading import delivered, read_all, wait_until
 from services.cli.tail_cmd import app as tail_app
 from services.cli.tail_cmd import run_tail
 from services.runtime.admin import ensure_topics
@@ -118,7 +118,7 @@ def produce(producer: Producer, topic: str, partition: int, kind: str) -> Sent:
     acked = []
     producer.produce(topic, key=order_id.encode(), value=value, headers=headers, partition=partition,
                      on_delivery=lambda err, msg: acked.append((err, msg)))
-    assert producer.flush(60) == 0
+    delivered(producer)
     [(err, msg)] = acked
     assert err is None, err
     return Sent(kind, order_id, event_id, value, msg.partition(), msg.offset())

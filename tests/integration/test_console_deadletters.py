@@ -26,7 +26,7 @@ from services.runtime.kafka import make_producer
 from test_dlt_cli import DELIVERY, T0, Letter, Scenario, dead_letter_headers, order_id_on, order_value, \
     replayed_names, scenario  # noqa: F401 - scenario is a fixture
 from test_ops_console import console, csrf_of, logged_in  # noqa: F401 - console is a fixture
-from reading import read_all
+from reading import delivered, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -93,11 +93,11 @@ def test_a_message_shows_its_headers_and_traceback_escaped(web, scenario: Scenar
     headers = [(k, v) for k, v in dead_letter_headers(s, letter, DELIVERY, None) if k != fh.H_EXC_TRACEBACK]
     headers.append((fh.H_EXC_TRACEBACK, b'Traceback:\n  <script>alert("x")</script>\nMailDeliveryError: <b>boom'))
     producer = make_producer(settings_for(s.bootstrap))
-    delivered = []
+    offsets = []
     producer.produce(s.dlt, key=letter.order_id.encode(), value=letter.value, partition=0, headers=headers,
-                     on_delivery=lambda err, msg: delivered.append(msg.offset()))
-    assert producer.flush(60) == 0
-    ref = f"{s.dlt}:0:{delivered[0]}"
+                     on_delivery=lambda err, msg: offsets.append(msg.offset()))
+    delivered(producer)
+    ref = f"{s.dlt}:0:{offsets[0]}"
     with logged_in(web, "vic") as client:
         page = client.get(f"/dead-letters/{ref}")
         assert page.status_code == 200, page.text

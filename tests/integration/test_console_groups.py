@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from conftest import settings_for
+from reading import delivered
 from services.runtime.kafka import make_producer
 from test_dlt_cli import Scenario, scenario  # noqa: F401 - scenario is a fixture
 from test_ops_console import console, logged_in  # noqa: F401 - console is a fixture
@@ -31,7 +32,7 @@ def test_the_groups_page_shows_positions_and_lag(web, scenario: Scenario):  # no
     producer = make_producer(settings_for(s.bootstrap), **{"linger.ms": 100})
     for i in range(5):
         producer.produce(s.source, key=f"k{i}".encode(), value=b"x", partition=0)
-    assert producer.flush(60) == 0
+    delivered(producer)
     client = Consumer({"bootstrap.servers": s.bootstrap, "group.id": s.group.name, "log_level": 0})
     client.commit(offsets=[TopicPartition(s.source, 0, 2)], asynchronous=False)
     client.close()

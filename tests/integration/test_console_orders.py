@@ -18,6 +18,7 @@ import pytest
 
 from conftest import settings_for
 from console_server import serve_console, users
+from reading import delivered
 from services import registry
 from services.ops.broker import OpsKafka
 from services.runtime.failure_headers import (H_ATTEMPT, H_DUE_AT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON)
@@ -51,7 +52,7 @@ def test_the_timeline_shows_retries_and_dead_letters_and_each_missing_part_says_
                                   (H_EXC_MESSAGE, b"550 no such user"),
                                   (H_REASON, b"retries exhausted after 4 attempts")])
         producer.produce(source, key=b"another-order", value=b"x", timestamp=1_500)  # maybe the same partition
-        assert producer.flush(60) == 0
+        delivered(producer)
     assert partition_of(order_id.encode(), 6) in range(6)
 
     with httpx.Client(base_url=console.url, timeout=60) as client:
@@ -108,7 +109,7 @@ def test_the_timeline_reads_from_the_order_s_placing_time_on_and_misses_nothing_
         producer = kafka.producer()
         for topic, ts in sorted(stamped, key=lambda s: s[1]):
             producer.produce(topic, key=order_id.encode(), value=b"not avro", timestamp=ts)
-        assert producer.flush(60) == 0
+        delivered(producer)
         whole, _ = read_timeline(kafka, None, order_id)
         since_placed, missing = read_timeline(kafka, None, order_id, placed_at=placed)
     assert not missing

@@ -25,7 +25,7 @@ from sqlalchemy import Column, Float, Integer, MetaData, String, Table, select, 
 from sqlalchemy.engine import Engine
 
 from conftest import settings_for, unique_name
-from reading import watermark_offsets
+from reading import delivered, watermark_offsets
 from services.runtime import consumer as runtime
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.consumer import ServiceConsumer
@@ -153,7 +153,7 @@ class Harness:
         acked: list = []
         self.producer.produce(topic or self.source, key=key.encode(), value=value, headers=headers or [],
                               on_delivery=lambda err, msg: acked.append((err, msg)))
-        assert self.producer.flush(60) == 0
+        delivered(self.producer)
         [(err, msg)] = acked
         assert err is None, err
         return msg.partition(), msg.offset()

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, TopicPartition
 from typer.testing import CliRunner
 
 from conftest import settings_for, unique_name
-from reading import read_all
+from reading import delivered, read_all
 from services.cli.main import app
 from services.ops.audit import AuditLog
 from services.ops.broker import OPS_GROUP, OpsKafka
@@ -158,7 +158,7 @@ def make_scenario(bootstrap: str, monkeypatch, replays: dict[str, int] | None = 
                          timestamp=int((T0 + timedelta(hours=hours)).timestamp() * 1000),
                          headers=dead_letter_headers(s, letter, exc_type, (replays or {}).get(letter_name)),
                          on_delivery=lambda err, msg, n=letter_name: acked.__setitem__(n, (err, msg)))
-    assert producer.flush(60) == 0  # one flush: several records per batch
+    delivered(producer)  # one flush: several records per batch
     for letter_name, (err, msg) in acked.items():
         assert err is None, err
         s.letters[letter_name].offset = msg.offset()
@@ -377,7 +377,7 @@ def test_lag_and_topic_counts_see_the_true_end_offsets(scenario: Scenario):
     producer = make_producer(settings_for(s.bootstrap), **{"linger.ms": 100})
     for i in range(5):
         producer.produce(s.source, key=f"k{i}".encode(), value=b"x", partition=0)
-    assert producer.flush(60) == 0
+    delivered(producer)
     client = Consumer({"bootstrap.servers": s.bootstrap, "group.id": s.group.name, "log_level": 0})
     client.commit(offsets=[TopicPartition(s.source, 0, 2)], asynchronous=False)
     client.close()

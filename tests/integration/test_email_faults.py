@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from conftest import settings_for
-from reading import read_topic, wait_until
+from reading import delivered, read_topic, wait_until
 from services.email.faults import FlakyMailer, injected_failures
 from services.email.mailer import message_id_for
 from services.email.service import build
@@ -59,7 +59,7 @@ def test_injected_faults_are_retried_and_refused_recipients_dead_lettered(kafka_
             producer.produce(group.inputs[0], key=event.order_id.encode(), headers=envelope.to_headers(),
                              value=CODEC.encode("OrderCreated", event.model_dump(), OrderCreated.schema_version))
             sent[event.order_id] = (envelope.event_id, recipient)
-        assert producer.flush(60) == 0
+        delivered(producer)
         rejected = {o for o, (_, r) in sent.items() if r.endswith(".invalid")}
         flaky = {o for o, (e, _) in sent.items() if injected_failures(message_id_for(e), 0.4)}
 
@@ -77,8 +77,8 @@ def test_injected_faults_are_retried_and_refused_recipients_dead_lettered(kafka_
     for d in dead:
         assert d.headers["x-exception-type"] == "services.email.mailer.MailRejected"
         assert "550" in d.headers["x-exception-message"] and d.headers["x-reason"] == "not retryable"
-    delivered = [m["Message-ID"] for m in mails]
-    assert sorted(delivered) == sorted(message_id_for(e) for o, (e, _) in sent.items() if o not in rejected)
+    sent_ids = [m["Message-ID"] for m in mails]
+    assert sorted(sent_ids) == sorted(message_id_for(e) for o, (e, _) in sent.items() if o not in rejected)
     retried = {m.key for n in (1, 2) for m in read_topic(kafka_bootstrap, group.retry_topic(group.inputs[0], n))}
     assert retried == flaky and flaky - rejected, "the injected faults went down the retry chain"
     assert read_topic(kafka_bootstrap, group.retry_topic(group.inputs[0], 3)) == []  # at most two faults each

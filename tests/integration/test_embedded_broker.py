@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from reading import delivered
 from services.tools.brokers import BrokerUnavailable, EmbeddedBroker, free_port, wait_for_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -49,7 +50,7 @@ def test_started_broker_produces_and_consumes(tmp_path: Path) -> None:
         topic = f"t-{uuid.uuid4().hex[:8]}"
         producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
         producer.produce(topic, key=b"order-1", value=b"hello")
-        assert producer.flush(60) == 0
+        delivered(producer)
         # Tansu drains open connections on SIGTERM (~5 s): close clients before stopping.
         producer.close()
 

@@ -18,7 +18,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from reading import wait_until
+from reading import delivered, wait_until
 from services.runtime.admin import ensure_topics
 from services.tools.brokers import KAFKA_VERSION, BrokerUnavailable, LocalKafka, free_port, wait_for_broker
 from services.tools.brokers.apache_kafka import new_cluster_id
@@ -69,7 +69,7 @@ def test_data_survives_a_stop_and_start_on_the_same_folder(tmp_path: Path):
         producer = Producer({"bootstrap.servers": first.bootstrap_servers, "acks": "all"})
         for i in range(10):
             producer.produce("kept", value=f"v{i}".encode())
-        assert producer.flush(60) == 0
+        delivered(producer)
         cluster_id, bootstrap = first.cluster_id, first.bootstrap_servers
     again = LocalKafka(folder).start()
     try:

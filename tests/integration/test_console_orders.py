@@ -97,7 +97,11 @@ def test_the_timeline_reads_from_the_order_s_placing_time_on_and_misses_nothing_
     from services.console.orders import CLOCK_SKEW_MARGIN, read_timeline
 
     order_id = str(uuid.uuid4())
-    placed = datetime.now(UTC) - timedelta(hours=1)
+    # Placed 20 minutes ahead (Kafka accepts timestamps up to an hour ahead), so every message
+    # other tests wrote to these shared partitions is stamped before the margin: the time index
+    # answers the first message at or after a time, and one of theirs, stamped now, would
+    # otherwise be that answer for a partition where it precedes this test's older-stamped one.
+    placed = datetime.now(UTC) + timedelta(minutes=20)
     placed_ms = int(placed.timestamp() * 1000)
     before_margin = placed_ms - int(CLOCK_SKEW_MARGIN.total_seconds() * 1000) - 60_000
     inside_margin = placed_ms - 60_000  # a relay whose clock is a minute behind the API's

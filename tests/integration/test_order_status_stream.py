@@ -28,7 +28,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition as AioTopicPartition
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from services import registry
 from services.orders.api import StatusClient
@@ -512,10 +511,7 @@ def test_memory_store_restores_a_changelog_whose_last_batches_hold_many_records(
     its restore there, so without the fetch check in transport.py 85 of these 120 orders came
     back PENDING (their COMPLETED record sat in the rest of a last batch). On Apache Kafka both
     answers agree and the restore is the same."""
-    bootstrap = broker.bootstrap_servers
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(CHANGELOG, DEFAULT_PARTITIONS, 1, config={"cleanup.policy": "compact"})])[
-        CHANGELOG].result()
+    bootstrap = broker.bootstrap_servers  # the fixture created the changelog with the other declared topics
     orders = [str(uuid.uuid4()) for _ in range(120)]
     now = datetime.now(UTC)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 200})  # one batch per partition and flush

@@ -32,3 +32,16 @@ def test_a_taken_port_is_never_returned(monkeypatch):
         monkeypatch.setattr(probe, "_ephemeral_ports", lambda: range(busy + 1, busy + 2))
         port = free_port()
     assert port != busy
+
+
+def test_a_port_is_never_handed_out_twice_in_a_process(monkeypatch):
+    """A stack picks a dozen ports before its servers bind any: a port still free because its
+    server has not started yet must not be handed to a second server."""
+    import services.tools.brokers.probe as probe
+
+    first = free_port()
+    picks = iter([first, first, first + 1])
+    monkeypatch.setattr(probe._random, "randrange", lambda low, high: next(picks, low + 11))
+    second = free_port()
+    assert second != first
+    assert {first, second} <= probe._handed_out

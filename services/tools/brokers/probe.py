@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -32,23 +33,42 @@ def free_port() -> int:
     Picked below the ephemeral range when there is room: a port from that range can be taken in
     between by any process's outgoing connection (a service `up` started failed three times in
     a row with "Address already in use" on its health port), where below it only another
-    listener picking the same port could take it."""
+    listener picking the same port could take it. Never the same port twice in a process: a
+    stack picks a dozen ports before its servers bind any, and once gave inventory's health
+    server and the order-status worker the same one (the worker could not start)."""
+    with _handed_out_lock:
+        port = _pick_unbound_port()
+        _handed_out.add(port)
+        return port
+
+
+def _pick_unbound_port() -> int:
     ephemeral = _ephemeral_ports()
     if ephemeral.start > _LOWEST_PICKED + 1000:
         for _ in range(100):
             port = _random.randrange(_LOWEST_PICKED, ephemeral.start)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+            if port not in _handed_out and _bindable(port):
                 return port
+    while True:  # the OS's choice, from the ephemeral range
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 _LOWEST_PICKED = 20000  # above the well-known and most registered servers' ports (PostgreSQL 5432, ...)
+_handed_out: set[int] = set()  # every port free_port returned in this process
+_handed_out_lock = threading.Lock()
 _random = random.SystemRandom()  # not the seeded module generator: processes started together must differ
 
 

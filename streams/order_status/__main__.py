@@ -10,6 +10,7 @@ Defaults come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `SCHEMA_REGISTRY_
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -39,21 +40,37 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
     return parser.parse_args(argv)
 
 
+def check_web_port(host: str, port: int) -> None:
+    """Faust binds its web server only once the worker has started, and a taken port then stops
+    it with a page of traceback; asked first, the worker stops with one line saying what to fix."""
+    from services.runtime.errors import Misconfigured
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise Misconfigured(
+                f"the order-status worker cannot listen on {host}:{port} ({exc.strerror or exc}): "
+                "set --web-port (or the port of ORDERPIPE_STATUS_URL) to a free port") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     import faust
 
     from services.runtime.codec import RegistryRefused, codec_from_settings
-    from services.runtime.errors import KafkaRefused
+    from services.runtime.errors import KafkaRefused, Misconfigured
     from services.runtime.heap import tune_gc
     from services.runtime.kafka import check_credentials, faust_broker_credentials
     from streams.order_status.app import create_app
 
     settings = Settings()
     args = parse_args(argv, settings)
-    try:  # a wrong password or an untrusted certificate: one line now, not Faust's traceback later
+    try:  # a taken port, a wrong password or an untrusted certificate: one line now, not Faust's traceback later
+        check_web_port(args.web_host, args.web_port)
         check_credentials(args.bootstrap_servers, settings.extra_client_config)
         codec = codec_from_settings(settings.model_copy(update={"schema_registry_url": args.schema_registry_url}))
-    except (KafkaRefused, RegistryRefused) as exc:
+    except (Misconfigured, KafkaRefused, RegistryRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     args.data_dir.mkdir(parents=True, exist_ok=True)

@@ -210,3 +210,19 @@ def test_a_taken_health_port_stops_the_process_with_what_to_fix(process: str, tm
     assert errors == [f"error: the health server cannot listen on 127.0.0.1:{port} (Address already in use): "
                       "set ORDERPIPE_HEALTH_PORT to a free port, or to 0 to turn it off"], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_a_taken_web_port_stops_the_order_status_worker_with_what_to_fix(tmp_path):
+    """The worker's web port (its status pages and /ready) is checked before Faust starts: one
+    line and exit 1, not the traceback Faust prints when its web server fails to bind."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "streams.order_status", "--bootstrap-servers", "127.0.0.1:1",
+                               "--data-dir", str(tmp_path), "--web-port", str(port)],
+                              cwd=REPO, env={**os.environ, "COLUMNS": "300"}, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"error: the order-status worker cannot listen on 127.0.0.1:{port} (Address already in use): "
+        "set --web-port (or the port of ORDERPIPE_STATUS_URL) to a free port"]

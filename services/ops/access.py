@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from services import registry
 from services.ops.broker import OPS_GROUP
 from services.runtime.topology import AUDIT, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS, TOPIC_FOR_EVENT
+
 READ = ("Read", "Describe")
 WRITE = ("Write", "Describe")
 

@@ -123,7 +123,7 @@ STATUS_OWN_TOPICS: tuple[TopicSpec, ...] = (
 )
 
 # The Faust order-status view reads every event topic, plus every group's retry and dead-letter
-# topics (streams/order_status/inputs.py: failure_topics), plus its own SLA topic.
+# topics (streams/order_status/inputs.py: failure_topics); and its own SLA topic (STATUS_OWN_TOPICS).
 STATUS_INPUTS: list[str] = [t.name for t in EVENT_TOPICS if t.name != ORDERS_STATUS]
 
 # Which topic each event type is published to (one event type per topic).

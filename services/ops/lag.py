@@ -59,8 +59,7 @@ class StreamGroup:
 def order_status_group(app_id: str = topology.ORDER_STATUS_APP) -> StreamGroup:
     """What the order-status worker subscribes to (streams/order_status/app.py, `create_app`)."""
     failures = tuple(failure_topics(registry.GROUPS))  # read now: the groups may be replaced (tests)
-    # app.sla_topic_name(app_id); not imported from there, which would import Faust
-    return StreamGroup(app_id, (*topology.STATUS_INPUTS, *failures), internal=(f"{app_id}-sla-exceeded",))
+    return StreamGroup(app_id, (*topology.STATUS_INPUTS, *failures), internal=(topology.sla_topic_name(app_id),))
 
 
 def lag_groups(name: str | None = None) -> list[ConsumerGroup | StreamGroup]:

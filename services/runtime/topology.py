@@ -31,6 +31,12 @@ AUDIT = "orderpipe.audit"
 # The order-status worker's Faust app id: its consumer group, and the prefix of the topics it owns.
 ORDER_STATUS_APP = "order-status"
 
+
+def sla_topic_name(app_id: str) -> str:
+    """The topic an order-status worker's SLA timer sends through (streams/order_status/sla.py)."""
+    return f"{app_id}-sla-exceeded"
+
+
 DEFAULT_PARTITIONS = 6
 DEFAULT_RETRY_DELAYS_S = (1.0, 10.0, 60.0)
 
@@ -110,7 +116,7 @@ OPS_TOPICS: tuple[TopicSpec, ...] = (
 )
 
 # The two topics the order-status worker owns, named as Faust names them (streams/order_status:
-# the table's changelog `<app id>-<table>-changelog`, and sla.py's `sla_topic_name`). Faust would
+# the table's changelog `<app id>-<table>-changelog`, and `sla_topic_name` above). Faust would
 # create them as the worker starts, but a worker that creates topics and joins at once can be
 # assigned without them on a loaded broker; it then rebalances when its metadata refresh sees
 # them, ~10 s later, and re-reads from its last commit. Declared here, `orderpipe up`,
@@ -118,7 +124,7 @@ OPS_TOPICS: tuple[TopicSpec, ...] = (
 STATUS_OWN_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(f"{ORDER_STATUS_APP}-order-status-changelog", cleanup_policy="compact", writer="order-status (Faust)",
               doc="The order-status table's changelog (JSON): the worker's state, restored when it starts."),
-    TopicSpec(f"{ORDER_STATUS_APP}-sla-exceeded", writer="order-status (Faust timer)",
+    TopicSpec(sla_topic_name(ORDER_STATUS_APP), writer="order-status (Faust timer)",
               doc="Orders found unfinished after the SLA: from the worker's timer to the worker that owns the order."),
 )
 

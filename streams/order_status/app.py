@@ -38,7 +38,7 @@ from faust.types import EventT
 
 from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.topology import DEFAULT_PARTITIONS, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS
+from services.runtime.topology import DEFAULT_PARTITIONS, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS, sla_topic_name
 from streams.order_status import transport
 from streams.order_status.fold import (
     TABLE_NAME,
@@ -51,7 +51,7 @@ from streams.order_status.fold import (
     status_value,
 )
 from streams.order_status.inputs import failure_topics, sla_message
-from streams.order_status.sla import DEFAULT_SLA_S, SlaWatch, default_sla_check_interval, sla_topic_name
+from streams.order_status.sla import DEFAULT_SLA_S, SlaWatch, default_sla_check_interval
 from streams.order_status.status import sla_deadline_passed
 from streams.order_status.web import WorkerView, add_pages
 

@@ -16,10 +16,6 @@ from streams.order_status.status import FINAL_ORDER_STATES, OrderStatus
 DEFAULT_SLA_S = 300.0
 
 
-def sla_topic_name(app_id: str) -> str:
-    return f"{app_id}-sla-exceeded"
-
-
 def default_sla_check_interval(sla_s: float) -> float:
     return min(max(sla_s / 10, 0.5), 30.0)
 

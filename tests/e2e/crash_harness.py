@@ -968,7 +968,7 @@ class BrokerChaosRun(BrokerRun):
 def group_topics() -> dict[str, list[str]]:
     """What each consumer group reads: the services' inputs and their retry topics (see
     ServiceConsumer.topics), and the order-status worker's inputs (streams/order_status/app.py)."""
-    from streams.order_status.sla import sla_topic_name
+    from services.runtime.topology import sla_topic_name
     from streams.order_status.inputs import failure_topics
 
     out = {g.name: [t for source in g.inputs for t in (source, *g.retry_topics(source))] for g in registry.GROUPS}

@@ -233,7 +233,7 @@ def caught_up(rows: dict[tuple[str, int], dict], produced: set[tuple[str, int]])
 
 
 def test_lag_covers_the_order_status_group(kafka_bootstrap: str, tmp_path: Path):
-    from streams.order_status.sla import sla_topic_name
+    from services.runtime.topology import sla_topic_name
 
     group = order_status_group()
     assert group.name == ORDER_STATUS_APP

@@ -2,7 +2,8 @@
 
 It reads like an analyst would: assigned to every partition directly (no consumer group to
 join, nothing committed, so it never moves anyone's offsets), decoding each value with the
-schema id it carries. A message that cannot be decoded is printed with an "error" field,
+schema id it carries; the declared JSON topics (`orderpipe.failures`, `orderpipe.audit`, the
+order-status worker's own) are shown as JSON. A message that cannot be decoded is printed with an "error" field,
 never skipped and never fatal: dead-letter topics are exactly where such messages live.
 
 Without --follow it stops at the end offsets seen when it started, so the output is a
@@ -23,6 +24,7 @@ from services.ops.broker import json_default
 from services.runtime.codec import Codec, DecodeError, codec_from_settings
 from services.runtime.envelope import headers_to_dict
 from services.runtime.settings import Settings
+from services.runtime.topology import JSON_TOPICS
 
 # One command; register it with `app.add_typer(tail_app)` (no name: `tail` joins the top level).
 app = typer.Typer()
@@ -108,6 +110,12 @@ def message_record(msg: Any, codec: Codec) -> dict[str, Any]:
         "headers": headers_to_dict(msg.headers()),
     }
     value = msg.value()
+    if msg.topic() in JSON_TOPICS:  # failure notices, audit records, the order-status worker's own
+        try:
+            return {**record, "event_type": None, "value": json.loads(value or b"")}
+        except ValueError as exc:
+            return {**record, "event_type": None, "error": f"not JSON: {exc}", "value_size": len(value or b""),
+                    "value_preview_hex": (value or b"")[:PREVIEW_BYTES].hex()}
     try:
         decoded = codec.decode(value)
     except DecodeError as exc:
@@ -125,6 +133,6 @@ def format_message(msg: Any, codec: Codec, as_json: bool) -> str:
     if as_json:
         return json.dumps(record, default=json_default, ensure_ascii=False)
     where = f"{record['topic']}[{record['partition']}]@{record['offset']}"
-    body = (f"{record['event_type']} {json.dumps(record['value'], default=json_default, ensure_ascii=False)}"
+    body = (f"{record['event_type'] or 'JSON'} {json.dumps(record['value'], default=json_default, ensure_ascii=False)}"
             if "error" not in record else f"ERROR {record['error']}")
     return f"{record['timestamp'] or '-'} {where} key={record['key']} {body}"

@@ -3,10 +3,10 @@ declarations as the topics (services/registry.py), so a service can do exactly w
 does and nothing else. `orderpipe deploy acls` writes them as Strimzi `KafkaUser` resources.
 
 - a consumer service reads its inputs and its own retry tiers (group: its name), writes what
-  it emits (its outbox relay), its retry tiers and its dead-letter topics;
+  it emits (its outbox relay), its retry tiers, its dead-letter topics and the failure notices
+  (`orderpipe.failures`);
 - `orders` (its relay) writes `orders.created`; the orders API never talks to Kafka;
-- `order-status` (Faust) reads every event topic and every group's retry and dead-letter
-  topics, writes `orders.status`, and owns the topics it creates itself (`order-status-*`:
+- `order-status` (Faust) reads every event topic and the failure notices, writes `orders.status`, and owns the topics it creates itself (`order-status-*`:
   its changelog, its SLA timer);
 - `operators` (`orderpipe dlt`, `lag`, `tail`) read every topic, write only where a replay
   goes (each group's first retry tier and parking topics) and the audit topic, see every
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from services import registry
 from services.ops.broker import OPS_GROUP
-from services.runtime.topology import AUDIT, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS, TOPIC_FOR_EVENT
+from services.runtime.topology import AUDIT, FAILURES, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS, TOPIC_FOR_EVENT
 
 READ = ("Read", "Describe")
 WRITE = ("Write", "Describe")
@@ -68,15 +68,14 @@ def _service(declaration) -> Principal | None:
     dead = [g.dlt_topic(source) for source in g.inputs]
     return Principal(user_name(declaration.name), f"{declaration.name}: consumer group {g.name} and its outbox relay", (
         *_topics([*g.inputs, *retries], READ),
-        *_topics([*writes, *retries, *dead], WRITE),
+        *_topics([*writes, *retries, *dead, FAILURES], WRITE),
         Grant("group", g.name, ("Read", "Describe")),
     ))
 
 
 def _order_status() -> Principal:
-    failures = [t for g in registry.GROUPS for source in g.inputs for t in (*g.retry_topics(source), g.dlt_topic(source))]
     return Principal(user_name(ORDER_STATUS_APP), "the order-status worker (Faust)", (
-        *_topics([*STATUS_INPUTS, *failures], READ),
+        *_topics([*STATUS_INPUTS, FAILURES], READ),
         *_topics([ORDERS_STATUS], WRITE),
         Grant("topic", f"{ORDER_STATUS_APP}-", ("All",), "prefix"),
         Grant("group", ORDER_STATUS_APP, ("Read", "Describe")),

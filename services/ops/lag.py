@@ -8,8 +8,8 @@ replayed, parked or purged yet.
 
 The order-status worker (Faust, `streams/order_status`) is a consumer group too: group id = its
 app id, `order-status`. It commits offsets for everything it folds: the event topics
-(`STATUS_INPUTS`), every group's retry and dead-letter topics (`failure_topics`) and its own SLA
-topic, which the worker creates on its first start. Its changelog has no row: the worker reads
+(`STATUS_INPUTS`), the failure notices every group writes (`orderpipe.failures`) and its own
+SLA topic. Its changelog has no row: the worker reads
 it by assignment to restore its table and commits no offset there.
 """
 
@@ -25,7 +25,6 @@ from services.ops.handled import HandledState
 from services import registry
 from services.runtime import topology
 from services.runtime.topology import ConsumerGroup, TopicSpec
-from streams.order_status.inputs import failure_topics
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,7 @@ class StreamGroup:
 
 def order_status_group(app_id: str = topology.ORDER_STATUS_APP) -> StreamGroup:
     """What the order-status worker subscribes to (streams/order_status/app.py, `create_app`)."""
-    failures = tuple(failure_topics(registry.GROUPS))  # read now: the groups may be replaced (tests)
-    return StreamGroup(app_id, (*topology.STATUS_INPUTS, *failures), internal=(topology.sla_topic_name(app_id),))
+    return StreamGroup(app_id, (*topology.STATUS_INPUTS, topology.FAILURES), internal=(topology.sla_topic_name(app_id),))
 
 
 def lag_groups(name: str | None = None) -> list[ConsumerGroup | StreamGroup]:

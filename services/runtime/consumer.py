@@ -14,7 +14,8 @@ Read top to bottom, per batch (`run_once`):
    runs alone in a savepoint. Several lanes: one transaction per message, begun at the
    handler's first database statement, so slow I/O before it (an SMTP send) runs in parallel
    even on SQLite, whose writers take turns;
-5. after the commits, route the failed messages to retry or dead-letter topics and wait for acks;
+5. after the commits, route the failed messages to retry or dead-letter topics (and a notice of
+   each to the order-status view's failures topic) and wait for acks;
 6. only then store offsets: per partition, up to the first message that is not done (a lane
    that stopped early); that message is where the partition is rewound to.
 
@@ -77,6 +78,7 @@ from services.runtime.failure_headers import (
     header_texts,
     number_header,
 )
+from services.runtime.failure_notices import FailureNotice, keyed_by_order
 from services.runtime.handler import (
     BatchHandler, BatchUnitOfWork, Handler, RunNotSetBased, Service, UnitOfWork, batch_form,
 )
@@ -84,6 +86,7 @@ from services.runtime.held import DEAD_LETTERED, RELEASING, Hold, HeldKeys, Stor
 from services.runtime.kafka import raise_if_denied
 from services.runtime.outbox import add_event, add_rows, outbox_row
 from services.runtime.ratelimit import RateLimiter
+from services.runtime.topology import FAILURES
 from services.runtime.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
@@ -373,8 +376,9 @@ class ServiceConsumer:
         return result
 
     def _deliver_copies(self, failures: list[Failure]) -> tuple[int, int]:
-        """Each failure's copy in its retry or dead-letter topic, acked; (retried, dead-lettered).
-        Raises when a copy was not acked: the caller must not store offsets past it."""
+        """Each failure's copy in its retry or dead-letter topic, and its notice, acked;
+        (retried, dead-lettered). Raises when one was not acked: the caller must not store
+        offsets past it."""
         retried = dead = 0
         for failure in failures:
             if self._route_failure(failure):
@@ -385,7 +389,7 @@ class ServiceConsumer:
             crash_point("consumer.after_copies_produced")
             remaining = self.producer.flush(30)
             refused, self._copy_errors = self._copy_errors, []
-            raise_if_denied(refused, f"group {self.group.name} its retry and dead-letter copies")
+            raise_if_denied(refused, f"group {self.group.name} its retry and dead-letter copies and failure notices")
             if remaining or refused:
                 raise RuntimeError(f"{remaining} retry/dead-letter copies not acked, {len(refused)} refused "
                                    f"({refused[:1]}); not storing offsets")
@@ -775,8 +779,9 @@ class ServiceConsumer:
         return retry, retryable, attempt, source
 
     def _route_failure(self, failure: Failure) -> bool:
-        """Produce the failed message to its next retry tier or the dead-letter topic, unless a
-        copy of it is already on its way or acked. Returns True when it was retried."""
+        """Produce the failed message to its next retry tier or the dead-letter topic, and its
+        notice to the failures topic (failure_notices.py), unless a copy of it is already on its
+        way or acked. Returns True when it was retried."""
         msg, exc = failure.message, failure.exc
         coordinates = (msg.topic(), msg.partition(), msg.offset())
         if coordinates in self._copies:
@@ -805,9 +810,16 @@ class ServiceConsumer:
             headers[H_REASON] = "not retryable" if not retryable else f"retries exhausted after {attempt} attempts"
             target = self.group.dlt_topic(source)
         kept = [(k, v) for k, v in msg.headers() or () if k not in RUNTIME_HEADERS]
+        delivered = functools.partial(self._copy_delivered, coordinates)
         self.producer.produce(target, key=msg.key(), value=msg.value(),
-                              headers=kept + [(k, v.encode()) for k, v in headers.items()],
-                              on_delivery=functools.partial(self._copy_delivered, coordinates))
+                              headers=kept + [(k, v.encode()) for k, v in headers.items()], on_delivery=delivered)
+        if msg.key() and keyed_by_order(source):
+            notice = FailureNotice(
+                order_id=msg.key().decode("utf-8", "replace"), group=self.group.name, source=source, topic=target,
+                kind="retry" if retry else "dlt", attempt=attempt, event_id=header(msg, env.EVENT_ID) or "",
+                error_type=headers[H_EXC_TYPE], error=headers[H_EXC_MESSAGE], reason=headers.get(H_REASON),
+                at=headers[H_LAST_FAILURE])
+            self.producer.produce(FAILURES, key=msg.key(), value=notice.to_bytes(), on_delivery=delivered)
         self._copies[coordinates] = retry
         self.producer.poll(0)
         details = {"topic": target, "source": source, "attempt": attempt,

@@ -28,6 +28,9 @@ ORDERS_COMPENSATED = "orders.compensated"
 STOCK_ADJUSTED = "stock.adjusted"
 # Operators' record of every dead-letter replay and purge (JSON, one partition: one total order).
 AUDIT = "orderpipe.audit"
+# One small JSON notice per failure a group routes to a retry or dead-letter topic
+# (services/runtime/failure_notices.py): how the order-status view learns of failures.
+FAILURES = "orderpipe.failures"
 # The order-status worker's Faust app id: its consumer group, and the prefix of the topics it owns.
 ORDER_STATUS_APP = "order-status"
 
@@ -128,8 +131,20 @@ STATUS_OWN_TOPICS: tuple[TopicSpec, ...] = (
               doc="Orders found unfinished after the SLA: from the worker's timer to the worker that owns the order."),
 )
 
-# The Faust order-status view reads every event topic, plus every group's retry and dead-letter
-# topics (streams/order_status/inputs.py: failure_topics); and its own SLA topic (STATUS_OWN_TOPICS).
+# Written by every consumer group beside each retry or dead-letter copy, read by the order-status
+# view. The view used to read the 40-odd retry and dead-letter topics themselves: every fetch of
+# the worker then named ~300 partitions, nearly all empty, and answering them was most of the
+# Apache Kafka broker's fetch work (README, Performance). Partitioned as the order topics (the
+# view's table is co-partitioned with its inputs).
+FAILURES_TOPIC = TopicSpec(FAILURES, writer="every consumer group (runtime)",
+                           doc="One JSON notice per failure routed to a retry or dead-letter topic, keyed by order "
+                               "id: group, source and target topics, attempt, error. The order-status view's input.")
+
+# The declared topics whose values are JSON, not Avro events (`orderpipe tail` shows them as JSON).
+JSON_TOPICS: frozenset[str] = frozenset({FAILURES, AUDIT, *(t.name for t in STATUS_OWN_TOPICS)})
+
+# The Faust order-status view reads every event topic and the failure notices; and its own SLA
+# topic (STATUS_OWN_TOPICS).
 STATUS_INPUTS: list[str] = [t.name for t in EVENT_TOPICS if t.name != ORDERS_STATUS]
 
 # Which topic each event type is published to (one event type per topic).
@@ -137,8 +152,8 @@ TOPIC_FOR_EVENT: dict[str, str] = {t: spec.name for spec in EVENT_TOPICS for t i
 
 
 def topics_for(groups: Iterable[ConsumerGroup]) -> list[TopicSpec]:
-    """Event topics, the retry, dead-letter and parking topics of `groups`, the order-status worker's
-    own topics, and the operators' audit topic."""
+    """Event topics, the retry, dead-letter and parking topics of `groups`, the failure notices,
+    the order-status worker's own topics, and the operators' audit topic."""
     topics = list(EVENT_TOPICS)
     for g in groups:
         for source in g.inputs:
@@ -150,4 +165,4 @@ def topics_for(groups: Iterable[ConsumerGroup]) -> list[TopicSpec]:
             topics.append(TopicSpec(g.parking_topic(source), partitions=partitions, retention_ms=90 * DAY_MS,
                                     writer="orderpipe dlt replay",
                                     doc=f"{g.name}'s dead letters from {source} replayed too often; for a human"))
-    return topics + list(STATUS_OWN_TOPICS) + list(OPS_TOPICS)
+    return [*topics, FAILURES_TOPIC, *STATUS_OWN_TOPICS, *OPS_TOPICS]

@@ -5,7 +5,7 @@ pure fold), inputs.py (messages to fold inputs), fold.py (the fold as the worker
 sla.py (the SLA timer's index), web.py (the HTTP pages) and transport.py (Faust's Kafka
 transport with the fixes recovery and commits need). Data flow:
 
-    STATUS_INPUTS + every group's retry/DLT topics ──> fold-order-events ──┐
+    STATUS_INPUTS + orderpipe.failures ──────────────> fold-order-events ──┐
     <app_id>-sla-exceeded (from the SLA timer) ──────> fold-sla ───────────┤
                                                                             v
                         Table "order-status" (JSON, changelog) ──> orders.status (Avro OrderStatus)
@@ -38,7 +38,9 @@ from faust.types import EventT
 
 from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, EmbeddedRegistry
-from services.runtime.topology import DEFAULT_PARTITIONS, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS, sla_topic_name
+from services.runtime.topology import (
+    DEFAULT_PARTITIONS, FAILURES, ORDER_STATUS_APP, ORDERS_STATUS, STATUS_INPUTS, sla_topic_name,
+)
 from streams.order_status import transport
 from streams.order_status.fold import (
     TABLE_NAME,
@@ -50,7 +52,7 @@ from streams.order_status.fold import (
     status_headers,
     status_value,
 )
-from streams.order_status.inputs import failure_topics, sla_message
+from streams.order_status.inputs import sla_message
 from streams.order_status.sla import DEFAULT_SLA_S, SlaWatch, default_sla_check_interval
 from streams.order_status.status import sla_deadline_passed
 from streams.order_status.web import WorkerView, add_pages
@@ -141,11 +143,10 @@ def create_app(
     # on the embedded broker stops inside the last batch and loses the rest of it).
     transport.install(app, fetch_max_wait_ms=fetch_wait_max_ms)
     codec = codec or Codec(EmbeddedRegistry())
-    failures = failure_topics()
     metrics = Metrics()
     webhook = Alerter(app_id, alert_webhook_url)  # posts from a background thread; None: log and count only
 
-    inputs = app.topic(*STATUS_INPUTS, *failures, key_serializer="raw", value_serializer="raw")
+    inputs = app.topic(*STATUS_INPUTS, FAILURES, key_serializer="raw", value_serializer="raw")
     # Internal: Faust creates it with the table's partition count; the timer sends with the
     # key's murmur2 partition (Faust's producer default), so the check reaches the key's owner.
     sla_topic = app.topic(sla_topic_name(app_id), partitions=DEFAULT_PARTITIONS, internal=True,
@@ -158,7 +159,7 @@ def create_app(
                       options=ROCKSDB_OPTIONS)  # the memory:// store ignores them
 
     async def fold_one(event: EventT) -> None:
-        applied = apply_event(event, codec, table, failures, sla_topic.get_topic_name())
+        applied = apply_event(event, codec, table, sla_topic.get_topic_name())
         if applied is None:
             return
         count_and_alert(applied, metrics, webhook)

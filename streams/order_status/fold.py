@@ -1,7 +1,6 @@
 """The fold, as the worker runs it: from an input message to a table write and a status to publish.
 
-`apply_event` reads one message (`read_input`: event topics, retry and dead-letter copies, the
-SLA topic), folds it with the pure `next_status` (status.py) and writes the table; `fold_until_done`
+`apply_event` reads one message (`read_input`: event topics, failure notices, the SLA topic), folds it with the pure `next_status` (status.py) and writes the table; `fold_until_done`
 retries it in place until it succeeds (an exception must never reach Faust);
 `count_and_alert` keeps the metrics and raises alerts; `status_value` and `status_headers` make
 the status published to orders.status (Avro, schema version `STATUS_SCHEMA_VERSION`) and its
@@ -27,8 +26,9 @@ from services.runtime.alerts import Alerter
 from services.runtime.codec import Codec, DecodeError
 from services.runtime.crashpoints import crash_point
 from services.runtime.envelope import EVENT_ID, TRACEPARENT, Envelope, headers_to_dict, new_traceparent, trace_id_of
-from services.runtime.topology import DEFAULT_PARTITIONS
-from streams.order_status.inputs import FoldInput, NotAnInput, failure_input, failure_topics, sla_input
+from services.runtime.failure_notices import NotANotice, read_notice
+from services.runtime.topology import DEFAULT_PARTITIONS, FAILURES
+from streams.order_status.inputs import FoldInput, NotAnInput, failure_input, sla_input
 from streams.order_status.status import FOLDED_EVENTS, OrderStatus, UnknownEvent, next_status, redelivered
 
 log = logging.getLogger("orderpipe.order_status")
@@ -92,29 +92,23 @@ class Applied:
     republish: bool = False  # the same status again, for a re-read input
 
 
-def read_input(event: EventT, codec: Codec, failures: dict, sla_topic: str) -> FoldInput | None:
+def read_input(event: EventT, codec: Codec, sla_topic: str) -> FoldInput | None:
     """The fold input a message stands for; None for an event type the view does not fold.
-    Raises DecodeError / NotAnInput for a message the view cannot read."""
+    Raises DecodeError / NotAnInput / NotANotice for a message the view cannot read."""
     message = event.message
     if message.topic == sla_topic:
         return sla_input(event.value)
+    if message.topic == FAILURES:
+        return failure_input(read_notice(event.value))
     decoded = codec.decode(event.value)
-    headers = headers_to_dict(list(event.headers.items()))
-    where = failures.get(message.topic)
-    if where is not None:
-        order_id = decoded.record.get("order_id")
-        if not order_id:
-            raise NotAnInput(f"a {decoded.event_type} copy without order_id")
-        return failure_input(message.topic, where, headers, order_id)
     if decoded.event_type not in FOLDED_EVENTS:
         return None
     # Every producer sets event_id; the position is a stable stand-in for one that did not.
-    event_id = headers.get(EVENT_ID) or f"{message.topic}:{message.partition}:{message.offset}"
+    event_id = headers_to_dict(list(event.headers.items())).get(EVENT_ID) or f"{message.topic}:{message.partition}:{message.offset}"
     return FoldInput(decoded.event_type, decoded.record, event_id)
 
 
-def apply_event(event: EventT, codec: Codec, table: Any, failures: dict | None = None,
-                sla_topic: str = "") -> Applied | None:
+def apply_event(event: EventT, codec: Codec, table: Any, sla_topic: str = "") -> Applied | None:
     """Fold one input message into the table; return what changed, or None when nothing did.
 
     The view must keep running whatever arrives: a message it cannot read is logged and skipped
@@ -124,8 +118,8 @@ def apply_event(event: EventT, codec: Codec, table: Any, failures: dict | None =
     position = f"{message.topic}:{message.partition}:{message.offset}"
     where = {"topic": message.topic, "partition": message.partition, "offset": message.offset}
     try:
-        fold_input = read_input(event, codec, failure_topics() if failures is None else failures, sla_topic)
-    except (DecodeError, NotAnInput) as exc:
+        fold_input = read_input(event, codec, sla_topic)
+    except (DecodeError, NotAnInput, NotANotice) as exc:
         _warn("order_status.undecodable_skipped", **where, reason=str(exc))
         return None
     if fold_input is None:

@@ -968,11 +968,10 @@ class BrokerChaosRun(BrokerRun):
 def group_topics() -> dict[str, list[str]]:
     """What each consumer group reads: the services' inputs and their retry topics (see
     ServiceConsumer.topics), and the order-status worker's inputs (streams/order_status/app.py)."""
-    from services.runtime.topology import sla_topic_name
-    from streams.order_status.inputs import failure_topics
+    from services.runtime.topology import FAILURES, sla_topic_name
 
     out = {g.name: [t for source in g.inputs for t in (source, *g.retry_topics(source))] for g in registry.GROUPS}
-    out[STATUS_GROUP] = [*STATUS_INPUTS, *failure_topics(), sla_topic_name(STATUS_GROUP)]
+    out[STATUS_GROUP] = [*STATUS_INPUTS, FAILURES, sla_topic_name(STATUS_GROUP)]
     return out
 
 

@@ -2,7 +2,7 @@
 the embedded pass, Apache Kafka in the kafka pass): events in, statuses out (HTTP and
 orders.status).
 
-Covers: the fold of events and of retry/dead-letter copies, the SLA, queries by id and by state
+Covers: the fold of events and of failure notices, the SLA, queries by id and by state
 from either of two workers (murmur2 everywhere), and SIGKILL + restart with RocksDB and with
 memory:// (including a changelog whose last batches hold several records, which the embedded
 broker's ListOffsets reports short).
@@ -36,9 +36,9 @@ from services.tools.brokers import LocalBroker, local_broker
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.crashpoints import POINTS
 from services.runtime.envelope import EVENT_ID, Envelope, headers_to_dict, new_event_id
-from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
+from services.runtime.failure_notices import FailureNotice
 from services.runtime.kafka import PARTITIONER
-from services.runtime.topology import DEFAULT_PARTITIONS, ORDERS_STATUS, TOPIC_FOR_EVENT
+from services.runtime.topology import DEFAULT_PARTITIONS, FAILURES, ORDERS_CREATED, ORDERS_STATUS, TOPIC_FOR_EVENT
 from streams.order_status.fold import partition_of
 from streams.order_status.process import WorkerProcess, measure_recovery
 from streams.order_status.status import OrderStatus
@@ -113,23 +113,25 @@ def order_events(order_id: str, kind: str) -> list[tuple[str, dict]]:
 
 
 def order_messages(order_id: str, kind: str) -> list[Message]:
-    """The order's events, plus for "retried"/"dead" the email group's copies of its OrderCreated,
-    as the consumer runtime writes them (original value and envelope, x-* headers)."""
+    """The order's events, plus for "retried"/"dead" the notices of the email group's failures
+    of its OrderCreated, as the consumer runtime writes them."""
     out: list[Message] = []
+    event_ids = {}
     for event_type, record in order_events(order_id, kind):
-        headers = Envelope(new_event_id(), event_type, 1, order_id).to_headers()
+        event_ids[event_type] = new_event_id()
+        headers = Envelope(event_ids[event_type], event_type, 1, order_id).to_headers()
         out.append((TOPIC_FOR_EVENT[event_type], order_id, CODEC.encode(event_type, record), headers))
-    created = out[0]
     email = registry.group("email")
     attempts = {"retried": [1], "dead": [1, 2, 3, 4]}.get(kind, [])
     for attempt in attempts:
         dead = attempt == 4
-        x = {H_GROUP: "email", H_ATTEMPT: str(attempt), H_EXC_TYPE: "smtplib.SMTPServerDisconnected",
-             H_EXC_MESSAGE: f"Connection unexpectedly closed (attempt {attempt})"}
-        if dead:
-            x[H_REASON] = "retries exhausted after 4 attempts"
-        topic = email.dlt_topic("orders.created") if dead else email.retry_topic("orders.created", attempt)
-        out.append((topic, order_id, created[2], created[3] + [(k, v.encode()) for k, v in x.items()]))
+        notice = FailureNotice(
+            order_id, "email", ORDERS_CREATED,
+            email.dlt_topic(ORDERS_CREATED) if dead else email.retry_topic(ORDERS_CREATED, attempt),
+            "dlt" if dead else "retry", attempt, event_ids["OrderCreated"], "smtplib.SMTPServerDisconnected",
+            f"Connection unexpectedly closed (attempt {attempt})", "retries exhausted after 4 attempts" if dead else None,
+            datetime.now(UTC).isoformat())
+        out.append((FAILURES, order_id, notice.to_bytes(), []))
     return out
 
 
@@ -167,7 +169,7 @@ def settled(status: dict) -> bool:
 
 def wait_final(worker: WorkerProcess, orders: list[str] | dict[str, str], deadline_s: float = 90.0) -> dict[str, dict]:
     """Each order's status once it is settled. Given kinds (order id -> kind), once it is also
-    what its kind expects: a retried order's retry copy and its success come from different
+    what its kind expects: a retried order's failure notice and its success come from different
     topics, so COMPLETED may be shown before the second e-mail attempt is folded."""
     kinds = orders if isinstance(orders, dict) else {}
     order_ids = list(orders)
@@ -283,7 +285,7 @@ def check_order(kind: str, status: dict) -> None:
     else:
         assert status["reason"] is None and steps == dict.fromkeys(STEPS, "done")
         assert status["steps"]["invoice"]["detail"] == f"INV-{order_id[:8]}"
-        # a retry copy and the success come from different topics, in any order
+        # a failure notice and the success come from different topics, in any order
         assert status["steps"]["email"]["attempts"] == (2 if kind == "retried" else 1)
 
 
@@ -309,7 +311,7 @@ def test_worker_folds_events_and_failures_into_statuses(broker: LocalBroker, sta
     assert {s["order_id"] for s in attention["statuses"]} == {o for o, k in orders.items() if k in ("rejected", "dead")}
     assert listing(worker, since=datetime(2999, 1, 1, tzinfo=UTC).isoformat())["count"] == 0
 
-    # Each change was published once: duplicates, garbage and late retry copies changed nothing
+    # Each change was published once: duplicates, garbage and late failure notices changed nothing
     # and published nothing. Keyed and partitioned by order id like the inputs; the last message
     # per order is its final status.
     changes = metric(worker, "events_folded_total")

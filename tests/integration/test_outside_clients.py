@@ -42,12 +42,11 @@ from services.runtime.admin import ensure_topics
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.db import make_engine
 from services.runtime.envelope import Envelope, new_event_id
-from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP
+from services.runtime.failure_notices import FailureNotice
 from services.runtime.kafka import make_producer
 from services.runtime.migrate import upgrade_database
 from services.runtime.outbox import OutboxRelay
 from services.runtime.topology import DEFAULT_PARTITIONS, ORDER_STATUS_APP, ORDERS_CREATED, STOCK_RESERVED, TopicSpec
-from streams.order_status.inputs import failure_topics
 from streams.order_status.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -237,12 +236,11 @@ def test_lag_covers_the_order_status_group(kafka_bootstrap: str, tmp_path: Path)
 
     group = order_status_group()
     assert group.name == ORDER_STATUS_APP
-    assert set(group.inputs) == {*topology.STATUS_INPUTS, *failure_topics()}  # what the worker subscribes to
+    assert set(group.inputs) == {*topology.STATUS_INPUTS, topology.FAILURES}  # what the worker subscribes to
     assert group.internal == (sla_topic_name(ORDER_STATUS_APP),)
 
-    # Orders for the worker to fold: OrderCreated, StockReserved, and an e-mail retry copy.
+    # Orders for the worker to fold: OrderCreated, StockReserved, and an e-mail failure's notice.
     orders = [unique_name("order") for _ in range(8)]
-    retry_topic = registry.group("email").retry_topic(ORDERS_CREATED, 1)
     messages = []
     for order_id in orders:
         created = Envelope(new_event_id(), "OrderCreated", 2, order_id).to_headers()
@@ -250,10 +248,10 @@ def test_lag_covers_the_order_status_group(kafka_bootstrap: str, tmp_path: Path)
         messages.append((STOCK_RESERVED, order_id, CODEC.encode("StockReserved", {
             "order_id": order_id, "lines": [{"sku": "SKU-1", "quantity": 2}], "reserved_at": datetime.now(UTC)}),
             Envelope(new_event_id(), "StockReserved", 1, order_id).to_headers()))
-    failure = {H_GROUP: "email", H_ATTEMPT: "1", H_EXC_TYPE: "smtplib.SMTPServerDisconnected",
-               H_EXC_MESSAGE: "Connection unexpectedly closed"}
-    _, key, value, headers = messages[0]
-    messages.append((retry_topic, key, value, headers + [(k, v.encode()) for k, v in failure.items()]))
+    notice = FailureNotice(orders[0], "email", ORDERS_CREATED, registry.group("email").retry_topic(ORDERS_CREATED, 1),
+                           "retry", 1, new_event_id(), "smtplib.SMTPServerDisconnected",
+                           "Connection unexpectedly closed", None, datetime.now(UTC).isoformat())
+    messages.append((topology.FAILURES, orders[0], notice.to_bytes(), []))
     produce(kafka_bootstrap, messages)
     produced = {(topic, partition_of(key)) for topic, key, *_ in messages}
 

@@ -12,6 +12,7 @@ gets a clock the test moves (`ManualClock`), as the unit tests of those parts do
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -24,10 +25,12 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, select
 from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
 
 from conftest import settings_for
 from reading import Received, read_topic, wait_until
-from services.runtime import metrics
+from services.cli.main import app as cli
+from services.runtime import metrics, topology
 from services.runtime.alerts import BREAKER_CLOSED, BREAKER_OPENED, DEAD_LETTERED, RETRYING, Alerter
 from services.runtime.circuit import CLOSED, BreakerConfig
 from services.runtime.codec import Codec, EmbeddedRegistry
@@ -36,10 +39,11 @@ from services.runtime.controls import WorkerControls
 from services.runtime.envelope import EVENT_ID, Envelope, new_event_id
 from services.runtime.errors import PermanentError, RetryableError
 from services.runtime.events import OrderCreated, OrderLine, OrderRecorded
+from services.runtime.failure_notices import read_notice
 from services.runtime.handler import Service, UnitOfWork
 from services.runtime.kafka import make_consumer, make_producer
 from services.runtime.ratelimit import RateLimit
-from services.runtime.topology import ConsumerGroup
+from services.runtime.topology import ConsumerGroup, TopicSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -337,6 +341,54 @@ def test_exhausted_retries_are_dead_lettered_with_headers_replaced_on_each_hop_a
     assert posted[1]["order_id"] == sent.order_id and posted[1]["topic"] == r.dlt
     assert metrics.ALERTS.labels(r.group.name, DEAD_LETTERED)._value.get() == 1
     assert metrics.DEAD_LETTERED.labels(r.group.name)._value.get() == 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 4], ids=["one-lane", "four-lanes"])
+def test_every_routed_failure_of_an_order_has_its_notice_for_the_order_status_view(rig, monkeypatch, concurrency):
+    """Beside each retry or dead-letter copy, the runtime writes a notice to orderpipe.failures
+    (what the order-status view reads instead of every retry and dead-letter topic); only for
+    topics keyed by order id."""
+    def fails(event: OrderCreated, tried: int) -> None:
+        if event.customer_id == "000001":
+            raise PermanentError("card declined")
+        if tried == 0:
+            raise RetryableError("SMTP server busy")
+
+    r = rig(fails, retry_delays_s=(0.3,), controls=WorkerControls(concurrency=concurrency, breaker=None))
+    # First as a topic keyed by SKU (as stock.adjusted is): its dead letter gets no notice.
+    monkeypatch.setattr(topology, "EVENT_TOPICS", [*topology.EVENT_TOPICS, TopicSpec(r.source, key="sku")])
+    by_sku = r.produce_order(seq=1)
+    r.flush()
+    wait_until(lambda: r.read(r.dlt), what="the dead letter of the topic keyed by SKU")
+    monkeypatch.setattr(topology, "EVENT_TOPICS", [*topology.EVENT_TOPICS[:-1], TopicSpec(r.source)])
+    declined, retried = r.produce_order(seq=1), r.produce_order(seq=2)
+    r.flush()
+    wait_until(lambda: r.rows(retried.order_id), what="the retried order's effect")
+    wait_until(lambda: len(r.read(r.dlt)) == 2, what="the declined order's dead letter")
+
+    notices = {}
+    for m in r.read(topology.FAILURES):
+        if m.key in (by_sku.order_id, declined.order_id, retried.order_id):
+            assert m.key not in notices, f"two notices for {m.key}"
+            notices[m.key] = read_notice(m.value)
+    assert set(notices) == {declined.order_id, retried.order_id}, "the order keyed by SKU has none"
+    dead, retry = notices[declined.order_id], notices[retried.order_id]
+    assert (dead.group, dead.source, dead.topic, dead.kind, dead.attempt, dead.event_id) == (
+        r.group.name, r.source, r.dlt, "dlt", 1, declined.event_id)
+    assert (dead.error_type, dead.error, dead.reason) == (
+        "services.runtime.errors.PermanentError", "card declined", "not retryable")
+    assert (retry.group, retry.source, retry.topic, retry.kind, retry.attempt, retry.event_id) == (
+        r.group.name, r.source, r.retry_topic(1), "retry", 1, retried.event_id)
+    assert (retry.error_type, retry.error, retry.reason) == (
+        "services.runtime.errors.RetryableError", "SMTP server busy", None)
+    [copy] = [m for m in r.read(r.retry_topic(1)) if m.key == retried.order_id]
+    assert retry.at == copy.headers["x-last-failure-at"]
+    # operators read them with `orderpipe tail`, as JSON
+    shown = CliRunner().invoke(cli, ["tail", topology.FAILURES, "--from-beginning", "--json"],
+                               env={"KAFKA_BOOTSTRAP_SERVERS": r.bootstrap})
+    assert shown.exit_code == 0, shown.output
+    [line] = [json.loads(text) for text in shown.stdout.splitlines() if f'"key": "{declined.order_id}"' in text]
+    assert "error" not in line and line["value"] == json.loads(dead.to_bytes())
 
 
 def test_no_retry_runs_before_its_due_time_and_other_orders_are_not_held_up(rig):

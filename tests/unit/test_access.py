@@ -18,9 +18,10 @@ BY_NAME = {p.name: p for p in principals()}
     ("orderpipe-email", "topic", "email.sent", "Write"),
     ("orderpipe-email", "topic", "orders.created.email.retry.2", "Write"),
     ("orderpipe-email", "topic", "orders.created.email.dlt", "Write"),
+    ("orderpipe-email", "topic", "orderpipe.failures", "Write"),       # a failure's notice
     ("orderpipe-invoice", "topic", "stock.reserved", "Read"),
     ("orderpipe-orders", "topic", "orders.created", "Write"),
-    ("orderpipe-order-status", "topic", "orders.created.inventory.dlt", "Read"),
+    ("orderpipe-order-status", "topic", "orderpipe.failures", "Read"),
     ("orderpipe-order-status", "topic", "orders.status", "Write"),
     ("orderpipe-order-status", "topic", "order-status-order-status-changelog", "Create"),
     ("orderpipe-operators", "topic", "orders.created.email.dlt", "Read"),
@@ -40,6 +41,10 @@ def test_a_principal_may_do_what_its_service_does(user, resource, name, operatio
     ("orderpipe-inventory", "topic", "orders.status", "Write"),
     ("orderpipe-orders", "topic", "orders.created", "Read"),
     ("orderpipe-order-status", "topic", "orders.created", "Write"),
+    ("orderpipe-order-status", "topic", "orders.created.inventory.dlt", "Read"),  # it reads the notices instead
+    ("orderpipe-email", "topic", "orderpipe.failures", "Read"),
+    ("orderpipe-order-status", "topic", "orders.created.inventory.dlt", "Read"),  # it reads the notices instead
+    ("orderpipe-email", "topic", "orderpipe.failures", "Read"),
     ("orderpipe-operators", "topic", "orders.created", "Write"),   # replays go to a retry tier, never the source
     ("orderpipe-operators", "group", "inventory", "Read"),         # sees offsets, never moves them
     ("orderpipe-operators", "topic", "stock.reserved", "Create"),

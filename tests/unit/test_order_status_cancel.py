@@ -24,8 +24,8 @@ import pytest
 
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import Envelope
-from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
-from services.runtime.topology import ORDERS_CANCELLED, ORDERS_COMPENSATED, ORDERS_CREATED
+from services.runtime.failure_notices import FailureNotice
+from services.runtime.topology import FAILURES, ORDERS_CANCELLED, ORDERS_COMPENSATED, ORDERS_CREATED
 from streams.order_status.fold import (
     STATUS_SCHEMA_VERSION,
     Metrics,
@@ -34,7 +34,7 @@ from streams.order_status.fold import (
     partition_of,
     status_value,
 )
-from streams.order_status.inputs import FailureTopic, failure_input
+from streams.order_status.inputs import failure_input
 from streams.order_status.openapi import openapi_document
 from streams.order_status.sla import SlaWatch
 from streams.order_status.status import (
@@ -85,19 +85,18 @@ def compensated(step: str, action: str | None = None, document: str | None = Non
                                 "compensated_at": T0 + timedelta(minutes=2)}, f"ev-compensated-{step}")
 
 
-def headers(group: str, attempt: int, **extra: str) -> dict[str, str]:
-    return {"event_id": "ev-cancelled", H_GROUP: group, H_ATTEMPT: str(attempt),
-            H_EXC_TYPE: "sqlalchemy.exc.OperationalError", H_EXC_MESSAGE: "database is locked", **extra}
+def notice(group: str, attempt: int, kind: str = "retry", source: str = ORDERS_CANCELLED,
+           error: str = "database is locked") -> FailureNotice:
+    """The failure notice of an OrderCancelled (or another event) that failed in `group`."""
+    topic = f"{source}.{group}.{'dlt' if kind == 'dlt' else f'retry.{attempt}'}"
+    reason = f"retries exhausted after {attempt} attempts" if kind == "dlt" else None
+    return FailureNotice(ORDER, group, source, topic, kind, attempt, "ev-cancelled" if source == ORDERS_CANCELLED
+                         else "ev-created", "sqlalchemy.exc.OperationalError", error, reason, T0.isoformat())
 
 
 def cancel_copy(step: str, kind: str, attempt: int, error: str | None = None):
-    """A retry or dead-letter copy of the OrderCancelled, as inputs.py turns it into a fold input."""
-    topic = f"{ORDERS_CANCELLED}.{step}.{'dlt' if kind == 'dlt' else f'retry.{attempt}'}"
-    extra = {H_REASON: f"retries exhausted after {attempt} attempts"} if kind == "dlt" else {}
-    if error is not None:
-        extra[H_EXC_MESSAGE] = error
-    where = FailureTopic(step, ORDERS_CANCELLED, kind)
-    fold_input = failure_input(topic, where, headers(step, attempt, **extra), ORDER)
+    """The notice of a failed OrderCancelled, as inputs.py turns it into a fold input."""
+    fold_input = failure_input(notice(step, attempt, kind, error=error or "database is locked"))
     return fold_input.event_type, fold_input.record, fold_input.event_id
 
 
@@ -267,20 +266,17 @@ def test_two_cancellations_keep_the_earliest_in_either_order() -> None:
 
 # -- compensation failures -------------------------------------------------------------------------
 
-def test_a_copy_of_an_order_cancelled_is_a_compensation_failure_not_a_step_failure() -> None:
-    retry = failure_input(f"{ORDERS_CANCELLED}.email.retry.2", FailureTopic("email", ORDERS_CANCELLED, "retry"),
-                          headers("email", 2), ORDER)
+def test_a_failed_order_cancelled_is_a_compensation_failure_not_a_step_failure() -> None:
+    retry = failure_input(notice("email", 2))
     assert retry.event_type == COMPENSATION_RETRYING
     assert retry.record == {"order_id": ORDER, "step": "email", "attempt": 2,
                             "error": "OperationalError: database is locked"}
     assert retry.event_id == "ev-cancelled:email:retry:2"
-    dead = failure_input(f"{ORDERS_CANCELLED}.email.dlt", FailureTopic("email", ORDERS_CANCELLED, "dlt"),
-                         headers("email", 4, **{H_REASON: "retries exhausted after 4 attempts"}), ORDER)
+    dead = failure_input(notice("email", 4, "dlt"))
     assert dead.event_type == COMPENSATION_DEAD_LETTERED
     assert dead.record["reason"] == "orders.cancelled.email.dlt: retries exhausted after 4 attempts"
-    # a copy of any other event is still the step's own failure
-    step = failure_input(f"{ORDERS_CREATED}.email.retry.2", FailureTopic("email", ORDERS_CREATED, "retry"),
-                         headers("email", 2), ORDER)
+    # a failure of any other event is still the step's own
+    step = failure_input(notice("email", 2, source=ORDERS_CREATED))
     assert step.event_type == "StepRetrying"
 
 
@@ -360,23 +356,20 @@ def envelope(event_id: str, event_type: str) -> dict[str, str]:
     return {k: v.decode() for k, v in Envelope(event_id, event_type, 1, ORDER).to_headers()}
 
 
-def test_apply_event_reads_the_cancellation_topics_and_the_copies_of_order_cancelled() -> None:
+def test_apply_event_reads_the_cancellation_topics_and_the_notices_of_order_cancelled() -> None:
     table: dict = {}
     metrics = Metrics()
-    failures = {f"{ORDERS_CANCELLED}.inventory.retry.1": FailureTopic("inventory", ORDERS_CANCELLED, "retry"),
-                f"{ORDERS_CANCELLED}.inventory.dlt": FailureTopic("inventory", ORDERS_CANCELLED, "dlt")}
     cancelled = CODEC.encode("OrderCancelled", CANCEL_RECORD)
     _, record, _ = compensated("email")
     steps = [
         message(ORDERS_CANCELLED, 1, cancelled, envelope("ev-cancelled", "OrderCancelled")),
         message(ORDERS_COMPENSATED, 2, CODEC.encode("StepCompensated", record),
                 envelope("ev-compensated-email", "StepCompensated")),
-        message(f"{ORDERS_CANCELLED}.inventory.retry.1", 3, cancelled, headers("inventory", 1)),
-        message(f"{ORDERS_CANCELLED}.inventory.dlt", 4, cancelled,
-                headers("inventory", 4, **{H_REASON: "retries exhausted after 4 attempts"})),
+        message(FAILURES, 3, notice("inventory", 1).to_bytes(), {}),
+        message(FAILURES, 4, notice("inventory", 4, "dlt").to_bytes(), {}),
     ]
     for msg in steps:
-        applied = apply_event(msg, CODEC, table, failures)
+        applied = apply_event(msg, CODEC, table)
         assert applied is not None
         count_and_alert(applied, metrics)
     stored = OrderStatus.from_json(table[ORDER.encode()])
@@ -389,7 +382,7 @@ def test_apply_event_reads_the_cancellation_topics_and_the_copies_of_order_cance
     # a StepCompensated of a step the view does not know is skipped, not a crash
     unknown = message(ORDERS_COMPENSATED, 5, CODEC.encode("StepCompensated", {**record, "step": "shipping"}),
                       envelope("ev-compensated-shipping", "StepCompensated"))
-    assert apply_event(unknown, CODEC, table, failures) is None
+    assert apply_event(unknown, CODEC, table) is None
 
 
 def test_the_published_status_round_trips_through_the_v2_schema() -> None:

@@ -3,20 +3,22 @@ message is applied to the table (duplicates, re-reads), alerts, and the cluster-
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
 
 import pytest
 
-from services import registry
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.envelope import (
     CAUSATION_ID, CORRELATION_ID, EVENT_ID, EVENT_TYPE, TRACEPARENT, Envelope, trace_id_of,
 )
-from services.runtime.failure_headers import H_ATTEMPT, H_EXC_MESSAGE, H_EXC_TYPE, H_GROUP, H_REASON
+from services.runtime.failure_notices import FailureNotice, NotANotice, read_notice
+from services.runtime.topology import FAILURES
 from streams.order_status.fold import Metrics, apply_event, count_and_alert, partition_of, status_headers
-from streams.order_status.inputs import FailureTopic, NotAnInput, failure_input, failure_topics, sla_input, sla_message
+from streams.order_status.inputs import NotAnInput, failure_input, sla_input, sla_message
 from streams.order_status.web import merge_listings
 
 ORDER = "order-1"
@@ -27,23 +29,16 @@ CREATED = {"order_id": ORDER, "customer_id": "c-1", "customer_email": "c@example
            "created_at": T0}
 
 
-def failure_headers(group: str, attempt: int, **extra: str) -> dict[str, str]:
-    return {"event_id": "ev-created", H_GROUP: group, H_ATTEMPT: str(attempt),
-            H_EXC_TYPE: "smtplib.SMTPServerDisconnected", H_EXC_MESSAGE: "Connection unexpectedly closed", **extra}
+def notice(group: str, attempt: int, kind: str = "retry", source: str = "orders.created",
+           reason: str | None = None) -> FailureNotice:
+    topic = f"{source}.{group}.dlt" if kind == "dlt" else f"{source}.{group}.retry.{min(attempt, 3)}"
+    return FailureNotice(ORDER, group, source, topic, kind, attempt, "ev-created", "smtplib.SMTPServerDisconnected",
+                         "Connection unexpectedly closed", reason, T0.isoformat())
 
 
-def test_failure_topics_are_every_groups_retry_and_dead_letter_topics() -> None:
-    topics = failure_topics()
-    expected = {t for g in registry.GROUPS for s in g.inputs for t in [*g.retry_topics(s), g.dlt_topic(s)]}
-    assert set(topics) == expected
-    assert topics["orders.created.email.retry.2"] == FailureTopic("email", "orders.created", "retry")
-    assert topics["stock.rejected.invoice.dlt"] == FailureTopic("invoice", "stock.rejected", "dlt")
-
-
-def test_the_step_is_the_failing_groups_not_the_copied_events() -> None:
-    # An OrderCreated copied into the email group's retry topic is the *email* step retrying.
-    where = failure_topics()["orders.created.email.retry.2"]
-    fold_input = failure_input("orders.created.email.retry.2", where, failure_headers("email", 2), ORDER)
+def test_the_step_is_the_failing_groups_not_the_failed_events() -> None:
+    # An OrderCreated that failed in the email group is the *email* step retrying.
+    fold_input = failure_input(notice("email", 2))
     assert fold_input.event_type == "StepRetrying"
     assert fold_input.record == {"order_id": ORDER, "step": "email", "attempt": 2,
                                  "error": "SMTPServerDisconnected: Connection unexpectedly closed"}
@@ -51,22 +46,29 @@ def test_the_step_is_the_failing_groups_not_the_copied_events() -> None:
     assert fold_input.event_id == "ev-created:email:retry:2"
 
 
-def test_dead_letter_copy_carries_topic_and_reason() -> None:
-    where = failure_topics()["stock.reserved.invoice.dlt"]
-    headers = failure_headers("invoice", 4, **{H_REASON: "retries exhausted after 4 attempts"})
-    fold_input = failure_input("stock.reserved.invoice.dlt", where, headers, ORDER)
+def test_a_dead_letter_notice_carries_topic_and_reason() -> None:
+    fold_input = failure_input(notice("invoice", 4, "dlt", "stock.reserved", "retries exhausted after 4 attempts"))
     assert fold_input.event_type == "StepDeadLettered"
     assert fold_input.record["step"] == "invoice" and fold_input.record["attempt"] == 4
     assert fold_input.record["reason"] == "stock.reserved.invoice.dlt: retries exhausted after 4 attempts"
     assert fold_input.event_id == "ev-created:invoice:dlt:4"
 
 
-def test_failure_copy_of_an_unknown_group_is_not_an_input() -> None:
-    where = failure_topics()["orders.created.email.dlt"]
-    with pytest.raises(NotAnInput):
-        failure_input("orders.created.email.dlt", where, failure_headers("shipping", 1), ORDER)
-    with pytest.raises(NotAnInput):
-        failure_input("orders.created.email.dlt", where, failure_headers("email", 1, **{H_ATTEMPT: "x"}), ORDER)
+def test_a_notice_of_an_unknown_group_is_not_an_input() -> None:
+    with pytest.raises(NotAnInput, match="shipping"):
+        failure_input(notice("shipping", 1))
+
+
+def test_a_notice_round_trips_and_anything_else_is_not_a_notice() -> None:
+    dead = notice("email", 4, "dlt", reason="not retryable")
+    assert read_notice(dead.to_bytes()) == dead
+    fields = json.loads(dead.to_bytes())
+    for broken in (b"", b"not json", b"[]", json.dumps({**fields, "kind": "parked"}).encode(),
+                   json.dumps({**fields, "attempt": "4"}).encode(), json.dumps({**fields, "order_id": ""}).encode(),
+                   json.dumps({k: v for k, v in fields.items() if k != "group"}).encode(),
+                   json.dumps({**fields, "extra": 1}).encode()):
+        with pytest.raises(NotANotice):
+            read_notice(broken)
 
 
 def test_sla_message_round_trip() -> None:
@@ -118,11 +120,9 @@ def test_the_published_status_is_a_child_of_the_event_that_caused_it() -> None:
     assert again[EVENT_ID] == headers[EVENT_ID] != "ev-7"
 
 
-def test_apply_event_folds_a_retry_copy_into_the_groups_step() -> None:
+def test_apply_event_folds_a_failure_notice_into_the_groups_step() -> None:
     table: dict = {}
-    copy = message("orders.created.email.retry.1", 0, CODEC.encode("OrderCreated", CREATED),
-                   failure_headers("email", 1))
-    applied = apply_event(copy, CODEC, table)
+    applied = apply_event(message(FAILURES, 0, notice("email", 1).to_bytes(), {}), CODEC, table)
     assert applied is not None
     assert applied.status.steps["email"].state == "retrying"
     assert applied.status.steps["inventory"].state == "pending"  # not the OrderCreated's other readers
@@ -131,8 +131,9 @@ def test_apply_event_folds_a_retry_copy_into_the_groups_step() -> None:
 def test_apply_event_skips_what_it_cannot_read() -> None:
     table: dict = {}
     assert apply_event(message("orders.created", 0, b"not avro", {}), CODEC, table) is None
-    assert apply_event(message("orders.created.email.dlt", 0, b"not avro", failure_headers("email", 1)),
-                       CODEC, table) is None
+    assert apply_event(message(FAILURES, 0, b"not a notice", {}), CODEC, table) is None
+    other_order = message(FAILURES, 1, replace(notice("email", 1), order_id="order-2").to_bytes(), {})
+    assert apply_event(other_order, CODEC, table) is None  # its key is ORDER: not where order-2 lives
     wrong_key = message("orders.created", 1, CODEC.encode("OrderCreated", CREATED), {"event_id": "e"}, key="other")
     assert apply_event(wrong_key, CODEC, table) is None
     assert table == {}
@@ -154,8 +155,7 @@ def test_apply_event_skips_a_stock_adjustment_quietly(caplog) -> None:
 def test_alerts_are_counted_once_per_transition() -> None:
     table: dict = {}
     metrics = Metrics()
-    dead = message("orders.created.email.dlt", 0, CODEC.encode("OrderCreated", CREATED),
-                   failure_headers("email", 4, **{H_REASON: "retries exhausted after 4 attempts"}))
+    dead = message(FAILURES, 0, notice("email", 4, "dlt", reason="retries exhausted after 4 attempts").to_bytes(), {})
     count_and_alert(apply_event(dead, CODEC, table), metrics)
     count_and_alert(apply_event(dead, CODEC, table), metrics)  # re-read: republished, no second alert
     sla = message("order-status-sla-exceeded", 0, sla_message(ORDER, T0), {})

@@ -189,3 +189,18 @@ def test_the_declared_worker_topics_are_the_ones_faust_creates(tmp_path) -> None
         spec = declared[topic.get_topic_name()]
         assert (spec.partitions, spec.cleanup_policy) == (topic.partitions, policy)
     assert changelog.compacting and not changelog.deleting
+
+
+def test_the_worker_folds_the_event_topics_and_the_failure_notices_all_co_partitioned(tmp_path) -> None:
+    """Not the groups' retry and dead-letter topics (the notices say what happened there), and
+    every input with the table's partition count: a key's input, changelog and table_route
+    partitions must be the same."""
+    from services import registry
+    from services.runtime.topology import FAILURES, STATUS_INPUTS
+    from streams.order_status.app import create_app
+
+    app = create_app("127.0.0.1:9", data_dir=tmp_path, web_port=6066, store="memory://")
+    folded = set(app.agents["fold-order-events"].channel.topics)
+    assert folded == {*STATUS_INPUTS, FAILURES}
+    declared = {t.name: t.partitions for t in registry.all_topics()}
+    assert {declared[t] for t in folded} == {app.tables["order-status"].partitions}

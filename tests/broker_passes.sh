@@ -50,15 +50,28 @@ for broker in "${brokers[@]}"; do
     fi
 done
 
+# Each pass picks its servers' ports from a slice of its own of 20000 up to the ephemeral range
+# (ORDERPIPE_TEST_PORT_RANGE, services/tools/brokers/probe.py: free_port): two passes picking from
+# one range could hand out the same port, still free because neither server had bound it yet.
+read -r ephemeral_low _ < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || ephemeral_low=32768
+port_slice=$(( (ephemeral_low - 20000) / ${#labels[@]} ))
+
 mkdir -p .test-logs
 declare -A pid
+slice=0
 for label in "${labels[@]}"; do
     broker=${broker_of[$label]}
     mapfile -t args < <(pass_args "$broker")
     [ -n "${extra_args[$label]}" ] && args+=("${extra_args[$label]}")
-    "$python" -m pytest "${args[@]}" > ".test-logs/$label.log" 2>&1 &
+    ports=""
+    if [ "$port_slice" -ge 1000 ]; then
+        low=$(( 20000 + slice * port_slice ))
+        ports="$low-$(( low + port_slice - 1 ))"
+    fi
+    slice=$(( slice + 1 ))
+    ORDERPIPE_TEST_PORT_RANGE=$ports "$python" -m pytest "${args[@]}" > ".test-logs/$label.log" 2>&1 &
     pid[$label]=$!
-    echo "== integration and e2e tiers, pass $label (${args[*]:${#pytest_args[@]}}): started (pid ${pid[$label]}, .test-logs/$label.log)"
+    echo "== integration and e2e tiers, pass $label (${args[*]:${#pytest_args[@]}}): started (pid ${pid[$label]}, .test-logs/$label.log${ports:+, ports $ports})"
 done
 trap 'kill ${pid[*]} 2>/dev/null' INT TERM
 

@@ -45,3 +45,17 @@ def test_a_port_is_never_handed_out_twice_in_a_process(monkeypatch):
     second = free_port()
     assert second != first
     assert {first, second} <= probe._handed_out
+
+
+def test_a_configured_range_is_where_ports_are_picked(monkeypatch):
+    """`make test` runs its broker passes side by side, each with a range of its own
+    (ORDERPIPE_TEST_PORT_RANGE, tests/broker_passes.sh), so two passes never pick one port."""
+    import pytest
+
+    monkeypatch.setenv("ORDERPIPE_TEST_PORT_RANGE", "23000-23199")
+    ports = {free_port() for _ in range(30)}
+    assert all(23000 <= port <= 23199 for port in ports) and len(ports) == 30
+    for wrong in ("23000", "x-y", "23000-23010", "80-2000", "60000-70000"):
+        monkeypatch.setenv("ORDERPIPE_TEST_PORT_RANGE", wrong)
+        with pytest.raises(ValueError, match="ORDERPIPE_TEST_PORT_RANGE"):
+            free_port()

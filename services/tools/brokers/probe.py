@@ -3,6 +3,7 @@ an external cluster: nothing here depends on which broker answers."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -42,11 +43,32 @@ def free_port() -> int:
         return port
 
 
+def _picking_range() -> range | None:
+    """Where free_port picks: ORDERPIPE_TEST_PORT_RANGE (`LOW-HIGH`) when set; else from
+    _LOWEST_PICKED up to the ephemeral range, if there is room (None: leave it to the OS).
+    `make test` gives each of its side-by-side passes a range of its own (tests/broker_passes.sh):
+    two processes picking from one range can hand out the same still-unbound port, which
+    `_handed_out` only prevents within a process."""
+    configured = os.environ.get(PORT_RANGE_VARIABLE, "").strip()
+    if not configured:
+        below = range(_LOWEST_PICKED, _ephemeral_ports().start)
+        return below if len(below) > 1000 else None
+    low, _, high = configured.partition("-")
+    try:
+        picked = range(int(low), int(high) + 1)
+    except ValueError:
+        picked = range(0)
+    if not (1024 <= picked.start and picked.stop <= 65536 and len(picked) >= 100):
+        raise ValueError(f"{PORT_RANGE_VARIABLE}={configured!r}: expected LOW-HIGH, at least 100 ports "
+                         "between 1024 and 65535, e.g. 20000-26000")
+    return picked
+
+
 def _pick_unbound_port() -> int:
-    ephemeral = _ephemeral_ports()
-    if ephemeral.start > _LOWEST_PICKED + 1000:
+    picking = _picking_range()
+    if picking is not None:
         for _ in range(100):
-            port = _random.randrange(_LOWEST_PICKED, ephemeral.start)
+            port = _random.randrange(picking.start, picking.stop)
             if port not in _handed_out and _bindable(port):
                 return port
     while True:  # the OS's choice, from the ephemeral range
@@ -66,6 +88,7 @@ def _bindable(port: int) -> bool:
         return True
 
 
+PORT_RANGE_VARIABLE = "ORDERPIPE_TEST_PORT_RANGE"
 _LOWEST_PICKED = 20000  # above the well-known and most registered servers' ports (PostgreSQL 5432, ...)
 _handed_out: set[int] = set()  # every port free_port returned in this process
 _handed_out_lock = threading.Lock()

@@ -3,8 +3,9 @@
 It reads like an analyst would: assigned to every partition directly (no consumer group to
 join, nothing committed, so it never moves anyone's offsets), decoding each value with the
 schema id it carries; the declared JSON topics (`orderpipe.failures`, `orderpipe.audit`, the
-order-status worker's own) are shown as JSON. A message that cannot be decoded is printed with an "error" field,
-never skipped and never fatal: dead-letter topics are exactly where such messages live.
+order-status worker's own) are shown as JSON. A message that cannot be decoded is printed with
+an "error" field, never skipped and never fatal: dead-letter topics are exactly where such
+messages live.
 
 Without --follow it stops at the end offsets seen when it started, so the output is a
 snapshot that ends.

@@ -6,8 +6,9 @@ does and nothing else. `orderpipe deploy acls` writes them as Strimzi `KafkaUser
   it emits (its outbox relay), its retry tiers, its dead-letter topics and the failure notices
   (`orderpipe.failures`);
 - `orders` (its relay) writes `orders.created`; the orders API never talks to Kafka;
-- `order-status` (Faust) reads every event topic and the failure notices, writes `orders.status`, and owns the topics it creates itself (`order-status-*`:
-  its changelog, its SLA timer);
+- `order-status` (Faust) reads every event topic and the failure notices, writes
+  `orders.status`, and owns the topics it creates itself (`order-status-*`: its changelog, its
+  SLA timer);
 - `operators` (`orderpipe dlt`, `lag`, `tail`) read every topic, write only where a replay
   goes (each group's first retry tier and parking topics) and the audit topic, see every
   group's offsets and commit only for their own group `orderpipe-dlt`. Creating topics is the

@@ -9,8 +9,8 @@ replayed, parked or purged yet.
 The order-status worker (Faust, `streams/order_status`) is a consumer group too: group id = its
 app id, `order-status`. It commits offsets for everything it folds: the event topics
 (`STATUS_INPUTS`), the failure notices every group writes (`orderpipe.failures`) and its own
-SLA topic. Its changelog has no row: the worker reads
-it by assignment to restore its table and commits no offset there.
+SLA topic. Its changelog has no row: the worker reads it by assignment to restore its table and
+commits no offset there.
 """
 
 from __future__ import annotations

@@ -43,8 +43,6 @@ def test_a_principal_may_do_what_its_service_does(user, resource, name, operatio
     ("orderpipe-order-status", "topic", "orders.created", "Write"),
     ("orderpipe-order-status", "topic", "orders.created.inventory.dlt", "Read"),  # it reads the notices instead
     ("orderpipe-email", "topic", "orderpipe.failures", "Read"),
-    ("orderpipe-order-status", "topic", "orders.created.inventory.dlt", "Read"),  # it reads the notices instead
-    ("orderpipe-email", "topic", "orderpipe.failures", "Read"),
     ("orderpipe-operators", "topic", "orders.created", "Write"),   # replays go to a retry tier, never the source
     ("orderpipe-operators", "group", "inventory", "Read"),         # sees offsets, never moves them
     ("orderpipe-operators", "topic", "stock.reserved", "Create"),

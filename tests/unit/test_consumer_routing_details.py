@@ -651,7 +651,8 @@ def test_a_copy_the_authorizer_denies_stops_the_consumer_naming_the_missing_acl(
     with pytest.raises(KafkaRefused) as caught:
         rig.run(message(rig.source, 0, order_created("o-1")))
 
-    assert str(caught.value).startswith("Kafka denied group details-denied its retry and dead-letter copies and failure notices: ")
+    assert str(caught.value).startswith(
+        "Kafka denied group details-denied its retry and dead-letter copies and failure notices: ")
     assert "kafka-users.yaml" in str(caught.value)
     assert rig.stored() == []
 

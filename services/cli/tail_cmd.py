@@ -98,6 +98,11 @@ def run_tail(settings: Settings, topic: str, *, from_beginning: bool = False, fo
     return printed
 
 
+def _undecodable(value: bytes | None, error: str) -> dict[str, Any]:
+    return {"event_type": None, "error": error, "value_size": len(value or b""),
+            "value_preview_hex": (value or b"")[:PREVIEW_BYTES].hex()}
+
+
 def message_record(msg: Any, codec: Codec) -> dict[str, Any]:
     """A message as plain JSON-ready data; an undecodable value becomes an "error" field."""
     _, ts = msg.timestamp()
@@ -113,15 +118,14 @@ def message_record(msg: Any, codec: Codec) -> dict[str, Any]:
     value = msg.value()
     if msg.topic() in JSON_TOPICS:  # failure notices, audit records, the order-status worker's own
         try:
-            return {**record, "event_type": None, "value": json.loads(value or b"")}
+            record.update(event_type=None, value=json.loads(value or b""))
         except ValueError as exc:
-            return {**record, "event_type": None, "error": f"not JSON: {exc}", "value_size": len(value or b""),
-                    "value_preview_hex": (value or b"")[:PREVIEW_BYTES].hex()}
+            record.update(_undecodable(value, f"not JSON: {exc}"))
+        return record
     try:
         decoded = codec.decode(value)
     except DecodeError as exc:
-        record.update(event_type=None, error=str(exc), value_size=len(value or b""),
-                      value_preview_hex=(value or b"")[:PREVIEW_BYTES].hex())
+        record.update(_undecodable(value, str(exc)))
     except Exception as exc:  # e.g. the schema registry is unreachable: report it, keep reading
         record.update(event_type=None, error=f"{type(exc).__name__}: {exc}", value_size=len(value or b""))
     else:

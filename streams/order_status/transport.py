@@ -1,5 +1,5 @@
-"""Faust's Kafka transport with five fixes that table recovery, commits and consumption depend on,
-and one for latency.
+"""Faust's Kafka transport with six fixes that table recovery, commits, consumption and a steady
+group depend on, and one for latency.
 
 1. Changelog end offsets checked against a fetch.
 
@@ -62,6 +62,18 @@ the thread gets a snapshot of the set, and the seek puts a partition with no com
 back at its beginning (auto.offset.reset is "earliest" for this app), changelogs excepted:
 Faust positions those itself.
 
+6. A worker joins only once every topic it subscribes to can be read.
+Faust creates its own topics as it starts (the table's changelog, the SLA topic, the assignor's
+`<app id>-__assignor-__leader`) and joins its group at once. A busy Apache Kafka can take
+seconds to elect the leader of a partition just created; the assignment then leaves that topic
+out ("Ignoring missing topic"), and when the next metadata refresh sees it (within
+`consumer_metadata_max_age_ms`, 10 s) the group rebalances: the view, ready moments before,
+answered 503 "rebalancing" for a refresh (seen in the console and HTTP-contract e2e tests on
+Apache Kafka). `orderpipe up` creates the first two beforehand, but not Faust's assignor topic,
+and nothing does for a worker started by hand. `subscribe` now first waits, up to
+`TOPICS_READY_TIMEOUT_S`, until the cluster's metadata gives every subscribed topic's partitions
+a leader; past that it logs what is missing and joins anyway (the old behaviour).
+
 Also (latency, not correctness): Faust creates its worker consumer with a hard-coded
 `fetch_max_wait_ms=1500`. The embedded broker holds a fetch for that long even when data
 arrives meanwhile, so every status update waited ~0.75 s on average. `install()` takes the
@@ -76,6 +88,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.producer import ProducerBuffer
@@ -122,12 +135,49 @@ async def fetched_end_offsets(bootstrap_servers: str, listed: Mapping[Any, int],
     return result
 
 
+TOPICS_READY_TIMEOUT_S = 30.0
+
+
+async def wait_until_topics_readable(client: Any, topics: Iterable[str], timeout: float = TOPICS_READY_TIMEOUT_S,
+                                     interval: float = 0.2) -> set[str]:
+    """Fix 6: wait until the cluster's metadata (`client`: an aiokafka client) names every topic
+    with at least one partition, each with a leader; the topics still missing after `timeout`
+    seconds (none: all readable)."""
+    wanted = set(topics)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            cluster = await client.fetch_all_metadata()
+        except KafkaError:  # no broker answered this time: a broker outage at start is retried as before
+            missing = wanted
+        else:
+            missing = {t for t in wanted
+                       if not cluster.partitions_for_topic(t)
+                       or cluster.available_partitions_for_topic(t) != cluster.partitions_for_topic(t)}
+        if not missing or loop.time() >= deadline:
+            return missing
+        await asyncio.sleep(interval)
+
+
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         # aiokafka hands this to its Fetcher when the consumer starts, which is after this.
         consumer._fetch_max_wait_ms = transport.fetch_max_wait_ms
         return consumer
+
+    async def subscribe(self, topics: Iterable[str]) -> None:
+        """Fix 6: join only once the subscribed topics have readable partitions."""
+        topics = set(topics)
+        missing = await self.call_thread(self._wait_until_topics_readable, topics)
+        if missing:
+            log.warning("joining although %s have no readable partitions after %gs: the group will "
+                        "rebalance when they do", ", ".join(sorted(missing)), TOPICS_READY_TIMEOUT_S)
+        await super().subscribe(topics)
+
+    async def _wait_until_topics_readable(self, topics: set[str]) -> set[str]:
+        return await wait_until_topics_readable(self._ensure_consumer()._client, topics)
 
     async def getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
         """Fix 5: the partitions as they are now, not the live set a recovery may empty meanwhile."""

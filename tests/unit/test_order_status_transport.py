@@ -204,3 +204,38 @@ def test_the_worker_folds_the_event_topics_and_the_failure_notices_all_co_partit
     assert folded == {*STATUS_INPUTS, FAILURES}
     declared = {t.name: t.partitions for t in registry.all_topics()}
     assert {declared[t] for t in folded} == {app.tables["order-status"].partitions}
+
+
+def test_the_worker_subscribes_only_after_its_topics_are_readable(tmp_path, monkeypatch, caplog) -> None:
+    """Fix 6's wiring (the wait itself runs against real brokers in
+    tests/integration/test_order_status_join.py): the subscription, which makes the consumer join
+    its group, comes after the wait, with the same topics; a topic still missing is logged."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from streams.order_status.app import create_app
+
+    app = create_app("127.0.0.1:9", data_dir=tmp_path, web_port=6066, store="memory://")
+    calls: list[tuple[str, set[str]]] = []
+
+    async def fake_wait(client, topics, timeout=transport.TOPICS_READY_TIMEOUT_S, interval=0.2):
+        calls.append(("wait", set(topics)))
+        return {"order-status-__assignor-__leader"}
+
+    async def fake_subscribe(self, topics):
+        calls.append(("subscribe", set(topics)))
+
+    monkeypatch.setattr(transport, "wait_until_topics_readable", fake_wait)
+    monkeypatch.setattr(faust_aiokafka.AIOKafkaConsumerThread, "subscribe", fake_subscribe)
+
+    async def scenario() -> None:
+        thread = app.consumer._new_consumer_thread()
+        thread._consumer = object()  # what _ensure_consumer hands the wait (the fake ignores it)
+        thread._ensure_consumer = lambda: type("C", (), {"_client": None})()
+        thread.call_thread = lambda fn, *args, **kwargs: fn(*args, **kwargs)
+        await thread.subscribe(["orders.created", "order-status-__assignor-__leader"])
+
+    with caplog.at_level("WARNING", logger="orderpipe.order_status"):
+        asyncio.run(scenario())
+    topics = {"orders.created", "order-status-__assignor-__leader"}
+    assert calls == [("wait", topics), ("subscribe", topics)]
+    assert "order-status-__assignor-__leader" in caplog.text and "rebalance" in caplog.text

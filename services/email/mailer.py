@@ -212,7 +212,9 @@ class SmtpMailer:
         conn = None
         try:
             conn = self._take()
-            if data.isascii():
+            # The envelope's addresses count, not only the bytes: a non-ASCII address makes ASCII
+            # bytes (an encoded word in To:), but its RCPT TO still needs SMTPUTF8.
+            if data.isascii() and mail.sender.isascii() and mail.recipient.isascii():
                 refused = conn.sendmail(mail.sender, [mail.recipient], data)
             else:  # an address outside ASCII needs SMTPUTF8, which send_message negotiates
                 refused = conn.send_message(build_message(mail), from_addr=mail.sender, to_addrs=[mail.recipient])

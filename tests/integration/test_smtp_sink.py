@@ -144,3 +144,18 @@ def test_with_a_login_set_the_sink_takes_exactly_that_login(tmp_path: Path):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("recipient", ["zoë@example.com", "zoë@例え.jp"])
+def test_an_address_outside_ascii_is_delivered_with_smtputf8(tmp_path: Path, recipient: str):
+    """The mail's bytes came out ASCII (To: as an encoded word), so the mailer sent it as plain
+    ASCII and its RCPT TO failed to encode: every such order's mail was dead-lettered as "not
+    retryable" (UnicodeEncodeError), found by the HTTP-contract e2e test."""
+    with SmtpSink(tmp_path / "mail") as sink:
+        with SmtpMailer("127.0.0.1", sink.port, timeout=5) as mailer:
+            mailer.send(mail(recipient=recipient))
+        [received] = sink.messages()
+    assert received["X-Envelope-To"] == recipient
+    assert received["To"] == recipient
+    assert received["Message-ID"] == "<evt-1@orderpipe.local>"
+    assert "Thanks for your order ord-1." in received.get_content()

@@ -5,12 +5,18 @@ FastAPI's own validation handler echoes each bad value back; a number JSON canno
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from services import registry
 from services.orders.api import StatusClient, create_app
+from services.orders.model import EMAIL_PATTERN, PlaceOrder
 from services.orders.tables import orders
 from services.runtime.codec import Codec, EmbeddedRegistry
 from services.runtime.db import make_engine
@@ -76,3 +82,45 @@ def test_the_largest_order_fits_the_event_and_a_larger_price_is_a_422_naming_the
     assert too_dear.status_code == 422, too_dear.text
     [error] = too_dear.json()["detail"]
     assert error["loc"] == ["body", "lines", 0, "unit_price"] and "no more than 10 digits before the decimal point" in error["msg"]
+
+
+# Every character up to CJK (where the spaces end), and a few past it.
+ADDRESS_CHARACTERS = [chr(c) for c in range(0x3100)] + ["\ufeff", "\uff20", "\U0001f600"]
+
+
+def _accepted_by_javascript(pattern: str, candidates: list[str]) -> list[bool]:
+    """The document's reading of the pattern: JSON Schema patterns are ECMA-262 regular expressions."""
+    node = shutil.which("node")
+    assert node, "Node.js is part of the machine (README, Requirements): the document's regex dialect needs it"
+    script = ("const [p, xs] = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+              "const re = new RegExp(p, 'u'); process.stdout.write(JSON.stringify(xs.map(x => re.test(x))));")
+    done = subprocess.run([node, "-e", script], input=json.dumps([pattern, candidates]), capture_output=True,
+                          text=True, check=True, timeout=60)
+    return json.loads(done.stdout)
+
+
+def test_the_address_rule_means_the_same_to_the_document_the_server_and_the_mail_headers():
+    """Schemathesis sent an address with U+0085 that the document's pattern (ECMA-262 `\\s`)
+    allowed and the server's (Rust `\\s`) refused; and one with U+001C passed the server, then
+    broke the mail's To: header (Python splits header lines there), so its order's mail was
+    dead-lettered. Each character, inside an address: the server, the document and the mail
+    agree on it."""
+    addresses = [f"a{ch}b@example.com" for ch in ADDRESS_CHARACTERS]
+    assert PlaceOrder.model_json_schema()["properties"]["customer_email"]["pattern"] == EMAIL_PATTERN  # the document's
+
+    def by_server(address: str) -> bool:
+        try:
+            PlaceOrder.model_validate({"customer_id": "c", "customer_email": address, "currency": "EUR",
+                                       "lines": [{"sku": "A", "quantity": 1, "unit_price": 1}]})
+        except ValidationError:
+            return False
+        return True
+
+    accepted = [by_server(a) for a in addresses]
+    assert accepted == _accepted_by_javascript(EMAIL_PATTERN, addresses)
+    refused = {ch for ch, ok in zip(ADDRESS_CHARACTERS, accepted, strict=True) if not ok}
+    assert {"@", " ", "\t", "\x1c", "\x85", "\xa0", "\u2028", "\u3000", "\ufeff"} <= refused
+    assert {"ë", "例", "+", ".", "\U0001f600"}.isdisjoint(refused)
+    for ch, address in zip(ADDRESS_CHARACTERS, addresses, strict=True):
+        if ch not in refused:
+            assert len(address.splitlines()) == 1, repr(ch)

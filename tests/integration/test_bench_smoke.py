@@ -60,6 +60,8 @@ def test_bench_smoke_writes_every_section(tmp_path, monkeypatch, stack_broker):
         _positive(result["relay"][db], "count", "per_s")
         for case in ("noop", "analytics", "inventory", "noop + relay thread"):
             _positive(result["consumer"][db][case], "count", "per_s", "per_cpu_s")
+        with_relay = result["consumer"][db]["noop + relay thread"]
+        assert with_relay["relay_published"] == with_relay["processed"]  # the relay published, not retried
         _positive(result["naive"][db]["noop"], "count", "per_s")
         for ordered, failing in CASES:  # (f) ordered retries on and off, without and with failures
             _positive(result["ordering"][db][case_name(ordered, failing)], "count", "per_s", "per_cpu_s")

@@ -29,8 +29,9 @@ test: install
 	$(PY) -m pytest tests/unit
 	$(MAKE) --no-print-directory test-brokers
 
-# The passes run side by side, each logging to .test-logs/<pass>.log (TEST_KAFKA_SPLIT=1: the
-# Apache Kafka one in two; TEST_PARALLEL=0: one per broker, one after the other, output live);
+# The passes run side by side, each logging to .test-logs/<pass>.log (the Apache Kafka one in
+# two, `kafka` and `kafka-only`, unless TEST_KAFKA_SPLIT=0; TEST_PARALLEL=0: one per broker, one
+# after the other, output live);
 # see tests/broker_passes.sh.
 test-brokers: install
 	@bash tests/broker_passes.sh $(PY) $(BROKERS)

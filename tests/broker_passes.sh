@@ -5,10 +5,9 @@
 #
 # Most of a pass is spent waiting on child processes, brokers and timeouts, not on the CPU, so
 # running the passes at once takes about as long as the longest of them. The Apache Kafka pass
-# is the longest; with TEST_KAFKA_SPLIT=1 its tests of what only Apache Kafka does (fixture
-# apache_kafka_only: clusters of their own, a minute's outage, TLS and ACLs; about a third of
-# it) run as a pass of their own, `kafka-only`, beside the rest (`kafka`): faster, but the
-# machine's load rises, and timing flakes with it. Each pass writes to .test-logs/<pass>.log; a line every
+# would be the longest, so its tests of what only Apache Kafka does (fixture apache_kafka_only:
+# clusters of their own, a minute's outage, TLS and ACLs) run as a pass of their own,
+# `kafka-only`, beside the rest (`kafka`); TEST_KAFKA_SPLIT=0 keeps them in one pass. Each pass writes to .test-logs/<pass>.log; a line every
 # minute says how far each has got, and each log is shown whole when its pass ends.
 # TEST_PARALLEL=0 runs one pass per broker, one after the other, with live output; TEST_PATHS
 # (default: the two tiers) names other test files or folders. Tests that use no broker of the run
@@ -40,7 +39,7 @@ fi
 labels=()
 declare -A broker_of extra_args
 for broker in "${brokers[@]}"; do
-    if [ "$broker" = kafka ] && [ "${TEST_KAFKA_SPLIT:-0}" = 1 ]; then
+    if [ "$broker" = kafka ] && [ "${TEST_KAFKA_SPLIT:-1}" = 1 ]; then
         labels+=(kafka kafka-only)
         broker_of[kafka]=kafka extra_args[kafka]="--apache-kafka-tests=without"
         broker_of[kafka-only]=kafka extra_args[kafka-only]="--apache-kafka-tests=only"

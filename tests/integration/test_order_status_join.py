@@ -23,24 +23,43 @@ def _name() -> str:
     return f"join-test-{uuid.uuid4().hex[:8]}"
 
 
+class _CountingClient:
+    """The aiokafka client, counting the wait's looks at the metadata and remembering which of
+    `watched` the first look found readable."""
+
+    def __init__(self, client: AIOKafkaClient, watched: tuple[str, ...]) -> None:
+        self._client = client
+        self._watched = watched
+        self.looks = 0
+        self.first_look_had: set[str] = set()
+        self.first_look_done = asyncio.Event()
+
+    async def fetch_all_metadata(self):
+        cluster = await self._client.fetch_all_metadata()
+        self.looks += 1
+        if not self.first_look_done.is_set():
+            self.first_look_had = {t for t in self._watched if cluster.available_partitions_for_topic(t)}
+            self.first_look_done.set()
+        return cluster
+
+
 def _wait(bootstrap: str, topics: list[str], timeout: float,
-          create_after_first_look: tuple[str, ...] = ()) -> tuple[set[str], bool]:
-    """What the wait reports missing, and whether the late topics had been created by then."""
-    async def scenario() -> tuple[set[str], bool]:
+          create_after_first_look: tuple[str, ...] = ()) -> tuple[set[str], _CountingClient]:
+    """What the wait reports missing, and its client (how often and what it looked at). Topics in
+    `create_after_first_look` are created once the wait has looked at the metadata once."""
+    async def scenario() -> tuple[set[str], _CountingClient]:
         client = AIOKafkaClient(bootstrap_servers=bootstrap)
         await client.bootstrap()
-        created = asyncio.Event()
+        counting = _CountingClient(client, create_after_first_look)
 
         async def create_late() -> None:
-            await asyncio.sleep(0.5)  # the wait has looked at least once and found them missing
+            await counting.first_look_done.wait()
             await asyncio.to_thread(ensure_topics, {"bootstrap.servers": bootstrap},
                                     [TopicSpec(t, partitions=3) for t in create_after_first_look])
-            created.set()
 
         creator = asyncio.create_task(create_late()) if create_after_first_look else None
         try:
-            missing = await wait_until_topics_readable(client, topics, timeout=timeout, interval=0.1)
-            return missing, created.is_set()
+            return await wait_until_topics_readable(counting, topics, timeout=timeout, interval=0.1), counting
         finally:
             if creator is not None:
                 await creator
@@ -59,9 +78,9 @@ def test_topics_that_exist_are_readable_at_once(kafka_bootstrap: str) -> None:
 def test_the_wait_lasts_until_a_topic_created_meanwhile_is_readable(kafka_bootstrap: str) -> None:
     existing, late = _name(), _name()
     ensure_topics({"bootstrap.servers": kafka_bootstrap}, [TopicSpec(existing, partitions=3)])
-    missing, late_created = _wait(kafka_bootstrap, [existing, late], timeout=60, create_after_first_look=(late,))
-    assert missing == set()
-    assert late_created, "the wait returned before the late topic was even created"
+    missing, client = _wait(kafka_bootstrap, [existing, late], timeout=60, create_after_first_look=(late,))
+    assert client.first_look_had == set()  # the wait's first look found the late topic missing...
+    assert missing == set() and client.looks >= 2  # ...and it kept looking until the topic was readable
 
 
 def test_a_topic_that_never_comes_is_reported_missing_after_the_timeout(kafka_bootstrap: str) -> None:

@@ -177,7 +177,7 @@ def run_case(settings: Settings, topic: str, case: Case, profiler=None, timeout:
     # use, and a relay publishing to a missing topic retried for the whole case (its delivery
     # failures measured as if they were publishing) and outlived it, reconnecting to the stopped
     # broker from inside the test process.
-    outputs = [spec for spec in EVENT_TOPICS if case.with_relay]
+    outputs = list(EVENT_TOPICS) if case.with_relay else []
     ensure_topics({"bootstrap.servers": settings.bootstrap},
                   [TopicSpec(t) for t in (*group.retry_topics(topic), group.dlt_topic(topic))] + outputs)
     batch_size = 1 if case.naive else settings.consumer_batch_size
